@@ -1,0 +1,64 @@
+//! Hand-written WGSL kernels for portaflow, launched on burn's CubeCL (wgpu) tensors.
+//!
+//! Each kernel lives in `wgsl/<name>.wgsl` as a template (`{{ name }}` placeholders), is listed in
+//! [`KERNELS`] so the naga validation test sees every one of them, and has a Rust launcher that
+//! runs it on the same device and queue as the burn tensors it reads (burn's backend-extension
+//! mechanism: an op of a `#[backend_extension(Cube, Fusion)]` trait implemented for
+//! `CubeBackend`).
+//!
+//! Every kernel keeps an equality test against the plain burn-tensor implementation of the same
+//! formula (`tests/tests/kernels.rs`).
+
+mod sde_step;
+
+pub use sde_step::{SdeStepOutput, flow_sde_step};
+
+/// Errors from launching a hand-written kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "{kernel}: needs a wgpu (CubeCL) device, but the tensors live on {device}; use the plain tensor implementation there"
+    )]
+    NotCubeDevice {
+        kernel: &'static str,
+        device: String,
+    },
+    #[error("{kernel}: expected f32 tensors, found {found}")]
+    DType { kernel: &'static str, found: String },
+    #[error("{kernel}: input `{input}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        kernel: &'static str,
+        input: &'static str,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{kernel}: {message}")]
+    Invalid {
+        kernel: &'static str,
+        message: String,
+    },
+}
+
+/// A WGSL kernel template: its file name and the template values it needs.
+pub struct KernelTemplate {
+    /// File name under `shaders/wgsl/`.
+    pub file: &'static str,
+    /// The template text as compiled into the binary.
+    pub source: &'static str,
+    /// `(placeholder, value)` pairs used to instantiate it for validation.
+    pub example_values: &'static [(&'static str, &'static str)],
+}
+
+impl KernelTemplate {
+    /// The template with `values` filled in.
+    pub fn instantiate(&self, values: &[(&str, &str)]) -> String {
+        let mut text = self.source.to_string();
+        for (key, value) in values {
+            text = text.replace(&format!("{{{{ {key} }}}}"), value);
+        }
+        text
+    }
+}
+
+/// Every hand-written kernel in the crate.
+pub const KERNELS: &[KernelTemplate] = &[sde_step::TEMPLATE];
