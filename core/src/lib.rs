@@ -5,4 +5,6 @@
 //! See `DESIGN.md` in the shared folder for the map of the house.
 
 pub mod device;
+pub mod model;
 pub mod sample;
+pub mod world;

@@ -31,3 +31,10 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Largest absolute difference relative to the reference's largest magnitude (at least 1): the
+/// issue's "relative error" for comparing whole outputs against a reference implementation.
+pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    max_abs_diff(got, want) / scale
+}

@@ -1,0 +1,407 @@
+//! Layers shared by every model family (SD3 MMDiT, FLUX.1, FLUX.2): linear, norms, modulation,
+//! timestep embeddings, multi-head attention. Written once here, never copied per family.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::module::{attention, linear};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::weights::{LoadError, Weights};
+
+/// Epsilon of every LayerNorm and RMSNorm in the supported families.
+pub const NORM_EPS: f64 = 1e-6;
+
+/// A linear layer `y = x·W + b` with W stored `[d_in, d_out]` (checkpoints store `[d_out, d_in]`;
+/// the loader transposes once).
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// Loads `<prefix>.weight` `[d_out, d_in]` and, if `bias`, `<prefix>.bias` `[d_out]`.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Self::load_stored(w, prefix, &[d_out, d_in], d_in, d_out, bias, device)
+    }
+
+    /// Like [`Linear::load`] for a weight stored with another shape of the same row-major layout
+    /// (a patchify convolution `[d_out, c, p, p]` is a linear over `c·p·p` inputs).
+    pub fn load_stored(
+        w: &mut Weights,
+        prefix: &str,
+        stored: &[usize],
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        debug_assert_eq!(stored.iter().product::<usize>(), d_in * d_out);
+        let key = format!("{prefix}.weight");
+        let values = w
+            .read(&key, stored)?
+            .unwrap_or_else(|| vec![0.0; d_in * d_out]);
+        // [d_out, d_in] → [d_in, d_out]
+        let mut transposed = vec![0.0f32; values.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                transposed[i * d_out + o] = values[o * d_in + i];
+            }
+        }
+        let weight = Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), device);
+        let bias = if bias {
+            Some(Param::from_tensor(w.tensor(
+                &format!("{prefix}.bias"),
+                [d_out],
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_in]` → `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.val().dims()[1]
+    }
+}
+
+/// RMSNorm with a learned scale (the qk-norm of SD3.5 / FLUX).
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+}
+
+impl RmsNorm {
+    pub fn load(
+        w: &mut Weights,
+        key: &str,
+        dim: usize,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Self {
+            weight: Param::from_tensor(w.tensor(key, [dim], device)?),
+        })
+    }
+
+    /// `x · rsqrt(mean(x²) + ε) · weight` over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(NORM_EPS)
+            .sqrt();
+        let weight: Tensor<D> = self.weight.val().unsqueeze();
+        x / rms * weight
+    }
+}
+
+/// LayerNorm without affine parameters over the last dimension.
+pub fn layer_norm<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let mean = x.clone().mean_dim(D - 1);
+    let centered = x - mean;
+    let var = centered.clone().square().mean_dim(D - 1);
+    centered / var.add_scalar(NORM_EPS).sqrt()
+}
+
+/// `x·(1 + scale) + shift` with per-sample modulation vectors.
+///
+/// # Shapes
+/// - `x`: `[b, seq, dim]`; `shift`, `scale`: `[b, dim]`
+pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    x * scale.add_scalar(1.0).unsqueeze_dim(1) + shift.unsqueeze_dim(1)
+}
+
+/// `x · gate` with a per-sample gate. `x`: `[b, seq, dim]`, `gate`: `[b, dim]`.
+pub fn gated(x: Tensor<3>, gate: Tensor<2>) -> Tensor<3> {
+    x * gate.unsqueeze_dim(1)
+}
+
+/// Splits a modulation vector `[b, n·dim]` into its `n` chunks `[b, dim]`.
+pub fn chunks(x: Tensor<2>, n: usize) -> Vec<Tensor<2>> {
+    x.chunk(n, 1)
+}
+
+/// diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`: frequencies
+/// `exp(−ln(10000)·i/(dim/2))`, output `[cos, sin]`.
+///
+/// The frequencies and arguments are formed in f32 exactly as diffusers forms them: at FLUX's
+/// guidance inputs (×1000, so arguments up to ~4000) an f64 argument differs by 1e-4 rad.
+///
+/// # Shapes
+/// - returns `[timesteps.len(), dim]`
+pub fn timestep_embedding(timesteps: &[f64], dim: usize, device: &Device) -> Tensor<2> {
+    let half = dim / 2;
+    let frequencies: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f32.ln()) * i as f32) / half as f32).exp())
+        .collect();
+    let mut values = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let args: Vec<f64> = frequencies.iter().map(|&f| (t as f32 * f) as f64).collect();
+        values.extend(args.iter().map(|a| a.cos() as f32));
+        values.extend(args.iter().map(|a| a.sin() as f32));
+    }
+    Tensor::from_data(TensorData::new(values, [timesteps.len(), dim]), device)
+}
+
+/// Two linears with SiLU between (diffusers' `TimestepEmbedding`, `PixArtAlphaTextProjection`).
+#[derive(Module, Debug)]
+pub struct MlpEmbedder {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+impl MlpEmbedder {
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        d_in: usize,
+        dim: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Self {
+            linear_1: Linear::load(w, &format!("{prefix}.linear_1"), d_in, dim, bias, device)?,
+            linear_2: Linear::load(w, &format!("{prefix}.linear_2"), dim, dim, bias, device)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear_2.forward(silu(self.linear_1.forward(x)))
+    }
+}
+
+/// diffusers' `FeedForward(activation_fn="gelu-approximate")`: `net.0.proj` → GELU(tanh) → `net.2`.
+#[derive(Module, Debug)]
+pub struct GeluFeedForward {
+    pub net_0_proj: Linear,
+    pub net_2: Linear,
+}
+
+impl GeluFeedForward {
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Self {
+            net_0_proj: Linear::load(
+                w,
+                &format!("{prefix}.net.0.proj"),
+                dim,
+                hidden,
+                true,
+                device,
+            )?,
+            net_2: Linear::load(w, &format!("{prefix}.net.2"), hidden, dim, true, device)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.net_2
+            .forward(gelu_approximate(self.net_0_proj.forward(x)))
+    }
+}
+
+/// `[b, seq, heads·head_dim]` → `[b, heads, seq, head_dim]`.
+pub fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, seq, width] = x.dims();
+    x.reshape([b, seq, heads, width / heads]).swap_dims(1, 2)
+}
+
+/// `[b, heads, seq, head_dim]` → `[b, seq, heads·head_dim]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, heads, seq, head_dim] = x.dims();
+    x.swap_dims(1, 2).reshape([b, seq, heads * head_dim])
+}
+
+/// Scaled dot-product attention without mask, scale 1/√head_dim.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: `[b, heads, seq, head_dim]` → `[b, heads, seq, head_dim]`
+pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    attention(q, k, v, None, None, Default::default())
+}
+
+/// Rotary position tables of FLUX's multi-axis RoPE (`FluxPosEmbed`): for each axis of width
+/// d_a, frequencies ω_k = θ^(−2k/d_a); angles in f64; cos/sin repeated per interleaved pair and the
+/// axes concatenated.
+///
+/// # Shapes
+/// - `ids`: one `[axes]` position row per token → `(cos, sin)`, each `[1, 1, tokens, Σ d_a]`
+pub fn rope_tables(
+    ids: &[Vec<f64>],
+    axes_dims: &[usize],
+    theta: f64,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let width: usize = axes_dims.iter().sum();
+    let mut cos = Vec::with_capacity(ids.len() * width);
+    let mut sin = Vec::with_capacity(ids.len() * width);
+    for row in ids {
+        for (axis, &dim) in axes_dims.iter().enumerate() {
+            for k in 0..dim / 2 {
+                let omega = 1.0 / theta.powf(2.0 * k as f64 / dim as f64);
+                let angle = row[axis] * omega;
+                let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+                cos.extend([c, c]);
+                sin.extend([s, s]);
+            }
+        }
+    }
+    let shape = [1, 1, ids.len(), width];
+    (
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
+    )
+}
+
+/// Applies interleaved RoPE: pairs (x[2i], x[2i+1]) rotate together,
+/// `out = x·cos + rot(x)·sin` with `rot(x)[2i] = −x[2i+1]`, `rot(x)[2i+1] = x[2i]`.
+///
+/// # Shapes
+/// - `x`: `[b, heads, seq, head_dim]`; `cos`, `sin`: `[1, 1, seq, head_dim]`
+pub fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    // [b, h, s, d/2, 2]
+    let pairs: Tensor<5> = x.clone().reshape([b, h, s, d / 2, 2]);
+    let even = pairs.clone().narrow(4, 0, 1);
+    let odd = pairs.narrow(4, 1, 1);
+    let rotated: Tensor<4> = Tensor::cat(vec![odd.neg(), even], 4).reshape([b, h, s, d]);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// q/k/v with qk-norm for one stream.
+#[derive(Module, Debug)]
+pub struct QkvNorm {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub norm_q: RmsNorm,
+    pub norm_k: RmsNorm,
+}
+
+impl QkvNorm {
+    /// Loads `<prefix>.{names[0..3]}` (linears d → d) and `<prefix>.{names[3..5]}.weight` (RMSNorm).
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        names: [&str; 5],
+        d: usize,
+        hd: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        let lin = |w: &mut Weights, n: &str| {
+            Linear::load(w, &format!("{prefix}.{n}"), d, d, bias, device)
+        };
+        Ok(Self {
+            q: lin(w, names[0])?,
+            k: lin(w, names[1])?,
+            v: lin(w, names[2])?,
+            norm_q: RmsNorm::load(w, &format!("{prefix}.{}.weight", names[3]), hd, device)?,
+            norm_k: RmsNorm::load(w, &format!("{prefix}.{}.weight", names[4]), hd, device)?,
+        })
+    }
+
+    /// `[b, s, d]` → q, k, v `[b, h, s, hd]`, q and k normalised.
+    pub fn forward(&self, x: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
+        [
+            self.norm_q
+                .forward(split_heads(self.q.forward(x.clone()), heads)),
+            self.norm_k
+                .forward(split_heads(self.k.forward(x.clone()), heads)),
+            split_heads(self.v.forward(x), heads),
+        ]
+    }
+}
+
+/// Attention over the joint [text; image] sequence with RoPE. Inputs `[b, h, s, hd]`.
+pub fn rope_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    cos: &Tensor<4>,
+    sin: &Tensor<4>,
+) -> Tensor<3> {
+    merge_heads(sdpa(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_interleaved_pairs() {
+        let device = Device::flex();
+        // One token at position 1 on a single axis of width 4, θ = 1: every ω = 1, angle 1.
+        let (cos, sin) = rope_tables(&[vec![1.0]], &[4], 1.0, &device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 2.0], [1, 1, 1, 4]),
+            &device,
+        );
+        let y: Vec<f32> = apply_rope(x, &cos, &sin).into_data().try_to_vec().unwrap();
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        // (1, 0) → (c, s); (0, 2) → (−2s, 2c)
+        let want = [c, s, -2.0 * s, 2.0 * c];
+        for i in 0..4 {
+            assert!((y[i] - want[i]).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn timestep_embedding_is_cos_then_sin() {
+        let device = Device::flex();
+        let e: Vec<f32> = timestep_embedding(&[0.0, 1.0], 4, &device)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        // t = 0: cos 0 = 1 (both), sin 0 = 0; t = 1: freqs [1, 0.01].
+        assert_eq!(&e[..4], &[1.0, 1.0, 0.0, 0.0]);
+        let want = [1f64.cos(), 0.01f64.cos(), 1f64.sin(), 0.01f64.sin()];
+        for i in 0..4 {
+            assert!((e[4 + i] as f64 - want[i]).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn layer_norm_and_rms_norm_normalise_the_last_dim() {
+        let device = Device::flex();
+        let x = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 6.0], [1, 4]),
+            &device,
+        );
+        let y: Vec<f32> = layer_norm(x.clone()).into_data().try_to_vec().unwrap();
+        let mean: f32 = y.iter().sum::<f32>() / 4.0;
+        let var: f32 = y.iter().map(|v| v * v).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-4);
+        let norm = RmsNorm {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![1.0f32, 1.0, 1.0, 2.0], [4]),
+                &device,
+            )),
+        };
+        let y: Vec<f32> = norm.forward(x).into_data().try_to_vec().unwrap();
+        let rms = ((1.0f32 + 4.0 + 9.0 + 36.0) / 4.0).sqrt();
+        assert!((y[3] - 12.0 / rms).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,350 @@
+//! Reading checkpoint tensors: safetensors files (single or sharded), memory-mapped, any float
+//! dtype cast to f32, with key-coverage bookkeeping so a load can prove it used every tensor and
+//! found every parameter.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+/// Errors while loading weights: every one names the file and, where it applies, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file ({message}); truncated or corrupt?")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{key}: expected shape {expected:?}, found {found:?} in {path}")]
+    Shape {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        path: PathBuf,
+    },
+    #[error(
+        "{key}: dtype {found} in {path} is not a float type this loader reads (F32, F16, BF16, F64)"
+    )]
+    DType {
+        key: String,
+        found: String,
+        path: PathBuf,
+    },
+    #[error("{count} parameter(s) missing from {path}: {keys}", count = keys.len(), keys = list(keys))]
+    Missing { keys: Vec<String>, path: PathBuf },
+    #[error("{count} tensor(s) in {path} match no parameter of the model: {keys}", count = keys.len(), keys = list(keys))]
+    Unused { keys: Vec<String>, path: PathBuf },
+}
+
+fn list(keys: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = keys
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > SHOWN {
+        text.push_str(&format!(", … ({} more)", keys.len() - SHOWN));
+    }
+    text
+}
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A tensor seen under another name: rows of a stored tensor (a fused qkv split into q, k, v),
+/// optionally with its two halves swapped (BFL/SAI store final modulations as shift, scale).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alias {
+    pub source: String,
+    /// First-dimension rows `[start, start + len)`; `None` for the whole tensor.
+    pub rows: Option<(usize, usize)>,
+    pub swap_halves: bool,
+}
+
+/// The tensors of one checkpoint (one or more safetensors files).
+pub struct Weights {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+    aliases: HashMap<String, Alias>,
+    used: BTreeSet<String>,
+    missing: BTreeSet<String>,
+    /// What `describe` prints as the source (the file, or the folder of a sharded checkpoint).
+    source: PathBuf,
+}
+
+impl Weights {
+    /// Opens safetensors files; a key found in two files is an error.
+    pub fn open(paths: &[PathBuf], source: PathBuf) -> Result<Self, LoadError> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let io = |source| LoadError::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = File::open(path).map_err(io)?;
+            // SAFETY: the file is opened read-only; modifying a checkpoint while it is being loaded
+            // is outside what any loader can defend against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Format {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let (start, end) = info.data_offsets;
+                if data_start + end > mmap.len() {
+                    return Err(LoadError::Format {
+                        path: path.clone(),
+                        message: format!(
+                            "tensor {name} ends at byte {} but the file has {}",
+                            data_start + end,
+                            mmap.len()
+                        ),
+                    });
+                }
+                let entry = Entry {
+                    file: index,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + start,
+                    end: data_start + end,
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(LoadError::Format {
+                        path: path.clone(),
+                        message: format!("tensor {name} appears in two shards"),
+                    });
+                }
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self {
+            files,
+            entries,
+            aliases: HashMap::new(),
+            used: BTreeSet::new(),
+            missing: BTreeSet::new(),
+            source,
+        })
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self, LoadError> {
+        Self::open(&[path.to_path_buf()], path.to_path_buf())
+    }
+
+    /// Opens a diffusers component folder: `<stem>.safetensors`, or the shards listed in
+    /// `<stem>.safetensors.index.json`.
+    pub fn open_dir(dir: &Path, stem: &str) -> Result<Self, LoadError> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if single.exists() {
+            return Self::open(&[single], dir.to_path_buf());
+        }
+        let text = std::fs::read_to_string(&index).map_err(|source| LoadError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let parsed: Index = serde_json::from_str(&text).map_err(|e| LoadError::Config {
+            path: index.clone(),
+            message: format!("not a shard index: {e}"),
+        })?;
+        let shards: BTreeSet<&String> = parsed.weight_map.values().collect();
+        let paths: Vec<PathBuf> = shards.into_iter().map(|f| dir.join(f)).collect();
+        let weights = Self::open(&paths, dir.to_path_buf())?;
+        for key in parsed.weight_map.keys() {
+            if !weights.entries.contains_key(key) {
+                return Err(LoadError::Config {
+                    path: index,
+                    message: format!("lists {key}, which no shard holds"),
+                });
+            }
+        }
+        Ok(weights)
+    }
+
+    /// Whether the checkpoint has `key` (stored or aliased).
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key) || self.aliases.contains_key(key)
+    }
+
+    /// Makes `key` readable as a view of a stored tensor. Stored tensors behind aliases count as
+    /// used once any alias of them is read.
+    pub fn alias(&mut self, key: String, alias: Alias) {
+        self.aliases.insert(key, alias);
+    }
+
+    /// All keys, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.entries.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Shape of `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        if let Some(alias) = self.aliases.get(key) {
+            let mut shape = self.entries.get(&alias.source)?.shape.clone();
+            if let Some((_, len)) = alias.rows {
+                shape[0] = len;
+            }
+            return Some(shape);
+        }
+        self.entries.get(key).map(|e| e.shape.clone())
+    }
+
+    /// The values of `key` as f32 with the expected shape, marking it used. A missing key is
+    /// recorded (see [`Weights::finish`]) and yields `None`.
+    pub fn read(&mut self, key: &str, expected: &[usize]) -> Result<Option<Vec<f32>>, LoadError> {
+        if let Some(alias) = self.aliases.get(key).cloned() {
+            return self.read_alias(key, &alias, expected);
+        }
+        let Some(entry) = self.entries.get(key) else {
+            self.missing.insert(key.to_string());
+            return Ok(None);
+        };
+        let path = &self.files[entry.file].0;
+        if entry.shape != expected {
+            return Err(LoadError::Shape {
+                key: key.into(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+                path: path.clone(),
+            });
+        }
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        let values: Vec<f32> = match entry.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => {
+                return Err(LoadError::DType {
+                    key: key.into(),
+                    found: format!("{other:?}"),
+                    path: path.clone(),
+                });
+            }
+        };
+        let expected_len: usize = expected.iter().product();
+        if values.len() != expected_len {
+            return Err(LoadError::Format {
+                path: path.clone(),
+                message: format!("{key}: {} values for shape {expected:?}", values.len()),
+            });
+        }
+        self.used.insert(key.to_string());
+        Ok(Some(values))
+    }
+
+    fn read_alias(
+        &mut self,
+        key: &str,
+        alias: &Alias,
+        expected: &[usize],
+    ) -> Result<Option<Vec<f32>>, LoadError> {
+        let Some(stored) = self.entries.get(&alias.source).map(|e| e.shape.clone()) else {
+            self.missing
+                .insert(format!("{key} (from {})", alias.source));
+            return Ok(None);
+        };
+        let row: usize = stored[1..].iter().product();
+        let (start, len) = alias.rows.unwrap_or((0, stored[0]));
+        let mut shape = stored.clone();
+        shape[0] = len;
+        let path = self.files[self.entries[&alias.source].file].0.clone();
+        if start + len > stored[0] || shape != expected {
+            return Err(LoadError::Shape {
+                key: format!("{key} (rows {start}..{} of {})", start + len, alias.source),
+                expected: expected.to_vec(),
+                found: shape,
+                path,
+            });
+        }
+        let Some(all) = self.read(&alias.source, &stored)? else {
+            return Ok(None);
+        };
+        let mut values = all[start * row..(start + len) * row].to_vec();
+        if alias.swap_halves {
+            let half = values.len() / 2;
+            values.rotate_left(half);
+        }
+        Ok(Some(values))
+    }
+
+    /// A tensor of the expected shape on `device` (zeros when missing; the miss is recorded).
+    pub fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, LoadError> {
+        let values = self
+            .read(key, &shape)?
+            .unwrap_or_else(|| vec![0.0; shape.iter().product()]);
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// Marks `key` as deliberately ignored (e.g. BatchNorm's `num_batches_tracked`).
+    pub fn skip(&mut self, key: &str) {
+        if self.entries.contains_key(key) {
+            self.used.insert(key.to_string());
+        }
+    }
+
+    /// Fails if a parameter was missing or a tensor was never used.
+    pub fn finish(self) -> Result<(), LoadError> {
+        if !self.missing.is_empty() {
+            return Err(LoadError::Missing {
+                keys: self.missing.into_iter().collect(),
+                path: self.source,
+            });
+        }
+        let mut unused: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .cloned()
+            .collect();
+        if !unused.is_empty() {
+            unused.sort();
+            return Err(LoadError::Unused {
+                keys: unused,
+                path: self.source,
+            });
+        }
+        Ok(())
+    }
+}
