@@ -46,6 +46,7 @@ impl DeviceRequest {
     }
 
     /// The wgpu graphics API this request pins, if any.
+    #[cfg(not(target_family = "wasm"))]
     fn api(self) -> Option<Api> {
         match self {
             Self::Vulkan => Some(Api::Vulkan),
@@ -143,6 +144,7 @@ impl AdapterReport {
                 .any(|s| name.contains(s))
     }
 
+    #[cfg(not(target_family = "wasm"))]
     fn rank(&self) -> (u8, u8) {
         let hardware = match (self.is_software(), self.adapter_type) {
             (true, _) => 4,
@@ -237,6 +239,7 @@ pub enum DeviceError {
     BrowserOnly(Api),
 }
 
+#[cfg(not(target_family = "wasm"))]
 fn describe_available(adapters: &[AdapterReport]) -> String {
     if adapters.is_empty() {
         "wgpu sees no adapter at all (for a software Vulkan adapter install Mesa's lavapipe: \
