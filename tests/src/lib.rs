@@ -1,5 +1,7 @@
 //! Shared helpers for the workspace integration tests in `tests/tests/`.
 
+use std::path::{Path, PathBuf};
+
 use portaflow::device::{self, ChosenDevice, DeviceRequest};
 
 /// The Vulkan device GPU-path tests run on.
@@ -37,4 +39,11 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn max_rel_diff(got: &[f32], want: &[f32]) -> f32 {
     let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
     max_abs_diff(got, want) / scale
+}
+
+/// A golden fixture folder under `assets/golden/` (made by `tools/golden/`).
+pub fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/golden")
+        .join(name)
 }

@@ -1,18 +1,10 @@
 //! FLUX.1 against diffusers on tiny random models (dev with guidance, schnell without).
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::model::flux1::{self, Flux1Config};
 use portaflow::model::weights::Weights;
-use portaflow_tests::{max_abs_diff, max_rel_diff, vulkan};
-
-fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/golden")
-        .join(name)
-}
+use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
 
 fn rows(io: &mut Weights, key: &str) -> Vec<Vec<f64>> {
     let shape = io.shape(key).unwrap().to_vec();

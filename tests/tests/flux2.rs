@@ -1,18 +1,10 @@
 //! FLUX.2 against diffusers on tiny random models (klein without guidance, dev with).
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::model::flux2::{self, Flux2Config};
 use portaflow::model::weights::Weights;
-use portaflow_tests::{max_abs_diff, max_rel_diff, vulkan};
-
-fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/golden")
-        .join(name)
-}
+use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
 
 fn check(name: &str, device: &Device) {
     let dir = golden(name);

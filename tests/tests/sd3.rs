@@ -2,19 +2,11 @@
 //! `tools/golden/make_transformer_fixtures.py`), on the CPU backend and the Vulkan adapter;
 //! real-size parameter counts; bad checkpoints give clear errors.
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::model::sd3::{self, Sd3Config};
 use portaflow::model::weights::Weights;
-use portaflow_tests::{max_abs_diff, max_rel_diff, vulkan};
-
-fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/golden")
-        .join(name)
-}
+use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
 
 fn io_tensor<const D: usize>(io: &mut Weights, key: &str, device: &Device) -> Tensor<D> {
     let shape: [usize; D] = io

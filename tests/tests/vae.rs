@@ -1,18 +1,10 @@
 //! The SD3 and FLUX.2 autoencoders against diffusers (tiny random models, non-square latents).
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::model::vae;
 use portaflow::model::weights::Weights;
-use portaflow_tests::{max_abs_diff, max_rel_diff, vulkan};
-
-fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../assets/golden")
-        .join(name)
-}
+use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
 
 fn read4(io: &mut Weights, key: &str, device: &Device) -> (Tensor<4>, Vec<f32>) {
     let shape: [usize; 4] = io.shape(key).unwrap().try_into().unwrap();
