@@ -5,6 +5,10 @@
 //! See `DESIGN.md` in the shared folder for the map of the house.
 
 pub mod device;
+pub mod image_io;
 pub mod model;
+pub mod pipeline;
 pub mod sample;
+pub mod text;
+pub mod train;
 pub mod world;

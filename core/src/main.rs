@@ -1,14 +1,21 @@
 //! The `portaflow` command line.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::{Distribution, Tensor};
 use clap::{Parser, Subcommand};
 
+use burn::module::Module;
 use portaflow::device::{self, Backend, ChosenDevice, DeviceRequest};
+use portaflow::image_io;
+use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::sample::schedule::Schedule;
-use portaflow::sample::step;
+use portaflow::sample::step::{self, StepKind};
+use portaflow::text::tokenizer;
+use portaflow::train::pretrain::{self, PretrainConfig};
+use portaflow::world::prompt;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +36,59 @@ enum Command {
     /// List every adapter wgpu sees, the device portaflow would use, and run a small computation
     /// on it checked against the CPU.
     Info,
+    /// Generate images from a prompt (the bundled Shapes model unless --model is given).
+    Generate(GenerateArgs),
+    /// Pretrain a text-to-image model from scratch on the Shapes world (rectified flow).
+    Pretrain(PretrainArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The text prompt.
+    #[arg(long)]
+    prompt: String,
+    /// What to avoid (the unconditional branch of CFG).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// A pipeline folder (default: the bundled model, or env PORTAFLOW_MODEL).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 disables CFG).
+    #[arg(long, default_value_t = 4.0)]
+    cfg: f64,
+    /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9).
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    /// Seed of the first image; image k uses seed + k. Random if absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Output PNG (with several images: `<stem>-<k>.png`).
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PretrainArgs {
+    /// Run directory (resumed if it holds a checkpoint).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training prompts (GenEval JSONL).
+    #[arg(long, default_value = "assets/prompts/shapes_train.jsonl")]
+    prompts: PathBuf,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
 }
 
 fn main() {
@@ -49,6 +109,8 @@ fn run(cli: Cli) -> Result<()> {
     let request = DeviceRequest::from_arg_or_env(cli.device.as_deref())?;
     match cli.command {
         Command::Info => info(request),
+        Command::Generate(args) => generate(request, args),
+        Command::Pretrain(args) => pretrain(request, args),
     }
 }
 
@@ -132,6 +194,158 @@ fn check_computation(chosen: &ChosenDevice) -> Result<()> {
     anyhow::ensure!(
         error < 1e-4,
         "SDE step on {chosen} disagrees with the CPU by {error}"
+    );
+    Ok(())
+}
+
+fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
+    anyhow::ensure!(!args.prompt.trim().is_empty(), "--prompt is empty");
+    anyhow::ensure!(args.num_images > 0, "--num-images must be at least 1");
+    let chosen = device::select(request)?;
+    let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
+    let start = Instant::now();
+    let pipe = Pipeline::from_dir(&dir, &chosen.device)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let unknown = pipe.tokenizer.unknown_words(&args.prompt);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: the model does not know {}; they are read as <unk>",
+            unknown.join(", ")
+        );
+    }
+    let kind = match args.sampler.as_str() {
+        "euler" => StepKind::Euler,
+        "sde" => StepKind::FlowSde { noise_level: 0.7 },
+        "cps" => StepKind::Cps { eta: 0.9 },
+        other => anyhow::bail!("unknown sampler `{other}` (euler, sde, cps)"),
+    };
+    let first_seed = args.seed.unwrap_or_else(rand::random);
+    let seeds: Vec<u64> = (0..args.num_images as u64)
+        .map(|k| first_seed + k)
+        .collect();
+    let options = GenerateOptions {
+        steps: args.steps,
+        guidance_scale: args.cfg,
+        kind,
+        seeds: seeds.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+    };
+    let prompts = vec![args.prompt.clone(); args.num_images];
+    let loaded = start.elapsed();
+    let images = pipe.generate(
+        &prompts,
+        &options,
+        &chosen.device,
+        |p| eprint!("\rstep {}/{}", p.step, p.steps),
+        None,
+    )?;
+    eprintln!();
+    for (k, (image, seed)) in images.iter().zip(&seeds).enumerate() {
+        let path = if images.len() == 1 {
+            args.out.clone()
+        } else {
+            let stem = args
+                .out
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("out");
+            args.out.with_file_name(format!("{stem}-{k}.png"))
+        };
+        let text = [
+            ("prompt", args.prompt.clone()),
+            ("negative_prompt", args.negative_prompt.clone()),
+            ("seed", seed.to_string()),
+            ("sampler", args.sampler.clone()),
+            ("steps", args.steps.to_string()),
+            ("cfg", args.cfg.to_string()),
+            ("model", dir.display().to_string()),
+            (
+                "software",
+                format!("portaflow {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ];
+        image_io::save_png(image, &path, &text)?;
+        println!("{} (seed {seed})", path.display());
+    }
+    println!(
+        "{} image(s) {}×{} on {chosen}: load {:.1} s, sampling {:.1} s",
+        images.len(),
+        pipe.resolution(),
+        pipe.resolution(),
+        loaded.as_secs_f64(),
+        (start.elapsed() - loaded).as_secs_f64()
+    );
+    Ok(())
+}
+
+fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
+    let chosen = device::select(request)?;
+    let device = chosen.device.clone().autodiff();
+    let train = prompt::read_jsonl(&args.prompts)?;
+    let mut config = PretrainConfig::default();
+    let state = args.out.join("state.json");
+    if state.exists() {
+        // Resume: the stored settings win, except an explicit longer --steps.
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            config: PretrainConfig,
+        }
+        config = serde_json::from_str::<Stored>(&std::fs::read_to_string(&state)?)?.config;
+    }
+    if let Some(v) = args.steps {
+        config.steps = v;
+    }
+    if let Some(v) = args.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = args.lr {
+        config.learning_rate = v;
+    }
+    if let Some(v) = args.seed {
+        config.seed = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        config.checkpoint_every = v;
+    }
+    let pipe = if state.exists() {
+        println!("resuming {}", args.out.display());
+        Pipeline::from_dir(&args.out.join("checkpoint"), &device)?
+    } else {
+        let words = prompt::vocabulary();
+        let word_level = tokenizer::word_level(&words)?;
+        let start_id = word_level
+            .token_to_id(tokenizer::START)
+            .expect("start token");
+        let end_id = word_level.token_to_id(tokenizer::END).expect("end token");
+        let (text, transformer) =
+            pipeline::shapes_configs(word_level.get_vocab_size(true), start_id, end_id);
+        let tok = tokenizer::PromptTokenizer {
+            tokenizer: word_level,
+            max_length: text.max_position_embeddings,
+            pad_id: 0,
+        };
+        Pipeline::fresh(tok, text, transformer, config.seed, &device)?
+    };
+    let params = pipe.transformer.num_params() + pipe.text_encoder.num_params();
+    println!(
+        "pretraining {params} parameters on {chosen}: {} steps of {} images",
+        config.steps, config.batch_size
+    );
+    let start = Instant::now();
+    pretrain::pretrain(pipe, &config, &train, &args.out, &device, |m| {
+        println!(
+            "step {:>6}  loss {:.4}  lr {:.2e}  {:.2} s/step  ({:.0} s)",
+            m.step,
+            m.loss,
+            m.learning_rate,
+            m.seconds_per_step,
+            start.elapsed().as_secs_f64()
+        );
+    })?;
+    println!(
+        "done: {} (load it with --model {})",
+        args.out.join("checkpoint").display(),
+        args.out.join("checkpoint").display()
     );
     Ok(())
 }

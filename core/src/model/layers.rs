@@ -4,7 +4,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu_approximate, silu};
 use burn::tensor::module::{attention, linear};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::weights::{LoadError, Weights};
 
@@ -119,6 +119,79 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let centered = x - mean;
     let var = centered.clone().square().mean_dim(D - 1);
     centered / var.add_scalar(NORM_EPS).sqrt()
+}
+
+/// LayerNorm with a learned scale and shift (CLIP's `layer_norm1/2`, `final_layer_norm`).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `<prefix>.weight` and `<prefix>.bias`, both `[dim]`.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Self {
+            weight: Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [dim], device)?),
+            bias: Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [dim], device)?),
+            eps,
+        })
+    }
+
+    /// `(x − mean) / sqrt(var + ε) · weight + bias` over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().square().mean_dim(D - 1);
+        let weight: Tensor<D> = self.weight.val().unsqueeze();
+        let bias: Tensor<D> = self.bias.val().unsqueeze();
+        centered / var.add_scalar(self.eps).sqrt() * weight + bias
+    }
+}
+
+/// A token embedding table (`nn.Embedding`): row `i` is the vector of token `i`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// Loads `<prefix>.weight` `[count, dim]`.
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        count: usize,
+        dim: usize,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Ok(Self {
+            weight: Param::from_tensor(w.tensor(
+                &format!("{prefix}.weight"),
+                [count, dim],
+                device,
+            )?),
+        })
+    }
+
+    /// # Shapes
+    /// - `ids`: `[b, seq]` → `[b, seq, dim]`
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, seq] = ids.dims();
+        let dim = self.weight.val().dims()[1];
+        // [b·seq] rows of the table → [b, seq, dim]
+        self.weight
+            .val()
+            .select(0, ids.reshape([b * seq]))
+            .reshape([b, seq, dim])
+    }
 }
 
 /// `x·(1 + scale) + shift` with per-sample modulation vectors.

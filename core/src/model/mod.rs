@@ -1,8 +1,10 @@
 //! Model families and the layers they share.
 
 pub mod convert;
+pub mod export;
 pub mod flux1;
 pub mod flux2;
+pub mod init;
 pub mod layers;
 pub mod sd3;
 pub mod vae;

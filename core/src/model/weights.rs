@@ -84,6 +84,8 @@ pub struct Weights {
     missing: BTreeSet<String>,
     /// What `describe` prints as the source (the file, or the folder of a sharded checkpoint).
     source: PathBuf,
+    /// For a fresh model: parameters not stored are drawn by this rule instead of being missing.
+    init: Option<super::init::Initializer>,
 }
 
 impl Weights {
@@ -141,7 +143,22 @@ impl Weights {
             used: BTreeSet::new(),
             missing: BTreeSet::new(),
             source,
+            init: None,
         })
+    }
+
+    /// No stored tensors: every parameter is drawn from the initialisation rule of
+    /// [`super::init`] (seeded), so a fresh model is built by the same code that loads one.
+    pub fn initializer(seed: u64) -> Self {
+        Self {
+            files: Vec::new(),
+            entries: HashMap::new(),
+            aliases: HashMap::new(),
+            used: BTreeSet::new(),
+            missing: BTreeSet::new(),
+            source: PathBuf::from(format!("<initialised, seed {seed}>")),
+            init: Some(super::init::Initializer::new(seed)),
+        }
     }
 
     /// Opens one safetensors file.
@@ -220,6 +237,9 @@ impl Weights {
             return self.read_alias(key, &alias, expected);
         }
         let Some(entry) = self.entries.get(key) else {
+            if let Some(init) = &mut self.init {
+                return Ok(Some(init.values(key, expected)));
+            }
             self.missing.insert(key.to_string());
             return Ok(None);
         };

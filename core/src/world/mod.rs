@@ -2,6 +2,8 @@
 //! CPU, whose rewards are exact (our GenEval). Scenes, an anti-aliased renderer, and (next) GenEval
 //! prompts and the detector that scores images.
 
+pub mod compose;
 pub mod prompt;
+pub mod prompt_sets;
 pub mod render;
 pub mod scene;

@@ -157,6 +157,25 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<PromptSpec>, PromptEr
     Ok(specs)
 }
 
+/// Every word the world's prompts use (GenEval templates and the digits task), in a fixed
+/// order: the bundled tokenizer's vocabulary.
+pub fn vocabulary() -> Vec<String> {
+    let mut words: Vec<String> = [
+        "a", "an", "photo", "of", "and", "the", "number", "left", "right", "above", "below",
+        "one", "two", "three", "four", "\"",
+    ]
+    .iter()
+    .map(|w| w.to_string())
+    .collect();
+    for shape in Shape::ALL {
+        words.push(shape.name().to_string());
+        words.push(plural(shape.name()));
+    }
+    words.extend(Color::ALL.iter().map(|c| c.name().to_string()));
+    words.extend((0..10).map(|d| d.to_string()));
+    words
+}
+
 fn article(word: &str) -> &'static str {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
         "an"
@@ -165,16 +184,16 @@ fn article(word: &str) -> &'static str {
     }
 }
 
-fn number(n: usize) -> &'static str {
+pub(super) fn number(n: usize) -> &'static str {
     ["zero", "one", "two", "three", "four"][n]
 }
 
-fn plural(class: &str) -> String {
+pub(super) fn plural(class: &str) -> String {
     format!("{class}s")
 }
 
 /// "a red circle", "an orange square", "a triangle"
-fn noun_phrase(class: &str, color: Option<&str>) -> String {
+pub(super) fn noun_phrase(class: &str, color: Option<&str>) -> String {
     match color {
         Some(c) => format!("{} {c} {class}", article(c)),
         None => format!("{} {class}", article(class)),

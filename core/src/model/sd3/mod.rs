@@ -63,3 +63,50 @@ pub fn load_file(
     super::convert::alias_to_diffusers(&mut weights, layout, config.inner_dim());
     Sd3Transformer::load(config, weights, device)
 }
+
+impl Sd3Transformer {
+    /// A fresh, untrained model: parameters from [`super::init`] (seeded), the position table
+    /// filled with diffusers' 2-D sin-cos values and frozen, as diffusers keeps it (a buffer).
+    pub fn init(config: Sd3Config, seed: u64, device: &Device) -> Result<Self, LoadError> {
+        config.validate().map_err(|message| LoadError::Config {
+            path: "<new model config>".into(),
+            message,
+        })?;
+        let mut model = Self::load(config, Weights::initializer(seed), device)?;
+        let c = &model.config;
+        let base = (c.sample_size / c.patch_size).max(1);
+        let table = model::sincos_2d_table(c.inner_dim(), c.pos_embed_max_size, base);
+        let max = c.pos_embed_max_size;
+        let table = burn::tensor::Tensor::from_data(
+            burn::tensor::TensorData::new(table, [1, max * max, c.inner_dim()]),
+            device,
+        );
+        model.pos_embed.pos_embed = burn::module::Param::from_tensor(table).set_require_grad(false);
+        Ok(model)
+    }
+
+    /// Writes `config.json` and `diffusion_pytorch_model.safetensors` in diffusers' layout, so the
+    /// folder loads in diffusers (`SD3Transformer2DModel.from_pretrained`) and in [`load_dir`].
+    pub fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
+        let io = |source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut config = serde_json::to_value(&self.config).expect("config serialises");
+        config["_class_name"] = "SD3Transformer2DModel".into();
+        let text = serde_json::to_string_pretty(&config).expect("json");
+        std::fs::write(dir.join("config.json"), text).map_err(io)?;
+        let c = &self.config;
+        let reshape = std::collections::BTreeMap::from([(
+            "pos_embed.proj.weight".to_string(),
+            vec![c.inner_dim(), c.in_channels, c.patch_size, c.patch_size],
+        )]);
+        let tensors = super::export::checkpoint_tensors(self, &reshape);
+        super::export::save_safetensors(
+            &tensors,
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            None,
+        )
+    }
+}

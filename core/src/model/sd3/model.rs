@@ -23,6 +23,30 @@ pub struct PatchEmbed {
     pub pos_embed: Param<Tensor<3>>,
 }
 
+/// diffusers' `get_2d_sincos_pos_embed(dim, grid, base_size)` for a `grid`×`grid` table: positions
+/// scaled by `base_size / grid`; the first half of each vector encodes the column, the second the
+/// row, each as `[sin, cos]` over frequencies `10000^(−k/(dim/4))`.
+///
+/// # Shapes
+/// - returns `grid²·dim` values, row-major `[grid·grid, dim]` (token = row·grid + column)
+pub fn sincos_2d_table(dim: usize, grid: usize, base_size: usize) -> Vec<f32> {
+    let quarter = dim / 4;
+    let scale = base_size as f64 / grid as f64;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
+    let mut table = Vec::with_capacity(grid * grid * dim);
+    for row in 0..grid {
+        for column in 0..grid {
+            for position in [column as f64 * scale, row as f64 * scale] {
+                table.extend(omega.iter().map(|w| (position * w).sin() as f32));
+                table.extend(omega.iter().map(|w| (position * w).cos() as f32));
+            }
+        }
+    }
+    table
+}
+
 /// One joint attention: image and text streams attend together, image first.
 #[derive(Module, Debug)]
 pub struct JointAttention {

@@ -1,0 +1,3 @@
+//! Training: rectified-flow pretraining of the bundled model (and, next, GRPO and its family).
+
+pub mod pretrain;
