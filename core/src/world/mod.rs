@@ -3,6 +3,8 @@
 //! prompts and the detector that scores images.
 
 pub mod compose;
+pub mod detect;
+pub mod geneval;
 pub mod prompt;
 pub mod prompt_sets;
 pub mod render;

@@ -1,4 +1,5 @@
-//! Anti-aliased rendering of a scene: each pixel is the average of 4×4 sub-samples.
+//! Anti-aliased rendering of a scene: each pixel is the average of 4×4 sub-samples (or of a
+//! chosen number, for robustness tests).
 
 use super::scene::{Object, Scene, Shape};
 
@@ -32,20 +33,43 @@ pub fn covers(object: &Object, x: f32, y: f32) -> bool {
     }
 }
 
-const SUBSAMPLES: usize = 4;
+/// Sub-samples per pixel side used by [`render`].
+pub const SUBSAMPLES: usize = 4;
 
-/// Renders `scene` at `size`×`size` pixels.
+/// Renders `scene` at `size`×`size` pixels, each pixel the average of 4×4 sub-samples.
 pub fn render(scene: &Scene, size: usize) -> Image {
+    render_supersampled(scene, size, SUBSAMPLES)
+}
+
+/// Renders `scene` at `size`×`size` pixels, each pixel the average of `samples`×`samples`
+/// sub-samples (1 = no anti-aliasing: the colour at the pixel centre).
+pub fn render_supersampled(scene: &Scene, size: usize, samples: usize) -> Image {
+    let samples = samples.max(1);
+    let n = (samples * samples) as u32;
     let mut pixels = Vec::with_capacity(size * size);
     for py in 0..size {
         for px in 0..size {
+            // Objects whose box reaches this pixel; most pixels have none and are background.
+            let (x0, y0) = (px as f32 / size as f32, py as f32 / size as f32);
+            let x1 = x0 + 1.0 / size as f32;
+            let y1 = y0 + 1.0 / size as f32;
+            let near: Vec<&Object> = scene
+                .objects
+                .iter()
+                .filter(|o| {
+                    o.cx + o.r >= x0 && o.cx - o.r <= x1 && o.cy + o.r >= y0 && o.cy - o.r <= y1
+                })
+                .collect();
+            if near.is_empty() {
+                pixels.push(scene.background);
+                continue;
+            }
             let mut sum = [0u32; 3];
-            for sy in 0..SUBSAMPLES {
-                for sx in 0..SUBSAMPLES {
-                    let x = (px as f32 + (sx as f32 + 0.5) / SUBSAMPLES as f32) / size as f32;
-                    let y = (py as f32 + (sy as f32 + 0.5) / SUBSAMPLES as f32) / size as f32;
-                    let rgb = scene
-                        .objects
+            for sy in 0..samples {
+                for sx in 0..samples {
+                    let x = (px as f32 + (sx as f32 + 0.5) / samples as f32) / size as f32;
+                    let y = (py as f32 + (sy as f32 + 0.5) / samples as f32) / size as f32;
+                    let rgb = near
                         .iter()
                         .rev()
                         .find(|o| covers(o, x, y))
@@ -55,7 +79,6 @@ pub fn render(scene: &Scene, size: usize) -> Image {
                     }
                 }
             }
-            let n = (SUBSAMPLES * SUBSAMPLES) as u32;
             pixels.push(sum.map(|s| ((s + n / 2) / n) as u8));
         }
     }
