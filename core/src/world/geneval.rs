@@ -538,5 +538,61 @@ mod tests {
             eprintln!("agreement over 2×2000 scenes: {rate}");
             assert!(rate >= 0.995, "agreement {rate}");
         }
+
+        /// Another palette: every object's hue turned by `hue` degrees (drawn per scene from
+        /// `hues`), saturation ×0.75–1.1, value ×0.8–1.05, and a light background of another tone.
+        fn repaint(hues: &'static [f32]) -> impl Fn(&mut ChaCha8Rng, &mut Scene) {
+            move |rng, scene| {
+                let turn = hues[rng.random_range(0..hues.len())];
+                let turn = if hues.len() == 2 {
+                    turn
+                } else {
+                    rng.random_range(hues[0]..=hues[1])
+                };
+                let saturate = rng.random_range(0.75..1.1f32);
+                let brighten = rng.random_range(0.8..1.05f32);
+                for o in &mut scene.objects {
+                    let (h, s, v) = rgb_to_hsv(o.rgb);
+                    o.rgb = hsv_to_rgb(h + turn, (s * saturate).min(1.0), (v * brighten).min(1.0));
+                }
+                scene.background = hsv_to_rgb(
+                    rng.random_range(0.0..360.0),
+                    rng.random_range(0.0..0.12),
+                    rng.random_range(0.85..1.0),
+                );
+            }
+        }
+
+        #[test]
+        fn verdicts_survive_another_palette() {
+            let rate = agreement(12, 2000, 4, repaint(&[-10.0, 10.0, 0.0]));
+            eprintln!("another palette, hue turned by −10°…10° per scene: {rate}");
+            assert!(rate >= 0.99, "agreement {rate}");
+        }
+
+        /// At exactly ±10° a fixed hue naming must err: orange (28°) sits 24° from yellow (52°)
+        /// and 28° from red (0°), and the sampler's ±12 RGB jitter spreads hues by ≈ ±3.5° (1σ),
+        /// so about a quarter of the turned oranges and yellows cross the midpoint. Only colour
+        /// prompts naming those colours are affected.
+        #[test]
+        fn verdicts_at_the_extreme_hue_turns() {
+            let rate = agreement(13, 2000, 4, repaint(&[-10.0, 10.0]));
+            eprintln!("another palette, hue turned by ±10° exactly: {rate}");
+            assert!(rate >= 0.975, "agreement {rate}");
+        }
+
+        #[test]
+        fn verdicts_survive_without_anti_aliasing() {
+            let rate = agreement(14, 2000, 1, |_, _| {});
+            eprintln!("1 sample per pixel: {rate}");
+            assert!(rate >= 0.99, "agreement {rate}");
+        }
+
+        #[test]
+        fn verdicts_survive_finer_anti_aliasing() {
+            let rate = agreement(15, 2000, 8, |_, _| {});
+            eprintln!("8×8 samples per pixel: {rate}");
+            assert!(rate >= 0.99, "agreement {rate}");
+        }
     }
 }
