@@ -4,6 +4,7 @@
 
 pub mod compose;
 pub mod detect;
+pub mod digits;
 pub mod geneval;
 pub mod prompt;
 pub mod prompt_sets;
