@@ -178,13 +178,15 @@ impl TextStyle {
                 rng.random_range(0.1..0.7),
             ),
         };
-        let fits = 0.9 / style.width(len);
-        style.height = rng.random_range(0.22..0.45f32.min(fits).max(0.2201));
-        let margin = 0.04 + style.height * stroke / 2.0;
-        style.x = rng.random_range(
-            margin..(1.0 - style.width(len) - margin + style.height * stroke).max(margin + 1e-3),
-        );
-        style.y = rng.random_range(margin..(1.0 - style.height - margin).max(margin + 1e-3));
+        // At most 0.9 of the side wide (4 digits: ≤ 0.24 high).
+        let tallest = (0.9 / style.width(len)).min(0.45);
+        style.height = rng.random_range(0.22..tallest.max(0.23));
+        // Ink overhangs the glyph boxes by half a stroke; keep 0.04 of the side clear.
+        let overhang = style.height * stroke / 2.0;
+        let (ink_width, ink_height) = (style.width(len), style.height + 2.0 * overhang);
+        let free = |ink: f32| (1.0 - 0.08 - ink).max(1e-3);
+        style.x = 0.04 + overhang + rng.random_range(0.0..free(ink_width));
+        style.y = 0.04 + overhang + rng.random_range(0.0..free(ink_height));
         style
     }
 }

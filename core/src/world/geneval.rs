@@ -49,9 +49,11 @@ pub fn evaluate(spec: &PromptSpec, detections: &[Detection]) -> Verdict {
             .and_then(|s| by_class.get(&s))
             .map_or(&[], |v| v.as_slice())
     };
+    let (strict_correct, score) = flow_grpo_score(spec, &found);
     Verdict {
         correct: geneval_correct(spec, &found),
-        ..flow_grpo_score(spec, &found)
+        strict_correct,
+        score,
     }
 }
 
@@ -112,13 +114,17 @@ fn geneval_correct<'a>(spec: &PromptSpec, found: &dyn Fn(&str) -> &'a [&'a Detec
     correct
 }
 
-/// Flow-GRPO's `evaluate_reward` (strict): partial-credit terms per include clause.
+/// Flow-GRPO's `evaluate_reward` (strict): `(strict_correct, score)`, the score the mean of
+/// partial-credit terms per include clause.
 ///
 /// Quirks kept from the reference: the count term `1 − |count − n|/count` goes negative when
 /// n > 2·count; a failed count on a clause with colour or position appends an extra 0; a position
 /// check appends 0 at its first failing pair and then 1.0 regardless (a failed check gives
 /// [0, 1]); a clause whose target clause failed appends a single 0.
-fn flow_grpo_score<'a>(spec: &PromptSpec, found: &dyn Fn(&str) -> &'a [&'a Detection]) -> Verdict {
+fn flow_grpo_score<'a>(
+    spec: &PromptSpec,
+    found: &dyn Fn(&str) -> &'a [&'a Detection],
+) -> (bool, f32) {
     let mut terms: Vec<f32> = Vec::new();
     let mut strict_correct = true;
     let mut matched_groups: Vec<Option<&[&Detection]>> = Vec::new();
@@ -159,11 +165,7 @@ fn flow_grpo_score<'a>(spec: &PromptSpec, found: &dyn Fn(&str) -> &'a [&'a Detec
     } else {
         terms.iter().sum::<f32>() / terms.len() as f32
     };
-    Verdict {
-        correct: strict_correct,
-        strict_correct,
-        score,
-    }
+    (strict_correct, score)
 }
 
 /// GenEval's `relative_position`: the relations of box `a` to box `b` (`[x0, y0, x1, y1]`, y
