@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use burn::module::Module;
 use portaflow::device::{self, Backend, ChosenDevice, DeviceRequest};
 use portaflow::image_io;
-use portaflow::pipeline::{self, GenerateOptions, Pipeline};
+use portaflow::pipeline::{self, GenerateOptions, Pipeline, eval};
 use portaflow::sample::schedule::Schedule;
 use portaflow::sample::step::{self, StepKind};
 use portaflow::text::tokenizer;
@@ -40,6 +40,40 @@ enum Command {
     Generate(GenerateArgs),
     /// Pretrain a text-to-image model from scratch on the Shapes world (rectified flow).
     Pretrain(PretrainArgs),
+    /// Score a model (or a folder of images) on a GenEval-format prompt file.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// GenEval-format prompt metadata (JSONL) to generate for.
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    prompts: Option<PathBuf>,
+    /// Score existing images laid out as GenEval lays them out instead of generating.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// A pipeline folder (default: the bundled model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A LoRA adapter folder to apply.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 4.0)]
+    cfg: f64,
+    #[arg(long, default_value_t = 4)]
+    images_per_prompt: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the generated images in GenEval's layout here.
+    #[arg(long)]
+    save_images: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +145,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info => info(request),
         Command::Generate(args) => generate(request, args),
         Command::Pretrain(args) => pretrain(request, args),
+        Command::Eval(args) => eval(request, args),
     }
 }
 
@@ -347,6 +382,66 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         args.out.join("checkpoint").display(),
         args.out.join("checkpoint").display()
     );
+    Ok(())
+}
+
+fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
+    let start = Instant::now();
+    let report = if let Some(dir) = &args.images {
+        eval::evaluate_folder(dir)?
+    } else {
+        anyhow::ensure!(
+            args.lora.is_none(),
+            "--lora: LoRA adapters are not supported yet (issue 5)"
+        );
+        let path = args
+            .prompts
+            .as_ref()
+            .expect("clap requires --prompts or --images");
+        let specs = prompt::read_jsonl(path)?;
+        anyhow::ensure!(!specs.is_empty(), "{}: no prompts", path.display());
+        let chosen = device::select(request)?;
+        let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
+        let pipe = Pipeline::from_dir(&dir, &chosen.device)
+            .with_context(|| format!("loading the model from {}", dir.display()))?;
+        let options = eval::EvalOptions {
+            images_per_prompt: args.images_per_prompt,
+            batch_size: args.batch_size,
+            generate: GenerateOptions {
+                steps: args.steps,
+                guidance_scale: args.cfg,
+                kind: StepKind::Euler,
+                seeds: vec![],
+                negative_prompt: String::new(),
+            },
+            seed: args.seed,
+        };
+        println!(
+            "evaluating {} on {} prompts × {} images on {chosen}",
+            dir.display(),
+            specs.len(),
+            args.images_per_prompt
+        );
+        eval::evaluate_pipeline(
+            &pipe,
+            &specs,
+            &options,
+            &chosen.device,
+            args.save_images.as_deref(),
+            |done, total| eprint!("\r{done}/{total} images"),
+        )?
+    };
+    eprintln!();
+    print!("{}", eval::table(&report));
+    if !report.missing_tags().is_empty() {
+        println!("(no images for: {})", report.missing_tags().join(", "));
+    }
+    println!("{:.1} s", start.elapsed().as_secs_f64());
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("report: {}", out.display());
+    }
     Ok(())
 }
 

@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::model::sd3::Sd3Transformer;
 use crate::pipeline::{Pipeline, PipelineError, from_images};
 use crate::text::clip::ClipTextModel;
-use crate::world::compose;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::{Image, render};
+use crate::world::{compose, digits};
 
 /// Pretraining settings (stored in the run directory as `pretrain.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,10 +90,13 @@ pub fn example(
     rng: &mut ChaCha8Rng,
     train: &[PromptSpec],
     size: usize,
-    _config: &PretrainConfig,
+    config: &PretrainConfig,
 ) -> (String, Image) {
-    // TODO(digits task): mix in `the number "37"` examples at `digits_fraction` once the
-    // digits renderer lands.
+    if rng.random_bool(config.digits_fraction) {
+        let number = digits::random_number(rng);
+        let image = digits::render_number(rng, &number, size);
+        return (digits::prompt_for(&number), image);
+    }
     // Tags uniformly, then a prompt of that tag uniformly: counting's 6 prompts weigh as much as
     // color_attr's 80.
     let tags = crate::world::prompt::TAGS;

@@ -1,0 +1,165 @@
+//! GenEval-style evaluation: generate images for every line of a prompt file (or read images laid
+//! out as GenEval lays them out) and score them with the Shapes detector.
+//!
+//! Folder layout (GenEval's `generation/diffusers_generate.py`): `<index:05>/metadata.jsonl`
+//! holding the prompt's metadata line, and `<index:05>/samples/<k:05>.png`.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use super::{GenerateOptions, Pipeline, PipelineError};
+use crate::image_io::{load_png, save_png};
+use crate::world::geneval::{ImageRecord, Report, evaluate_image};
+use crate::world::prompt::{PromptSpec, parse_jsonl};
+
+/// How to generate the evaluation images.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub images_per_prompt: usize,
+    /// Images per forward batch.
+    pub batch_size: usize,
+    /// Template for every image; `seeds` is replaced: image k of prompt i gets
+    /// `seed + i·images_per_prompt + k`.
+    pub generate: GenerateOptions,
+    pub seed: u64,
+}
+
+/// Generates and scores every prompt; with `save`, also writes the images in GenEval's layout.
+pub fn evaluate_pipeline(
+    pipeline: &Pipeline,
+    specs: &[PromptSpec],
+    options: &EvalOptions,
+    device: &Device,
+    save: Option<&Path>,
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<Report, PipelineError> {
+    let k = options.images_per_prompt;
+    let jobs: Vec<(usize, usize)> = (0..specs.len())
+        .flat_map(|i| (0..k).map(move |s| (i, s)))
+        .collect();
+    let mut records = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(options.batch_size.max(1)) {
+        let prompts: Vec<String> = chunk
+            .iter()
+            .map(|&(i, _)| specs[i].prompt.clone())
+            .collect();
+        let mut generate = options.generate.clone();
+        generate.seeds = chunk
+            .iter()
+            .map(|&(i, s)| options.seed + (i * k + s) as u64)
+            .collect();
+        let images = pipeline.generate(&prompts, &generate, device, |_| {}, None)?;
+        for (j, (&(index, sample), image)) in chunk.iter().zip(&images).enumerate() {
+            let spec = &specs[index];
+            if let Some(dir) = save {
+                let folder = dir.join(format!("{index:05}"));
+                let samples = folder.join("samples");
+                std::fs::create_dir_all(&samples).map_err(|source| {
+                    crate::model::weights::LoadError::Io {
+                        path: samples.clone(),
+                        source,
+                    }
+                })?;
+                let line = serde_json::to_string(spec).expect("plain data");
+                std::fs::write(folder.join("metadata.jsonl"), line + "\n").map_err(|source| {
+                    crate::model::weights::LoadError::Io {
+                        path: folder.clone(),
+                        source,
+                    }
+                })?;
+                let seed = generate.seeds[j];
+                save_png(
+                    image,
+                    &samples.join(format!("{sample:05}.png")),
+                    &[("prompt", spec.prompt.clone()), ("seed", seed.to_string())],
+                )
+                .map_err(|e| PipelineError::Folder {
+                    path: samples.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            let verdict = evaluate_image(spec, image);
+            records.push(ImageRecord {
+                index,
+                sample,
+                tag: spec.tag.clone(),
+                correct: verdict.correct,
+                strict_correct: verdict.strict_correct,
+                score: verdict.score,
+            });
+        }
+        on_progress(records.len(), jobs.len());
+    }
+    Ok(Report::new(records))
+}
+
+/// Scores a folder of images in GenEval's layout (made by any software).
+pub fn evaluate_folder(dir: &Path) -> Result<Report, PipelineError> {
+    let folder_err = |path: &Path, message: String| PipelineError::Folder {
+        path: path.to_path_buf(),
+        message,
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| folder_err(dir, e.to_string()))?;
+    let mut folders: Vec<(usize, std::path::PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect();
+    folders.sort();
+    if folders.is_empty() {
+        return Err(folder_err(
+            dir,
+            "no numbered prompt folders (<index>/metadata.jsonl + <index>/samples/*.png)".into(),
+        ));
+    }
+    let mut records = Vec::new();
+    for (index, folder) in folders {
+        let meta = folder.join("metadata.jsonl");
+        let text = std::fs::read_to_string(&meta).map_err(|e| folder_err(&meta, e.to_string()))?;
+        let spec = parse_jsonl(&text, &meta.display().to_string())
+            .map_err(|e| folder_err(&meta, e.to_string()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| folder_err(&meta, "empty metadata file".into()))?;
+        let samples = folder.join("samples");
+        let mut pngs: Vec<(usize, std::path::PathBuf)> = std::fs::read_dir(&samples)
+            .map_err(|e| folder_err(&samples, e.to_string()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                Some((name.strip_suffix(".png")?.parse().ok()?, e.path()))
+            })
+            .collect();
+        pngs.sort();
+        for (sample, path) in pngs {
+            let image = load_png(&path).map_err(|e| folder_err(&path, e.to_string()))?;
+            let verdict = evaluate_image(&spec, &image);
+            records.push(ImageRecord {
+                index,
+                sample,
+                tag: spec.tag.clone(),
+                correct: verdict.correct,
+                strict_correct: verdict.strict_correct,
+                score: verdict.score,
+            });
+        }
+    }
+    Ok(Report::new(records))
+}
+
+/// The per-tag table `portaflow eval` prints.
+pub fn table(report: &Report) -> String {
+    let mut out = String::from("tag              accuracy  images\n");
+    for (tag, accuracy) in &report.tags {
+        let n = report.images.iter().filter(|i| &i.tag == tag).count();
+        out.push_str(&format!("{tag:<16} {:>7.1}%  {n:>6}\n", 100.0 * accuracy));
+    }
+    out.push_str(&format!(
+        "{:<16} {:>7.1}%  {:>6}\n",
+        "overall",
+        100.0 * report.overall,
+        report.images.len()
+    ));
+    out
+}
