@@ -355,11 +355,13 @@ impl Sd3Transformer {
         let max = config.pos_embed_max_size;
         let pos_embed = PatchEmbed {
             proj,
+            // A fixed table (a buffer in diffusers): never trained.
             pos_embed: Param::from_tensor(w.tensor(
                 "pos_embed.pos_embed",
                 [1, max * max, d],
                 device,
-            )?),
+            )?)
+            .set_require_grad(false),
         };
         let model = Self {
             pos_embed,
