@@ -47,3 +47,88 @@ pub fn golden(name: &str) -> PathBuf {
         .join("../assets/golden")
         .join(name)
 }
+
+/// A tensor of a golden `io.safetensors` file, with the shape stored in the file.
+pub fn io_tensor<const D: usize>(
+    io: &mut portaflow::model::weights::Weights,
+    key: &str,
+    device: &burn::tensor::Device,
+) -> burn::tensor::Tensor<D> {
+    let shape: [usize; D] = io
+        .shape(key)
+        .unwrap_or_else(|| panic!("io has no {key}"))
+        .try_into()
+        .unwrap_or_else(|s| panic!("{key}: stored shape {s:?} is not {D}-D"));
+    let values = io.read(key, &shape).unwrap().unwrap();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
+}
+
+/// An SD3 transformer's output on the inputs of a golden fixture's `io.safetensors`
+/// (`hidden_states`, `encoder_hidden_states`, `pooled_projections`, `timestep`).
+pub fn sd3_forward_on_golden_inputs(
+    model: &portaflow::model::sd3::Sd3Transformer,
+    fixture: &str,
+    device: &burn::tensor::Device,
+) -> Vec<f32> {
+    let mut io =
+        portaflow::model::weights::Weights::open_file(&golden(fixture).join("io.safetensors"))
+            .unwrap();
+    let x: burn::tensor::Tensor<4> = io_tensor(&mut io, "hidden_states", device);
+    let context: burn::tensor::Tensor<3> = io_tensor(&mut io, "encoder_hidden_states", device);
+    let pooled: burn::tensor::Tensor<2> = io_tensor(&mut io, "pooled_projections", device);
+    let timesteps: Vec<f64> = io_tensor::<1>(&mut io, "timestep", device)
+        .into_data()
+        .iter::<f32>()
+        .map(f64::from)
+        .collect();
+    model
+        .forward(x, &timesteps, context, pooled)
+        .into_data()
+        .try_to_vec()
+        .unwrap()
+}
+
+/// The `output` tensor of a golden fixture's `io.safetensors`.
+pub fn golden_output(fixture: &str) -> Vec<f32> {
+    let mut io =
+        portaflow::model::weights::Weights::open_file(&golden(fixture).join("io.safetensors"))
+            .unwrap();
+    let shape = io.shape("output").expect("io has an output");
+    io.read("output", &shape).unwrap().unwrap()
+}
+
+/// A copy of a golden fixture's `config.json` and `diffusion_pytorch_model.safetensors` in a
+/// fresh temporary folder, for tests that damage them.
+pub fn copy_fixture(name: &str) -> TempDir {
+    let tmp = TempDir::new(name);
+    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(golden(name).join(file), tmp.path().join(file)).unwrap();
+    }
+    tmp
+}
+
+/// A self-cleaning temporary folder, unique per process and thread (no extra dependency).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "portaflow-test-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -2,21 +2,11 @@
 //! `tools/golden/make_transformer_fixtures.py`), on the CPU backend and the Vulkan adapter;
 //! real-size parameter counts; bad checkpoints give clear errors.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::sd3::{self, Sd3Config};
 use portaflow::model::weights::Weights;
-use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
-
-fn io_tensor<const D: usize>(io: &mut Weights, key: &str, device: &Device) -> Tensor<D> {
-    let shape: [usize; D] = io
-        .shape(key)
-        .unwrap_or_else(|| panic!("io has no {key}"))
-        .try_into()
-        .unwrap();
-    let values = io.read(key, &shape).unwrap().unwrap();
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
+use portaflow_tests::{copy_fixture, golden, io_tensor, max_abs_diff, max_rel_diff, vulkan};
 
 fn check_sd3(name: &str, device: &Device) {
     let dir = golden(name);
@@ -91,40 +81,6 @@ fn real_size_parameter_counts_match_diffusers() {
         // The preset equals diffusers' config for the same model.
         let theirs: Sd3Config = serde_json::from_value(entry["config"].clone()).unwrap();
         assert_eq!(config, theirs, "{preset}");
-    }
-}
-
-fn copy_fixture(name: &str) -> tempdir::TempDir {
-    let tmp = tempdir::TempDir::new(name);
-    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(golden(name).join(file), tmp.path().join(file)).unwrap();
-    }
-    tmp
-}
-
-/// A tiny self-cleaning temporary folder (no extra dependency).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-    pub struct TempDir(PathBuf);
-    impl TempDir {
-        pub fn new(tag: &str) -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "portaflow-test-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 

@@ -57,6 +57,75 @@ fn list(keys: &[String]) -> String {
     text
 }
 
+/// Checks what `SafeTensors::read_metadata` checks, but names the tensor and the numbers: every
+/// tensor's byte range must match its shape × dtype, lie inside the file and overlap no other.
+/// Anything else malformed is left to `read_metadata` (it rejects gaps, bad JSON, a short header).
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data_offsets: (usize, usize),
+    }
+    let lie = |message: String| LoadError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let Some(len) = bytes.get(..8) else {
+        return Ok(()); // too short for a header length: read_metadata says so
+    };
+    let header_len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+    let Some(header) = bytes.get(8..8usize.saturating_add(header_len)) else {
+        return Ok(());
+    };
+    let Ok(header) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return Ok(());
+    };
+    let data_len = bytes.len() - 8 - header_len;
+    let mut ranges = Vec::new();
+    for (key, value) in header.into_iter().filter(|(k, _)| k != "__metadata__") {
+        let info: Info = serde_json::from_value(value).map_err(|e| {
+            lie(format!(
+                "{key}: header entry is not a tensor description ({e})"
+            ))
+        })?;
+        let (start, end) = info.data_offsets;
+        let expected = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.bitsize(), |bits, &d| bits.checked_mul(d))
+            .map(|bits| bits.div_ceil(8))
+            .ok_or_else(|| lie(format!("{key}: shape {:?} overflows", info.shape)))?;
+        let found = end.checked_sub(start).ok_or_else(|| {
+            lie(format!(
+                "{key}: data_offsets [{start}, {end}] end before they start"
+            ))
+        })?;
+        if found != expected {
+            return Err(lie(format!(
+                "{key}: shape {:?} of {:?} needs {expected} bytes, data_offsets [{start}, {end}] give {found}",
+                info.shape, info.dtype
+            )));
+        }
+        if end > data_len {
+            return Err(lie(format!(
+                "{key}: data_offsets [{start}, {end}] reach past the end of the data ({data_len} bytes)"
+            )));
+        }
+        ranges.push((start, end, key));
+    }
+    ranges.sort();
+    for pair in ranges.windows(2) {
+        let ((s0, e0, k0), (s1, e1, k1)) = (&pair[0], &pair[1]);
+        if s1 < e0 {
+            return Err(lie(format!(
+                "{k1} (bytes {s1}..{e1}) overlaps {k0} (bytes {s0}..{e0})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 struct Entry {
     file: usize,
     dtype: Dtype,
@@ -102,6 +171,7 @@ impl Weights {
             // SAFETY: the file is opened read-only; modifying a checkpoint while it is being loaded
             // is outside what any loader can defend against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+            check_header(path, &mmap)?;
             let (header_len, metadata) =
                 SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Format {
                     path: path.clone(),
@@ -240,7 +310,8 @@ impl Weights {
             if let Some(init) = &mut self.init {
                 return Ok(Some(init.values(key, expected)));
             }
-            self.missing.insert(key.to_string());
+            self.missing
+                .insert(format!("{key} (expected {expected:?})"));
             return Ok(None);
         };
         let path = &self.files[entry.file].0;
@@ -354,9 +425,9 @@ impl Weights {
         }
         let mut unused: Vec<String> = self
             .entries
-            .keys()
-            .filter(|k| !self.used.contains(*k))
-            .cloned()
+            .iter()
+            .filter(|(k, _)| !self.used.contains(*k))
+            .map(|(k, e)| format!("{k} ({:?} {:?})", e.dtype, e.shape))
             .collect();
         if !unused.is_empty() {
             unused.sort();
