@@ -1,6 +1,7 @@
 //! Model families and the layers they share.
 
 pub mod convert;
+pub mod double_stream;
 pub mod export;
 pub mod flux1;
 pub mod flux2;
@@ -24,4 +25,53 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Loa
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// A model family: its diffusers `config.json` type, the check of a config, and how a model is
+/// built from diffusers-layout weights. Reading a diffusers component folder is written once here.
+pub trait Family: Sized {
+    type Config: serde::de::DeserializeOwned;
+
+    /// Checks a config before any weight is read; the message names the field at fault.
+    fn validate(config: &Self::Config) -> Result<(), String>;
+
+    /// Builds the model from diffusers-layout weights, failing on missing or unused keys.
+    fn from_weights(
+        config: Self::Config,
+        weights: weights::Weights,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, LoadError>;
+
+    /// Loads `config.json` + `diffusion_pytorch_model.safetensors` (or its shards listed in
+    /// `diffusion_pytorch_model.safetensors.index.json`) from a diffusers component folder.
+    fn load_dir(dir: &Path, device: &burn::tensor::Device) -> Result<Self, LoadError> {
+        let path = dir.join("config.json");
+        let config = read_config::<Self::Config>(&path)?;
+        Self::validate(&config).map_err(|message| LoadError::Config { path, message })?;
+        let weights = weights::Weights::open_dir(dir, "diffusion_pytorch_model")?;
+        Self::from_weights(config, weights, device)
+    }
+}
+
+/// A transformer family that also loads the original single-file layouts (SAI, BFL).
+pub trait SingleFile: Family {
+    /// Hidden width `heads · head_dim`: where the rename tables split fused qkv tensors.
+    fn inner_dim(config: &Self::Config) -> usize;
+
+    /// Loads a single-file checkpoint in diffusers, SAI or BFL layout (detected from its keys)
+    /// with the given config (as diffusers' `from_single_file(..., config=...)`).
+    fn load_file(
+        path: &Path,
+        config: Self::Config,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, LoadError> {
+        Self::validate(&config).map_err(|message| LoadError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let mut weights = weights::Weights::open_file(path)?;
+        let layout = convert::detect(&weights);
+        convert::alias_to_diffusers(&mut weights, layout, Self::inner_dim(&config));
+        Self::from_weights(config, weights, device)
+    }
 }

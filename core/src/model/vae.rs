@@ -583,17 +583,23 @@ impl Vae {
         moments.narrow(1, 0, self.config.latent_channels)
     }
 
+    /// FLUX.2's BatchNorm mean and std, broadcastable over patchified latents: `[1, 4·latent, 1, 1]`.
+    fn bn_statistics(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        let (mean, std) = (self.bn_mean.as_ref()?, self.bn_std.as_ref()?);
+        let n = mean.val().dims()[0];
+        // [n] → [1, n, 1, 1]
+        Some((
+            mean.val().reshape([1, n, 1, 1]),
+            std.val().reshape([1, n, 1, 1]),
+        ))
+    }
+
     /// Transformer-space latent → image: SD3 / FLUX.1 `z / scale + shift`; FLUX.2 BatchNorm
     /// de-normalisation on 2×2 patches then unpatchify.
     pub fn decode(&self, latent: Tensor<4>) -> Tensor<4> {
-        let z = match (&self.bn_mean, &self.bn_std) {
-            (Some(mean), Some(std)) => {
-                let n = mean.val().dims()[0];
-                let mean: Tensor<4> = mean.val().reshape([1, n, 1, 1]);
-                let std: Tensor<4> = std.val().reshape([1, n, 1, 1]);
-                unpatchify2(latent * std + mean)
-            }
-            _ => latent
+        let z = match self.bn_statistics() {
+            Some((mean, std)) => unpatchify2(latent * std + mean),
+            None => latent
                 .div_scalar(self.config.scaling_factor.unwrap_or(1.0))
                 .add_scalar(self.config.shift_factor.unwrap_or(0.0)),
         };
@@ -603,30 +609,28 @@ impl Vae {
     /// Image → transformer-space latent (inverse of [`Vae::decode`]'s normalisation).
     pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
         let mean = self.encode_mean(image);
-        match (&self.bn_mean, &self.bn_std) {
-            (Some(bn_mean), Some(bn_std)) => {
-                let n = bn_mean.val().dims()[0];
-                let m: Tensor<4> = bn_mean.val().reshape([1, n, 1, 1]);
-                let s: Tensor<4> = bn_std.val().reshape([1, n, 1, 1]);
-                (patchify2(mean) - m) / s
-            }
-            _ => mean
+        match self.bn_statistics() {
+            Some((bn_mean, bn_std)) => (patchify2(mean) - bn_mean) / bn_std,
+            None => mean
                 .sub_scalar(self.config.shift_factor.unwrap_or(0.0))
                 .mul_scalar(self.config.scaling_factor.unwrap_or(1.0)),
         }
     }
 }
 
-/// Loads a diffusers `vae/` folder.
+impl super::Family for Vae {
+    type Config = VaeConfig;
+
+    fn validate(config: &VaeConfig) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(config: VaeConfig, w: Weights, device: &Device) -> Result<Self, LoadError> {
+        Self::load(config, w, device)
+    }
+}
+
+/// Loads a diffusers `vae/` folder (see [`super::Family::load_dir`]).
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Vae, LoadError> {
-    let config = super::read_config::<VaeConfig>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    Vae::load(
-        config,
-        Weights::open_dir(dir, "diffusion_pytorch_model")?,
-        device,
-    )
+    <Vae as super::Family>::load_dir(dir, device)
 }

@@ -12,6 +12,7 @@ use burn::tensor::activation::{gelu_approximate, silu};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::double_stream::{DoubleStreamBlock, DoubleStreamSpec, Modulation};
 use super::layers::{
     GeluFeedForward, Linear, MlpEmbedder, QkvNorm, chunks, gated, layer_norm, modulate,
     rope_attention, rope_tables, timestep_embedding,
@@ -119,20 +120,8 @@ impl Flux1Config {
     }
 }
 
-/// Double-stream block.
-#[derive(Module, Debug)]
-pub struct FluxTransformerBlock {
-    pub norm1: Linear,
-    pub norm1_context: Linear,
-    /// `attn.{to_q, to_k, to_v, norm_q, norm_k}`
-    pub attn_image: QkvNorm,
-    /// `attn.{add_q_proj, add_k_proj, add_v_proj, norm_added_q, norm_added_k}`
-    pub attn_context: QkvNorm,
-    pub to_out_0: Linear,
-    pub to_add_out: Linear,
-    pub ff: GeluFeedForward,
-    pub ff_context: GeluFeedForward,
-}
+/// Double-stream block: GELU-tanh feed-forwards, its own `norm1` / `norm1_context` modulation.
+pub type FluxTransformerBlock = DoubleStreamBlock<GeluFeedForward>;
 
 /// Single-stream block.
 #[derive(Module, Debug)]
@@ -157,95 +146,6 @@ pub struct Flux1Transformer {
     pub proj_out: Linear,
     #[module(skip)]
     pub config: Flux1Config,
-}
-
-impl FluxTransformerBlock {
-    fn load(
-        w: &mut Weights,
-        i: usize,
-        c: &Flux1Config,
-        device: &Device,
-    ) -> Result<Self, LoadError> {
-        let p = format!("transformer_blocks.{i}");
-        let (d, hd) = (c.inner_dim(), c.attention_head_dim);
-        Ok(Self {
-            norm1: Linear::load(w, &format!("{p}.norm1.linear"), d, 6 * d, true, device)?,
-            norm1_context: Linear::load(
-                w,
-                &format!("{p}.norm1_context.linear"),
-                d,
-                6 * d,
-                true,
-                device,
-            )?,
-            attn_image: QkvNorm::load(
-                w,
-                &format!("{p}.attn"),
-                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
-                d,
-                hd,
-                true,
-                device,
-            )?,
-            attn_context: QkvNorm::load(
-                w,
-                &format!("{p}.attn"),
-                [
-                    "add_q_proj",
-                    "add_k_proj",
-                    "add_v_proj",
-                    "norm_added_q",
-                    "norm_added_k",
-                ],
-                d,
-                hd,
-                true,
-                device,
-            )?,
-            to_out_0: Linear::load(w, &format!("{p}.attn.to_out.0"), d, d, true, device)?,
-            to_add_out: Linear::load(w, &format!("{p}.attn.to_add_out"), d, d, true, device)?,
-            ff: GeluFeedForward::load(w, &format!("{p}.ff"), d, 4 * d, device)?,
-            ff_context: GeluFeedForward::load(w, &format!("{p}.ff_context"), d, 4 * d, device)?,
-        })
-    }
-
-    /// # Shapes
-    /// - `x`: `[b, n_img, d]`, `context`: `[b, n_txt, d]`, `temb_act`: `[b, d]`
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        context: Tensor<3>,
-        temb_act: Tensor<2>,
-        rope: &(Tensor<4>, Tensor<4>),
-        heads: usize,
-    ) -> (Tensor<3>, Tensor<3>) {
-        let m = chunks(self.norm1.forward(temb_act.clone()), 6);
-        let cm = chunks(self.norm1_context.forward(temb_act), 6);
-        let x_in = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
-        let c_in = modulate(layer_norm(context.clone()), cm[0].clone(), cm[1].clone());
-        let [q, k, v] = self.attn_image.forward(x_in, heads);
-        let [cq, ck, cv] = self.attn_context.forward(c_in, heads);
-        let n_txt = context.dims()[1];
-        let n_img = x.dims()[1];
-        // [b, h, n_txt + n_img, hd]: text first (FLUX's order)
-        let out = rope_attention(
-            Tensor::cat(vec![cq, q], 2),
-            Tensor::cat(vec![ck, k], 2),
-            Tensor::cat(vec![cv, v], 2),
-            &rope.0,
-            &rope.1,
-        );
-        let attn_txt = self.to_add_out.forward(out.clone().narrow(1, 0, n_txt));
-        let attn_img = self.to_out_0.forward(out.narrow(1, n_txt, n_img));
-
-        let x = x + gated(attn_img, m[2].clone());
-        let ff_in = modulate(layer_norm(x.clone()), m[3].clone(), m[4].clone());
-        let x = x.clone() + gated(self.ff.forward(ff_in), m[5].clone());
-        let c = context + gated(attn_txt, cm[2].clone());
-        let ff_in = modulate(layer_norm(c.clone()), cm[3].clone(), cm[4].clone());
-        let c = c.clone() + gated(self.ff_context.forward(ff_in), cm[5].clone());
-        (x, c)
-    }
 }
 
 impl FluxSingleTransformerBlock {
@@ -299,6 +199,12 @@ impl Flux1Transformer {
     /// Builds the model from diffusers-layout weights with full key coverage.
     pub fn load(config: Flux1Config, mut w: Weights, device: &Device) -> Result<Self, LoadError> {
         let d = config.inner_dim();
+        let double_spec = DoubleStreamSpec {
+            dim: d,
+            head_dim: config.attention_head_dim,
+            bias: true,
+            own_modulation: true,
+        };
         let model = Self {
             x_embedder: Linear::load(&mut w, "x_embedder", config.in_channels, d, true, device)?,
             context_embedder: Linear::load(
@@ -338,7 +244,11 @@ impl Flux1Transformer {
                 device,
             )?,
             transformer_blocks: (0..config.num_layers)
-                .map(|i| FluxTransformerBlock::load(&mut w, i, &config, device))
+                .map(|i| {
+                    let ff =
+                        |w: &mut Weights, p: &str| GeluFeedForward::load(w, p, d, 4 * d, device);
+                    FluxTransformerBlock::load(&mut w, i, &double_spec, ff, device)
+                })
                 .collect::<Result<_, _>>()?,
             single_transformer_blocks: (0..config.num_single_layers)
                 .map(|i| FluxSingleTransformerBlock::load(&mut w, i, &config, device))
@@ -388,7 +298,8 @@ impl Flux1Transformer {
         let mut hidden = self.x_embedder.forward(x);
         let mut context = self.context_embedder.forward(context);
         for block in &self.transformer_blocks {
-            (hidden, context) = block.forward(hidden, context, temb_act.clone(), &rope, heads);
+            let modulation = Modulation::PerBlock(&temb_act);
+            (hidden, context) = block.forward(hidden, context, modulation, &rope, heads);
         }
         let mut joint = Tensor::cat(vec![context, hidden], 1);
         for block in &self.single_transformer_blocks {
@@ -401,33 +312,34 @@ impl Flux1Transformer {
     }
 }
 
-/// Loads a diffusers `transformer/` folder of a FLUX.1 model.
-pub fn load_dir(dir: &Path, device: &Device) -> Result<Flux1Transformer, LoadError> {
-    let config = super::read_config::<Flux1Config>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    Flux1Transformer::load(
-        config,
-        Weights::open_dir(dir, "diffusion_pytorch_model")?,
-        device,
-    )
+impl super::Family for Flux1Transformer {
+    type Config = Flux1Config;
+
+    fn validate(config: &Flux1Config) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(config: Flux1Config, w: Weights, device: &Device) -> Result<Self, LoadError> {
+        Self::load(config, w, device)
+    }
 }
 
-/// Loads a single-file checkpoint in diffusers, SAI or BFL layout (detected from its keys) with
-/// the given config (as diffusers' `from_single_file(..., config=...)`).
+impl super::SingleFile for Flux1Transformer {
+    fn inner_dim(config: &Flux1Config) -> usize {
+        config.inner_dim()
+    }
+}
+
+/// Loads a diffusers `transformer/` folder (see [`super::Family::load_dir`]).
+pub fn load_dir(dir: &Path, device: &Device) -> Result<Flux1Transformer, LoadError> {
+    <Flux1Transformer as super::Family>::load_dir(dir, device)
+}
+
+/// Loads a single file in diffusers or BFL layout (see [`super::SingleFile::load_file`]).
 pub fn load_file(
     path: &Path,
     config: Flux1Config,
     device: &Device,
 ) -> Result<Flux1Transformer, LoadError> {
-    config.validate().map_err(|message| LoadError::Config {
-        path: path.to_path_buf(),
-        message,
-    })?;
-    let mut weights = Weights::open_file(path)?;
-    let layout = super::convert::detect(&weights);
-    super::convert::alias_to_diffusers(&mut weights, layout, config.inner_dim());
-    Flux1Transformer::load(config, weights, device)
+    <Flux1Transformer as super::SingleFile>::load_file(path, config, device)
 }

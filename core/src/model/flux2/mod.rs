@@ -10,9 +10,10 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::double_stream::{DoubleStreamBlock, DoubleStreamSpec, Modulation, StreamFeedForward};
 use super::layers::{
-    Linear, MlpEmbedder, QkvNorm, RmsNorm, chunks, gated, layer_norm, modulate, rope_attention,
-    rope_tables, split_heads, timestep_embedding,
+    Linear, MlpEmbedder, RmsNorm, chunks, gated, layer_norm, modulate, rope_attention, rope_tables,
+    split_heads, timestep_embedding,
 };
 use super::weights::{LoadError, Weights};
 
@@ -177,7 +178,9 @@ impl SwiGlu {
             linear_out: Linear::load(w, &format!("{prefix}.linear_out"), hidden, d, false, device)?,
         })
     }
+}
 
+impl StreamFeedForward for SwiGlu {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.linear_out.forward(swiglu(self.linear_in.forward(x)))
     }
@@ -189,16 +192,8 @@ fn swiglu(x: Tensor<3>) -> Tensor<3> {
     silu(x.clone().narrow(2, 0, half)) * x.narrow(2, half, half)
 }
 
-/// Double-stream block (its modulation comes from the model).
-#[derive(Module, Debug)]
-pub struct Flux2TransformerBlock {
-    pub attn_image: QkvNorm,
-    pub attn_context: QkvNorm,
-    pub to_out_0: Linear,
-    pub to_add_out: Linear,
-    pub ff: SwiGlu,
-    pub ff_context: SwiGlu,
-}
+/// Double-stream block: SwiGLU feed-forwards, modulation shared from the model.
+pub type Flux2TransformerBlock = DoubleStreamBlock<SwiGlu>;
 
 /// Single-stream block with the fused `[q | k | v | gate | up]` projection.
 #[derive(Module, Debug)]
@@ -228,91 +223,6 @@ pub struct Flux2Transformer {
 }
 
 type Rope = (Tensor<4>, Tensor<4>);
-
-impl Flux2TransformerBlock {
-    fn load(
-        w: &mut Weights,
-        i: usize,
-        c: &Flux2Config,
-        device: &Device,
-    ) -> Result<Self, LoadError> {
-        let p = format!("transformer_blocks.{i}");
-        let (d, hd) = (c.inner_dim(), c.attention_head_dim);
-        Ok(Self {
-            attn_image: QkvNorm::load(
-                w,
-                &format!("{p}.attn"),
-                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
-                d,
-                hd,
-                false,
-                device,
-            )?,
-            attn_context: QkvNorm::load(
-                w,
-                &format!("{p}.attn"),
-                [
-                    "add_q_proj",
-                    "add_k_proj",
-                    "add_v_proj",
-                    "norm_added_q",
-                    "norm_added_k",
-                ],
-                d,
-                hd,
-                false,
-                device,
-            )?,
-            to_out_0: Linear::load(w, &format!("{p}.attn.to_out.0"), d, d, false, device)?,
-            to_add_out: Linear::load(w, &format!("{p}.attn.to_add_out"), d, d, false, device)?,
-            ff: SwiGlu::load(w, &format!("{p}.ff"), d, c.mlp_hidden(), device)?,
-            ff_context: SwiGlu::load(w, &format!("{p}.ff_context"), d, c.mlp_hidden(), device)?,
-        })
-    }
-
-    /// `m`, `cm`: the shared image / text modulation chunks (shift, scale, gate) × 2.
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        context: Tensor<3>,
-        m: &[Tensor<2>],
-        cm: &[Tensor<2>],
-        rope: &Rope,
-        heads: usize,
-    ) -> (Tensor<3>, Tensor<3>) {
-        let x_in = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
-        let c_in = modulate(layer_norm(context.clone()), cm[0].clone(), cm[1].clone());
-        let [q, k, v] = self.attn_image.forward(x_in, heads);
-        let [cq, ck, cv] = self.attn_context.forward(c_in, heads);
-        let (n_txt, n_img) = (context.dims()[1], x.dims()[1]);
-        // [b, h, n_txt + n_img, hd]: text first
-        let out = rope_attention(
-            Tensor::cat(vec![cq, q], 2),
-            Tensor::cat(vec![ck, k], 2),
-            Tensor::cat(vec![cv, v], 2),
-            &rope.0,
-            &rope.1,
-        );
-        let attn_txt = self.to_add_out.forward(out.clone().narrow(1, 0, n_txt));
-        let attn_img = self.to_out_0.forward(out.narrow(1, n_txt, n_img));
-
-        let x = x + gated(attn_img, m[2].clone());
-        let x = x.clone()
-            + gated(
-                self.ff
-                    .forward(modulate(layer_norm(x), m[3].clone(), m[4].clone())),
-                m[5].clone(),
-            );
-        let c = context + gated(attn_txt, cm[2].clone());
-        let c = c.clone()
-            + gated(
-                self.ff_context
-                    .forward(modulate(layer_norm(c), cm[3].clone(), cm[4].clone())),
-                cm[5].clone(),
-            );
-        (x, c)
-    }
-}
 
 impl Flux2SingleTransformerBlock {
     fn load(
@@ -365,6 +275,12 @@ impl Flux2Transformer {
     pub fn load(config: Flux2Config, mut w: Weights, device: &Device) -> Result<Self, LoadError> {
         let d = config.inner_dim();
         let c = config.timestep_guidance_channels;
+        let double_spec = DoubleStreamSpec {
+            dim: d,
+            head_dim: config.attention_head_dim,
+            bias: false,
+            own_modulation: false,
+        };
         let model = Self {
             x_embedder: Linear::load(&mut w, "x_embedder", config.in_channels, d, false, device)?,
             context_embedder: Linear::load(
@@ -420,7 +336,12 @@ impl Flux2Transformer {
                 device,
             )?,
             transformer_blocks: (0..config.num_layers)
-                .map(|i| Flux2TransformerBlock::load(&mut w, i, &config, device))
+                .map(|i| {
+                    let ff = |w: &mut Weights, p: &str| {
+                        SwiGlu::load(w, p, d, config.mlp_hidden(), device)
+                    };
+                    Flux2TransformerBlock::load(&mut w, i, &double_spec, ff, device)
+                })
                 .collect::<Result<_, _>>()?,
             single_transformer_blocks: (0..config.num_single_layers)
                 .map(|i| Flux2SingleTransformerBlock::load(&mut w, i, &config, device))
@@ -481,7 +402,11 @@ impl Flux2Transformer {
         let mut hidden = self.x_embedder.forward(x);
         let mut context = self.context_embedder.forward(context);
         for block in &self.transformer_blocks {
-            (hidden, context) = block.forward(hidden, context, &mod_img, &mod_txt, &rope, heads);
+            let modulation = Modulation::Shared {
+                image: &mod_img,
+                text: &mod_txt,
+            };
+            (hidden, context) = block.forward(hidden, context, modulation, &rope, heads);
         }
         let mut joint = Tensor::cat(vec![context, hidden], 1);
         for block in &self.single_transformer_blocks {
@@ -494,33 +419,34 @@ impl Flux2Transformer {
     }
 }
 
-/// Loads a diffusers `transformer/` folder of a FLUX.2 model.
-pub fn load_dir(dir: &Path, device: &Device) -> Result<Flux2Transformer, LoadError> {
-    let config = super::read_config::<Flux2Config>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    Flux2Transformer::load(
-        config,
-        Weights::open_dir(dir, "diffusion_pytorch_model")?,
-        device,
-    )
+impl super::Family for Flux2Transformer {
+    type Config = Flux2Config;
+
+    fn validate(config: &Flux2Config) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(config: Flux2Config, w: Weights, device: &Device) -> Result<Self, LoadError> {
+        Self::load(config, w, device)
+    }
 }
 
-/// Loads a single-file checkpoint in diffusers, SAI or BFL layout (detected from its keys) with
-/// the given config (as diffusers' `from_single_file(..., config=...)`).
+impl super::SingleFile for Flux2Transformer {
+    fn inner_dim(config: &Flux2Config) -> usize {
+        config.inner_dim()
+    }
+}
+
+/// Loads a diffusers `transformer/` folder (see [`super::Family::load_dir`]).
+pub fn load_dir(dir: &Path, device: &Device) -> Result<Flux2Transformer, LoadError> {
+    <Flux2Transformer as super::Family>::load_dir(dir, device)
+}
+
+/// Loads a single file in diffusers or BFL layout (see [`super::SingleFile::load_file`]).
 pub fn load_file(
     path: &Path,
     config: Flux2Config,
     device: &Device,
 ) -> Result<Flux2Transformer, LoadError> {
-    config.validate().map_err(|message| LoadError::Config {
-        path: path.to_path_buf(),
-        message,
-    })?;
-    let mut weights = Weights::open_file(path)?;
-    let layout = super::convert::detect(&weights);
-    super::convert::alias_to_diffusers(&mut weights, layout, config.inner_dim());
-    Flux2Transformer::load(config, weights, device)
+    <Flux2Transformer as super::SingleFile>::load_file(path, config, device)
 }

@@ -18,16 +18,27 @@ use burn::tensor::Device;
 
 use super::weights::{LoadError, Weights};
 
-/// Loads `config.json` + `diffusion_pytorch_model[.safetensors | -*.safetensors + index]` from a
-/// diffusers component folder.
+impl super::Family for Sd3Transformer {
+    type Config = Sd3Config;
+
+    fn validate(config: &Sd3Config) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(config: Sd3Config, w: Weights, device: &Device) -> Result<Self, LoadError> {
+        Self::load(config, w, device)
+    }
+}
+
+impl super::SingleFile for Sd3Transformer {
+    fn inner_dim(config: &Sd3Config) -> usize {
+        config.inner_dim()
+    }
+}
+
+/// Loads a diffusers `transformer/` folder (see [`super::Family::load_dir`]).
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Sd3Transformer, LoadError> {
-    let config = super::read_config::<Sd3Config>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    let weights = Weights::open_dir(dir, "diffusion_pytorch_model")?;
-    Sd3Transformer::load(config, weights, device)
+    <Sd3Transformer as super::Family>::load_dir(dir, device)
 }
 
 impl crate::sample::pipeline::Denoiser for Sd3Transformer {
@@ -47,21 +58,13 @@ impl crate::sample::pipeline::Denoiser for Sd3Transformer {
     }
 }
 
-/// Loads a single-file checkpoint in diffusers, SAI or BFL layout (detected from its keys) with
-/// the given config (as diffusers' `from_single_file(..., config=...)`).
+/// Loads a single file in diffusers or SAI layout (see [`super::SingleFile::load_file`]).
 pub fn load_file(
     path: &Path,
     config: Sd3Config,
     device: &Device,
 ) -> Result<Sd3Transformer, LoadError> {
-    config.validate().map_err(|message| LoadError::Config {
-        path: path.to_path_buf(),
-        message,
-    })?;
-    let mut weights = Weights::open_file(path)?;
-    let layout = super::convert::detect(&weights);
-    super::convert::alias_to_diffusers(&mut weights, layout, config.inner_dim());
-    Sd3Transformer::load(config, weights, device)
+    <Sd3Transformer as super::SingleFile>::load_file(path, config, device)
 }
 
 impl Sd3Transformer {
