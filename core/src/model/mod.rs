@@ -5,6 +5,7 @@ pub mod double_stream;
 pub mod export;
 pub mod flux1;
 pub mod flux2;
+pub mod flux_denoiser;
 pub mod init;
 pub mod layers;
 pub mod sd3;

@@ -8,7 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::schedule::Schedule;
+use super::schedule::{self, Schedule};
 use super::select::StepPlan;
 use super::step::{self, StepKind};
 
@@ -260,20 +260,48 @@ pub fn sample(
         } else {
             StepKind::Euler
         };
-        let (mean, std) = step::policy_mean(kind, x, v, sigma, sigma_next, schedule.sigma_max());
-        let (next, log_prob) = if std > 0.0 {
-            let seeds = match (options.plan.shared_noise[i], &options.shared_seeds) {
-                (true, Some(shared)) => shared.as_slice(),
-                _ => noise.seeds.as_slice(),
-            };
-            let eps = NoiseSource::step(seeds, i, [c, h, w], &device);
-            let next = (mean.clone() + eps.mul_scalar(std)).detach();
-            let log_prob = options
-                .record
-                .then(|| step::log_prob(kind, next.clone(), mean.clone(), std));
-            (next, log_prob)
-        } else {
-            (mean.clone().detach(), None)
+        let sigma_max = schedule.sigma_max();
+        let seeds = match (options.plan.shared_noise[i], &options.shared_seeds) {
+            (true, Some(shared)) => shared.as_slice(),
+            _ => noise.seeds.as_slice(),
+        };
+        let fused = match kind {
+            StepKind::FlowSde { noise_level } if sigma_next > 0.0 && fused_sde_pays(&x) => {
+                let eps = NoiseSource::step(seeds, i, [c, h, w], &device);
+                let (x, v) = (x.clone(), v.clone());
+                portaflow_shaders::flow_sde_step(
+                    x,
+                    v,
+                    eps,
+                    sigma,
+                    sigma_next,
+                    sigma_max,
+                    noise_level,
+                )
+                .ok()
+                .map(|out| {
+                    let std = schedule::flow_sde_std(sigma, sigma_next, sigma_max, noise_level);
+                    let log_prob = options.record.then_some(out.log_prob);
+                    (out.next, out.mean, std, log_prob)
+                })
+            }
+            _ => None,
+        };
+        let (next, mean, std, log_prob) = match fused {
+            Some(step) => step,
+            None => {
+                let (mean, std) = step::policy_mean(kind, x, v, sigma, sigma_next, sigma_max);
+                if std > 0.0 {
+                    let eps = NoiseSource::step(seeds, i, [c, h, w], &device);
+                    let next = (mean.clone() + eps.mul_scalar(std)).detach();
+                    let log_prob = options
+                        .record
+                        .then(|| step::log_prob(kind, next.clone(), mean.clone(), std));
+                    (next, mean, std, log_prob)
+                } else {
+                    (mean.clone().detach(), mean, std, None)
+                }
+            }
         };
         if let Some(r) = rollout.as_mut() {
             r.latents.push(next.clone());
@@ -289,6 +317,23 @@ pub fn sample(
         });
     }
     Ok((x, rollout))
+}
+
+/// Largest latent (all samples) for which the fused WGSL Flow-SDE step beat the tensor ops on
+/// lavapipe (BENCHMARKS.md, "Flow-SDE sampler step"): it saves kernel launches, but runs one
+/// workgroup per sample, so on large latents it leaves the device's threads idle (3× slower at
+/// 4 × 16 × 128 × 128).
+pub const FUSED_SDE_MAX_ELEMENTS: usize = 32_768;
+
+/// Whether a Flow-SDE step on `x` runs as the fused kernel: a wgpu (CubeCL) device, not Flex and
+/// not autodiff (the kernel has no backward; training recomputes log-probs with tensor ops), and a
+/// latent small enough for it to be faster.
+fn fused_sde_pays(x: &Tensor<4>) -> bool {
+    let on_wgpu = matches!(
+        x.device().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(_)
+    );
+    on_wgpu && x.shape().num_elements() <= FUSED_SDE_MAX_ELEMENTS
 }
 
 #[cfg(test)]
