@@ -57,60 +57,50 @@ fn check(
     }
 }
 
-#[test]
-fn flux1_dev_denoiser_matches_diffusers() {
+fn check_flux1(fixture: &str) {
     let device = Device::flex();
-    let model = flux1::load_dir(&golden("flux1_tiny"), &device).unwrap();
+    let model = flux1::load_dir(&golden(fixture), &device).unwrap();
     check(
-        "flux1_tiny",
+        fixture,
         &model,
         "latents_unpacked",
         true,
         pack_flux1,
         &device,
     );
+}
+
+fn check_flux2(fixture: &str) {
+    let device = Device::flex();
+    let model = flux2::load_dir(&golden(fixture), &device).unwrap();
+    check(
+        fixture,
+        &model,
+        "latents_patchified",
+        false,
+        tokens,
+        &device,
+    );
+}
+
+#[test]
+fn flux1_dev_denoiser_matches_diffusers() {
+    check_flux1("flux1_tiny");
 }
 
 #[test]
 fn flux1_schnell_denoiser_matches_diffusers() {
-    let device = Device::flex();
-    let model = flux1::load_dir(&golden("flux1_schnell_tiny"), &device).unwrap();
-    check(
-        "flux1_schnell_tiny",
-        &model,
-        "latents_unpacked",
-        true,
-        pack_flux1,
-        &device,
-    );
+    check_flux1("flux1_schnell_tiny");
 }
 
 #[test]
 fn flux2_klein_denoiser_matches_diffusers() {
-    let device = Device::flex();
-    let model = flux2::load_dir(&golden("flux2_tiny"), &device).unwrap();
-    check(
-        "flux2_tiny",
-        &model,
-        "latents_patchified",
-        false,
-        tokens,
-        &device,
-    );
+    check_flux2("flux2_tiny");
 }
 
 #[test]
 fn flux2_dev_denoiser_matches_diffusers() {
-    let device = Device::flex();
-    let model = flux2::load_dir(&golden("flux2_dev_tiny"), &device).unwrap();
-    check(
-        "flux2_dev_tiny",
-        &model,
-        "latents_patchified",
-        false,
-        tokens,
-        &device,
-    );
+    check_flux2("flux2_dev_tiny");
 }
 
 #[test]
