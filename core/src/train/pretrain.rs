@@ -1,5 +1,8 @@
 //! Rectified-flow pretraining of a text-to-image pipeline on the Shapes world, as SD3 trains:
-//! x_σ = (1 − σ)·x₀ + σ·ε with σ ~ logit-normal(0, 1), target v = ε − x₀, mean squared error.
+//! x_σ = (1 − σ)·x₀ + σ·ε, loss ‖v̂ − v‖² with v = ε − x₀. A velocity model outputs v̂; a
+//! sample-predicting (pixel-space) model outputs x̂₀ and v̂ = (x_σ − x̂₀)/max(σ, 0.05), JiT's
+//! "x-prediction with v-loss". σ ~ logit-normal(`sigma_mean`, `sigma_std`): SD3 uses (0, 1);
+//! JiT's pixel models favour noisier levels (0.8, 0.8 in σ terms).
 //! The text encoder trains jointly (there is no pretrained one to borrow); captions are dropped
 //! to "" with probability `caption_dropout` so classifier-free guidance works.
 //!
@@ -21,7 +24,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::model::sd3::Sd3Transformer;
-use crate::pipeline::{Pipeline, PipelineError, from_images};
+use crate::pipeline::{MIN_SIGMA_DIVISOR, Pipeline, PipelineError, Prediction, from_images};
 use crate::text::clip::ClipTextModel;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::{Image, render};
@@ -41,6 +44,9 @@ pub struct PretrainConfig {
     /// Fraction of examples from the digits task (the rest are GenEval-style prompts).
     pub digits_fraction: f64,
     pub seed: u64,
+    /// Noise-level distribution: σ = sigmoid(mean + std·u), u ~ N(0, 1).
+    pub sigma_mean: f64,
+    pub sigma_std: f64,
     pub log_every: usize,
     pub checkpoint_every: usize,
 }
@@ -57,6 +63,8 @@ impl Default for PretrainConfig {
             caption_dropout: 0.1,
             digits_fraction: 0.15,
             seed: 0,
+            sigma_mean: 0.8,
+            sigma_std: 0.8,
             log_every: 10,
             checkpoint_every: 250,
         }
@@ -194,7 +202,7 @@ pub fn pretrain(
         let sigmas: Vec<f64> = (0..b)
             .map(|_| {
                 let u: f64 = StandardNormal.sample(&mut rng);
-                1.0 / (1.0 + (-u).exp())
+                1.0 / (1.0 + (-(config.sigma_mean + config.sigma_std * u)).exp())
             })
             .collect();
         let noise: Vec<f32> = (0..b * c * h * w)
@@ -207,16 +215,22 @@ pub fn pretrain(
         )
         .reshape([b, 1, 1, 1]);
         // x_σ = (1 − σ)·x₀ + σ·ε, target ε − x₀
-        let x_sigma = x0.clone() * (sigma.clone().neg().add_scalar(1.0)) + noise.clone() * sigma;
+        let x_sigma =
+            x0.clone() * (sigma.clone().neg().add_scalar(1.0)) + noise.clone() * sigma.clone();
         let target = noise - x0;
 
         let ids = pipeline_parts.0.encode(&prompts)?;
         let text = network.text_encoder.forward(&ids, device);
         let sequence = text.hidden_states[text.hidden_states.len() - 2].clone();
         let timesteps: Vec<f64> = sigmas.iter().map(|s| s * 1000.0).collect();
-        let v = network
+        let out = network
             .transformer
-            .forward(x_sigma, &timesteps, sequence, text.pooled);
+            .forward(x_sigma.clone(), &timesteps, sequence, text.pooled);
+        let v = match pipeline_parts.1.prediction {
+            Prediction::Velocity => out,
+            // v̂ = (x_σ − x̂₀) / max(σ, 0.05)
+            Prediction::Sample => (x_sigma - out) / sigma.clamp_min(MIN_SIGMA_DIVISOR),
+        };
         let loss = (v - target).square().mean();
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
