@@ -1,6 +1,7 @@
 //! The Shapes world: a synthetic text-to-image task small enough to pretrain and RL-train on a
-//! CPU, whose rewards are exact (our GenEval). Scenes, an anti-aliased renderer, and (next) GenEval
-//! prompts and the detector that scores images.
+//! CPU, whose rewards are exact (our GenEval): scenes and their anti-aliased renderer, GenEval-
+//! format prompts and the committed prompt sets, scenes composed to satisfy a prompt, the
+//! detector and GenEval / Flow-GRPO scoring, and the digits (OCR) task.
 
 pub mod compose;
 pub mod detect;
