@@ -10,5 +10,6 @@ pub mod model;
 pub mod pipeline;
 pub mod sample;
 pub mod text;
+#[cfg(feature = "native")]
 pub mod train;
 pub mod world;
