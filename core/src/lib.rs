@@ -8,6 +8,7 @@ pub mod device;
 pub mod image_io;
 pub mod model;
 pub mod pipeline;
+pub mod reward;
 pub mod sample;
 pub mod text;
 #[cfg(feature = "native")]

@@ -150,3 +150,21 @@ pub fn save_safetensors(
         source: std::io::Error::other(e.to_string()),
     })
 }
+
+/// Writes a component folder: `config.json` (pretty JSON) and the weights file `weights_file`.
+pub fn save_component(
+    dir: &Path,
+    config: &serde_json::Value,
+    weights_file: &str,
+    tensors: &BTreeMap<String, Stored>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let text = serde_json::to_string_pretty(config).expect("json");
+    std::fs::write(dir.join("config.json"), text).map_err(io)?;
+    save_safetensors(tensors, &dir.join(weights_file), metadata)
+}

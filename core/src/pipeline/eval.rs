@@ -12,6 +12,7 @@ use super::{GenerateOptions, Pipeline, PipelineError};
 use crate::image_io::{load_png, save_png};
 use crate::world::geneval::{ImageRecord, Report, evaluate_image};
 use crate::world::prompt::{PromptSpec, parse_jsonl};
+use crate::world::render::Image;
 
 /// How to generate the evaluation images.
 #[derive(Clone, Debug)]
@@ -79,15 +80,7 @@ pub fn evaluate_pipeline(
                     message: e.to_string(),
                 })?;
             }
-            let verdict = evaluate_image(spec, image);
-            records.push(ImageRecord {
-                index,
-                sample,
-                tag: spec.tag.clone(),
-                correct: verdict.correct,
-                strict_correct: verdict.strict_correct,
-                score: verdict.score,
-            });
+            records.push(score(index, sample, spec, image));
         }
         on_progress(records.len(), jobs.len());
     }
@@ -134,18 +127,23 @@ pub fn evaluate_folder(dir: &Path) -> Result<Report, PipelineError> {
         pngs.sort();
         for (sample, path) in pngs {
             let image = load_png(&path).map_err(|e| folder_err(&path, e.to_string()))?;
-            let verdict = evaluate_image(&spec, &image);
-            records.push(ImageRecord {
-                index,
-                sample,
-                tag: spec.tag.clone(),
-                correct: verdict.correct,
-                strict_correct: verdict.strict_correct,
-                score: verdict.score,
-            });
+            records.push(score(index, sample, &spec, &image));
         }
     }
     Ok(Report::new(records))
+}
+
+/// Sample `sample` of prompt `index`, scored.
+fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> ImageRecord {
+    let verdict = evaluate_image(spec, image);
+    ImageRecord {
+        index,
+        sample,
+        tag: spec.tag.clone(),
+        correct: verdict.correct,
+        strict_correct: verdict.strict_correct,
+        score: verdict.score,
+    }
 }
 
 /// The per-tag table `portaflow eval` prints.

@@ -300,11 +300,6 @@ impl ClipTextModel {
 impl ClipTextModel {
     /// Writes `config.json` and `model.safetensors` in transformers' layout.
     pub fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
-        let io = |source| LoadError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
         let mut config = serde_json::to_value(&self.config).expect("config serialises");
         config["architectures"] = serde_json::json!([if self.text_projection.is_some() {
             "CLIPTextModelWithProjection"
@@ -312,13 +307,13 @@ impl ClipTextModel {
             "CLIPTextModel"
         }]);
         config["model_type"] = "clip_text_model".into();
-        let text = serde_json::to_string_pretty(&config).expect("json");
-        std::fs::write(dir.join("config.json"), text).map_err(io)?;
         let tensors = crate::model::export::checkpoint_tensors(self, &Default::default());
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        crate::model::export::save_safetensors(
+        crate::model::export::save_component(
+            dir,
+            &config,
+            "model.safetensors",
             &tensors,
-            &dir.join("model.safetensors"),
             Some(metadata),
         )
     }

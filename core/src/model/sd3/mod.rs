@@ -91,24 +91,19 @@ impl Sd3Transformer {
     /// Writes `config.json` and `diffusion_pytorch_model.safetensors` in diffusers' layout, so the
     /// folder loads in diffusers (`SD3Transformer2DModel.from_pretrained`) and in [`load_dir`].
     pub fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
-        let io = |source| LoadError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
         let mut config = serde_json::to_value(&self.config).expect("config serialises");
         config["_class_name"] = "SD3Transformer2DModel".into();
-        let text = serde_json::to_string_pretty(&config).expect("json");
-        std::fs::write(dir.join("config.json"), text).map_err(io)?;
         let c = &self.config;
         let reshape = std::collections::BTreeMap::from([(
             "pos_embed.proj.weight".to_string(),
             vec![c.inner_dim(), c.in_channels, c.patch_size, c.patch_size],
         )]);
         let tensors = super::export::checkpoint_tensors(self, &reshape);
-        super::export::save_safetensors(
+        super::export::save_component(
+            dir,
+            &config,
+            "diffusion_pytorch_model.safetensors",
             &tensors,
-            &dir.join("diffusion_pytorch_model.safetensors"),
             None,
         )
     }

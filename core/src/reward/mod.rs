@@ -1,0 +1,146 @@
+//! Rewards: one trait, and the Shapes world's exact rewards — the GenEval compositional score
+//! (Flow-GRPO's partial-credit `scores`, with strict correctness alongside) and the OCR reward of
+//! the digits task. Trainers see only [`Reward`]; what a prompt asks for travels as a [`Task`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::world::digits;
+use crate::world::geneval::evaluate_image;
+use crate::world::prompt::PromptSpec;
+use crate::world::render::Image;
+
+/// What one training prompt asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum Task {
+    /// A GenEval metadata line.
+    Shapes(PromptSpec),
+    /// A text-rendering prompt (`the number "37"`); the target is its first quoted text.
+    Digits { prompt: String },
+}
+
+impl Task {
+    pub fn prompt(&self) -> &str {
+        match self {
+            Self::Shapes(spec) => &spec.prompt,
+            Self::Digits { prompt } => prompt,
+        }
+    }
+}
+
+/// Scores of one image.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// What drives advantages.
+    pub reward: f32,
+    /// Strict success (GenEval image correctness; exact OCR read), for accuracy curves.
+    pub success: bool,
+}
+
+/// A reward function over generated images.
+pub trait Reward: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// One score per image; `tasks[i]` describes image `i`. A task the reward does not judge
+    /// scores `None` (multi-reward training masks it, as Flow-GRPO's −10 sentinel does).
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>>;
+}
+
+/// Flow-GRPO's GenEval training reward on the Shapes detector.
+pub struct ShapesReward;
+
+impl Reward for ShapesReward {
+    fn name(&self) -> &str {
+        "geneval"
+    }
+
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
+        images
+            .iter()
+            .zip(tasks)
+            .map(|(image, task)| match task {
+                Task::Shapes(spec) => {
+                    let verdict = evaluate_image(spec, image);
+                    Some(Score {
+                        reward: verdict.score,
+                        success: verdict.correct,
+                    })
+                }
+                Task::Digits { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// Flow-GRPO's OCR reward on the digits task's template OCR.
+pub struct OcrReward;
+
+impl Reward for OcrReward {
+    fn name(&self) -> &str {
+        "ocr"
+    }
+
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
+        images
+            .iter()
+            .zip(tasks)
+            .map(|(image, task)| match task {
+                Task::Digits { prompt } => {
+                    let read = digits::read_digits(image);
+                    let reward = digits::ocr_reward(prompt, &read);
+                    Some(Score {
+                        reward,
+                        success: reward == 1.0,
+                    })
+                }
+                Task::Shapes(_) => None,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::compose::scene_for;
+    use crate::world::prompt::random_spec;
+    use crate::world::render::render;
+    use rand::SeedableRng;
+
+    #[test]
+    fn rewards_judge_their_own_task_only() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let spec = random_spec(&mut rng, "color_attr");
+        let scene = scene_for(&mut rng, &spec).unwrap();
+        let shapes_image = render(&scene, 64);
+        let digits_image = digits::render_number(&mut rng, "37", 64);
+        let tasks = [
+            Task::Shapes(spec),
+            Task::Digits {
+                prompt: digits::prompt_for("37"),
+            },
+        ];
+        let images = [shapes_image, digits_image];
+        let shapes = ShapesReward.score(&images, &tasks);
+        assert_eq!(
+            shapes[0],
+            Some(Score {
+                reward: 1.0,
+                success: true
+            })
+        );
+        assert_eq!(shapes[1], None);
+        let ocr = OcrReward.score(&images, &tasks);
+        assert_eq!(ocr[0], None);
+        assert_eq!(
+            ocr[1],
+            Some(Score {
+                reward: 1.0,
+                success: true
+            })
+        );
+        // The wrong image for the prompt scores lower.
+        let swapped = ShapesReward.score(&[images[1].clone()], &tasks[..1]);
+        assert!(swapped[0].unwrap().reward < 1.0 && !swapped[0].unwrap().success);
+    }
+}
