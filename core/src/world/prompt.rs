@@ -161,8 +161,8 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<PromptSpec>, PromptEr
 /// order: the bundled tokenizer's vocabulary.
 pub fn vocabulary() -> Vec<String> {
     let mut words: Vec<String> = [
-        "a", "an", "photo", "of", "and", "the", "number", "left", "right", "above", "below",
-        "one", "two", "three", "four", "\"",
+        "a", "an", "photo", "of", "and", "the", "number", "left", "right", "above", "below", "one",
+        "two", "three", "four", "\"",
     ]
     .iter()
     .map(|w| w.to_string())
