@@ -110,9 +110,9 @@ struct PretrainArgs {
     /// Run directory (resumed if it holds a checkpoint).
     #[arg(long)]
     out: PathBuf,
-    /// Training prompts (GenEval JSONL).
-    #[arg(long, default_value = "assets/prompts/shapes_train.jsonl")]
-    prompts: PathBuf,
+    /// Training prompts (GenEval JSONL; default: the repository's `assets/prompts/shapes_train.jsonl`).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long)]
@@ -316,17 +316,25 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
 fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     let chosen = device::select(request)?;
     let device = chosen.device.clone().autodiff();
-    let train = prompt::read_jsonl(&args.prompts)?;
-    let mut config = PretrainConfig::default();
-    let state = args.out.join("state.json");
-    if state.exists() {
-        // Resume: the stored settings win, except an explicit longer --steps.
-        #[derive(serde::Deserialize)]
-        struct Stored {
-            config: PretrainConfig,
+    let prompts = args.prompts.clone().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../assets/prompts/shapes_train.jsonl")
+    });
+    let train = prompt::read_jsonl(&prompts)?;
+    let resumed = pretrain::resumed_config(&args.out)?;
+    let mut config = match &resumed {
+        Some(stored) => {
+            // A resumed run keeps its data, batch and optimiser settings, or it would not
+            // continue exactly; only its length and checkpoint interval may change.
+            anyhow::ensure!(
+                args.batch_size.is_none() && args.lr.is_none() && args.seed.is_none(),
+                "{} is resumed with its stored settings; --batch-size, --lr and --seed cannot change",
+                args.out.display()
+            );
+            stored.clone()
         }
-        config = serde_json::from_str::<Stored>(&std::fs::read_to_string(&state)?)?.config;
-    }
+        None => PretrainConfig::default(),
+    };
     if let Some(v) = args.steps {
         config.steps = v;
     }
@@ -342,7 +350,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     if let Some(v) = args.checkpoint_every {
         config.checkpoint_every = v;
     }
-    let pipe = if state.exists() {
+    let pipe = if resumed.is_some() {
         println!("resuming {}", args.out.display());
         Pipeline::from_dir(&args.out.join("checkpoint"), &device)?
     } else {

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use burn::module::Module;
 use burn::tensor::Device;
 use portaflow::device::ChosenDevice;
 use portaflow::model::sd3::Sd3Config;
@@ -200,5 +199,4 @@ fn pretraining_resumes_exactly() {
     );
     let lines = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4, "metrics: {lines}");
-    assert!(a.transformer.num_params() > 0);
 }

@@ -93,6 +93,16 @@ struct RunState {
     config: PretrainConfig,
 }
 
+/// The settings of the run in `run_dir`, if it has a checkpoint to resume.
+pub fn resumed_config(run_dir: &Path) -> Result<Option<PretrainConfig>, PipelineError> {
+    let path = run_dir.join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let state: RunState = crate::model::read_config(&path)?;
+    Ok(Some(state.config))
+}
+
 /// One training example: caption and image.
 pub fn example(
     rng: &mut ChaCha8Rng,
