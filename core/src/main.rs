@@ -134,7 +134,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(err) = run(Cli::parse()) {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", describe(&err));
         std::process::exit(1);
     }
 }
@@ -451,6 +451,22 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
         println!("report: {}", out.display());
     }
     Ok(())
+}
+
+/// The error and its causes, leaving out a cause its parent's message already quotes (library
+/// errors print their I/O cause themselves, so anyhow's `{:#}` would say it twice).
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&line);
+        }
+    }
+    text
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
