@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod image_io;
+pub mod lora;
 pub mod model;
 pub mod pipeline;
 pub mod reward;

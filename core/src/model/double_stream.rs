@@ -12,6 +12,7 @@
 //!
 //! Field names stay the diffusers names (`norm1`, `ff`, `ff_context`, `to_add_out`, …).
 
+use crate::lora::Linears;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
@@ -70,6 +71,29 @@ pub struct DoubleStreamBlock<F: Module> {
     pub to_add_out: Linear,
     pub ff: F,
     pub ff_context: F,
+}
+
+impl<F: Module + Linears> Linears for DoubleStreamBlock<F> {
+    fn for_each_linear(&self, f: &mut dyn FnMut(&Linear)) {
+        self.norm1.for_each_linear(f);
+        self.norm1_context.for_each_linear(f);
+        self.attn_image.for_each_linear(f);
+        self.attn_context.for_each_linear(f);
+        self.to_out_0.for_each_linear(f);
+        self.to_add_out.for_each_linear(f);
+        self.ff.for_each_linear(f);
+        self.ff_context.for_each_linear(f);
+    }
+    fn for_each_linear_mut(&mut self, f: &mut dyn FnMut(&mut Linear)) {
+        self.norm1.for_each_linear_mut(f);
+        self.norm1_context.for_each_linear_mut(f);
+        self.attn_image.for_each_linear_mut(f);
+        self.attn_context.for_each_linear_mut(f);
+        self.to_out_0.for_each_linear_mut(f);
+        self.to_add_out.for_each_linear_mut(f);
+        self.ff.for_each_linear_mut(f);
+        self.ff_context.for_each_linear_mut(f);
+    }
 }
 
 impl<F: Module + StreamFeedForward> DoubleStreamBlock<F> {

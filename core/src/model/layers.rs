@@ -7,16 +7,23 @@ use burn::tensor::module::{attention, linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::weights::{LoadError, Weights};
+use crate::lora::LoraAdapter;
 
 /// Epsilon of every LayerNorm and RMSNorm in the supported families.
 pub const NORM_EPS: f64 = 1e-6;
 
 /// A linear layer `y = x·W + b` with W stored `[d_in, d_out]` (checkpoints store `[d_out, d_in]`;
-/// the loader transposes once).
+/// the loader transposes once), plus any LoRA adapters attached to it.
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// Side paths added to the output in order (see [`crate::lora`]).
+    pub lora: Vec<LoraAdapter>,
+    /// The module path in the diffusers / transformers tree (`transformer_blocks.0.attn.to_q`):
+    /// what PEFT's `target_modules` and every LoRA file's keys name.
+    #[module(skip)]
+    pub path: String,
 }
 
 impl Linear {
@@ -68,13 +75,27 @@ impl Linear {
         Ok(Self {
             weight: Param::from_tensor(weight),
             bias,
+            lora: Vec::new(),
+            path: prefix.to_string(),
         })
     }
 
     /// # Shapes
     /// - `x`: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let base = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        self.lora
+            .iter()
+            .filter(|adapter| adapter.is_active())
+            .fold(base, |y, adapter| y + adapter.forward(x.clone()))
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.val().dims()[0]
     }
 
     pub fn d_out(&self) -> usize {
@@ -241,6 +262,8 @@ pub struct MlpEmbedder {
     pub linear_2: Linear,
 }
 
+crate::linears!(MlpEmbedder: linear_1, linear_2);
+
 impl MlpEmbedder {
     pub fn load(
         w: &mut Weights,
@@ -267,6 +290,8 @@ pub struct GeluFeedForward {
     pub net_0_proj: Linear,
     pub net_2: Linear,
 }
+
+crate::linears!(GeluFeedForward: net_0_proj, net_2);
 
 impl GeluFeedForward {
     pub fn load(
@@ -372,6 +397,8 @@ pub struct QkvNorm {
     pub norm_q: RmsNorm,
     pub norm_k: RmsNorm,
 }
+
+crate::linears!(QkvNorm: q, k, v);
 
 impl QkvNorm {
     /// Loads `<prefix>.{names[0..3]}` (linears d → d) and `<prefix>.{names[3..5]}.weight` (RMSNorm).

@@ -155,6 +155,8 @@ pub struct Weights {
     source: PathBuf,
     /// For a fresh model: parameters not stored are drawn by this rule instead of being missing.
     init: Option<super::init::Initializer>,
+    /// The `__metadata__` string map of every file, merged.
+    metadata: HashMap<String, String>,
 }
 
 impl Weights {
@@ -162,6 +164,7 @@ impl Weights {
     pub fn open(paths: &[PathBuf], source: PathBuf) -> Result<Self, LoadError> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
+        let mut file_metadata = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
             let io = |source| LoadError::Io {
                 path: path.clone(),
@@ -178,6 +181,9 @@ impl Weights {
                     message: e.to_string(),
                 })?;
             let data_start = 8 + header_len;
+            if let Some(map) = metadata.metadata() {
+                file_metadata.extend(map.clone());
+            }
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
                 if data_start + end > mmap.len() {
@@ -214,6 +220,7 @@ impl Weights {
             missing: BTreeSet::new(),
             source,
             init: None,
+            metadata: file_metadata,
         })
     }
 
@@ -228,6 +235,7 @@ impl Weights {
             missing: BTreeSet::new(),
             source: PathBuf::from(format!("<initialised, seed {seed}>")),
             init: Some(super::init::Initializer::new(seed)),
+            metadata: HashMap::new(),
         }
     }
 
@@ -279,6 +287,11 @@ impl Weights {
     /// used once any alias of them is read.
     pub fn alias(&mut self, key: String, alias: Alias) {
         self.aliases.insert(key, alias);
+    }
+
+    /// The safetensors `__metadata__` entries (e.g. diffusers' `lora_adapter_metadata`).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 
     /// All keys, sorted.

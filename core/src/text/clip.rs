@@ -77,11 +77,15 @@ pub struct ClipAttention {
     pub out_proj: Linear,
 }
 
+crate::linears!(ClipAttention: q_proj, k_proj, v_proj, out_proj);
+
 #[derive(Module, Debug)]
 pub struct ClipMlp {
     pub fc1: Linear,
     pub fc2: Linear,
 }
+
+crate::linears!(ClipMlp: fc1, fc2);
 
 #[derive(Module, Debug)]
 pub struct ClipEncoderLayer {
@@ -90,6 +94,8 @@ pub struct ClipEncoderLayer {
     pub mlp: ClipMlp,
     pub layer_norm2: LayerNorm,
 }
+
+crate::linears!(ClipEncoderLayer: self_attn, mlp);
 
 #[derive(Module, Debug)]
 pub struct ClipEmbeddings {
@@ -105,6 +111,8 @@ pub struct ClipTextTransformer {
     pub final_layer_norm: LayerNorm,
 }
 
+crate::linears!(ClipTextTransformer: encoder_layers);
+
 /// The whole encoder; `text_projection` is present for `CLIPTextModelWithProjection`.
 #[derive(Module, Debug)]
 pub struct ClipTextModel {
@@ -113,6 +121,8 @@ pub struct ClipTextModel {
     #[module(skip)]
     pub config: ClipTextConfig,
 }
+
+crate::linears!(ClipTextModel: text_model, text_projection);
 
 /// What an encoder pass gives: every hidden state, the final normalised sequence and the pooled
 /// (projected if the model has a projection) vector.

@@ -78,6 +78,8 @@ pub struct Network {
     pub transformer: Sd3Transformer,
 }
 
+crate::linears!(Network: text_encoder, transformer);
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PretrainMetrics {

@@ -132,6 +132,8 @@ pub struct FluxSingleTransformerBlock {
     pub proj_out: Linear,
 }
 
+crate::linears!(FluxSingleTransformerBlock: norm, attn, proj_mlp, proj_out);
+
 /// FLUX.1 transformer.
 #[derive(Module, Debug)]
 pub struct Flux1Transformer {
@@ -147,6 +149,8 @@ pub struct Flux1Transformer {
     #[module(skip)]
     pub config: Flux1Config,
 }
+
+crate::linears!(Flux1Transformer: x_embedder, context_embedder, timestep_embedder, guidance_embedder, text_embedder, transformer_blocks, single_transformer_blocks, norm_out, proj_out);
 
 impl FluxSingleTransformerBlock {
     fn load(

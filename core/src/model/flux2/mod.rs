@@ -158,6 +158,8 @@ pub struct SwiGlu {
     pub linear_out: Linear,
 }
 
+crate::linears!(SwiGlu: linear_in, linear_out);
+
 impl SwiGlu {
     fn load(
         w: &mut Weights,
@@ -204,6 +206,8 @@ pub struct Flux2SingleTransformerBlock {
     pub to_out: Linear,
 }
 
+crate::linears!(Flux2SingleTransformerBlock: to_qkv_mlp_proj, to_out);
+
 /// FLUX.2 transformer.
 #[derive(Module, Debug)]
 pub struct Flux2Transformer {
@@ -221,6 +225,8 @@ pub struct Flux2Transformer {
     #[module(skip)]
     pub config: Flux2Config,
 }
+
+crate::linears!(Flux2Transformer: x_embedder, context_embedder, timestep_embedder, guidance_embedder, double_stream_modulation_img, double_stream_modulation_txt, single_stream_modulation, transformer_blocks, single_transformer_blocks, norm_out, proj_out);
 
 type Rope = (Tensor<4>, Tensor<4>);
 

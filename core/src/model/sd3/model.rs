@@ -23,6 +23,8 @@ pub struct PatchEmbed {
     pub pos_embed: Param<Tensor<3>>,
 }
 
+crate::linears!(PatchEmbed: proj);
+
 /// diffusers' `get_2d_sincos_pos_embed(dim, grid, base_size)` for a `grid`×`grid` table: positions
 /// scaled by `base_size / grid`; the first half of each vector encodes the column, the second the
 /// row, each as `[sin, cos]` over frequencies `10000^(−k/(dim/4))`.
@@ -65,6 +67,8 @@ pub struct JointAttention {
     pub norm_added_k: Option<RmsNorm>,
 }
 
+crate::linears!(JointAttention: to_q, to_k, to_v, to_out_0, add_q_proj, add_k_proj, add_v_proj, to_add_out);
+
 /// One MMDiT block.
 #[derive(Module, Debug)]
 pub struct JointTransformerBlock {
@@ -80,6 +84,8 @@ pub struct JointTransformerBlock {
     pub ff_context: Option<GeluFeedForward>,
 }
 
+crate::linears!(JointTransformerBlock: norm1, norm1_context, attn, attn2, ff, ff_context);
+
 /// SD3 / SD3.5 transformer.
 #[derive(Module, Debug)]
 pub struct Sd3Transformer {
@@ -93,6 +99,8 @@ pub struct Sd3Transformer {
     #[module(skip)]
     pub config: Sd3Config,
 }
+
+crate::linears!(Sd3Transformer: pos_embed, time_text_embed_timestep_embedder, time_text_embed_text_embedder, context_embedder, transformer_blocks, norm_out, proj_out);
 
 impl JointAttention {
     fn load(
