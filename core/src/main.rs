@@ -1,5 +1,7 @@
 //! The `portaflow` command line.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -42,6 +44,11 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Score a model (or a folder of images) on a GenEval-format prompt file.
     Eval(EvalArgs),
+    /// Inspect, convert and merge LoRA adapters (PEFT, diffusers, kohya, torch .pt).
+    Lora {
+        #[command(subcommand)]
+        command: cli::lora::LoraCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -55,9 +62,10 @@ struct EvalArgs {
     /// A pipeline folder (default: the bundled model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A LoRA adapter folder to apply.
-    #[arg(long)]
-    lora: Option<PathBuf>,
+    /// LoRA adapters to apply, `PATH[:WEIGHT]` (PEFT folder, diffusers / kohya .safetensors,
+    /// torch .pt); repeat to stack.
+    #[arg(long = "lora")]
+    loras: Vec<String>,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     #[arg(long, default_value_t = 4.0)]
@@ -87,6 +95,10 @@ struct GenerateArgs {
     /// A pipeline folder (default: the bundled model, or env PORTAFLOW_MODEL).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// LoRA adapters to apply, `PATH[:WEIGHT]` (PEFT folder, diffusers / kohya .safetensors,
+    /// torch .pt); repeat to stack.
+    #[arg(long = "lora")]
+    loras: Vec<String>,
     #[arg(long, default_value_t = 20)]
     steps: usize,
     /// Classifier-free guidance scale (1 disables CFG).
@@ -146,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(request, args),
         Command::Pretrain(args) => pretrain(request, args),
         Command::Eval(args) => eval(request, args),
+        Command::Lora { command } => cli::lora::run(request, command),
     }
 }
 
@@ -239,8 +252,9 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     let chosen = device::select(request)?;
     let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
     let start = Instant::now();
-    let pipe = Pipeline::from_dir(&dir, &chosen.device)
+    let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
+    cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
     let unknown = pipe.tokenizer.unknown_words(&args.prompt);
     if !unknown.is_empty() {
         eprintln!(
@@ -294,6 +308,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             ("steps", args.steps.to_string()),
             ("cfg", args.cfg.to_string()),
             ("model", dir.display().to_string()),
+            ("loras", args.loras.join(" ")),
             (
                 "software",
                 format!("portaflow {}", env!("CARGO_PKG_VERSION")),
@@ -398,10 +413,6 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
     let report = if let Some(dir) = &args.images {
         eval::evaluate_folder(dir)?
     } else {
-        anyhow::ensure!(
-            args.lora.is_none(),
-            "--lora: LoRA adapters are not supported yet (issue 5)"
-        );
         let path = args
             .prompts
             .as_ref()
@@ -410,8 +421,9 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
         anyhow::ensure!(!specs.is_empty(), "{}: no prompts", path.display());
         let chosen = device::select(request)?;
         let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
-        let pipe = Pipeline::from_dir(&dir, &chosen.device)
+        let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
+        cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
         let options = eval::EvalOptions {
             images_per_prompt: args.images_per_prompt,
             batch_size: args.batch_size,

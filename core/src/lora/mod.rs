@@ -405,6 +405,20 @@ pub fn adapters(model: &impl Linears) -> Vec<(String, usize)> {
     found
 }
 
+/// Adapters whose side path is live (attached and not merged): what saving the base weights
+/// alone would lose.
+pub fn unmerged(model: &impl Linears) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    model.for_each_linear(&mut |l| {
+        for a in l.lora.iter().filter(|a| !a.merged) {
+            if !names.contains(&a.name) {
+                names.push(a.name.clone());
+            }
+        }
+    });
+    names
+}
+
 /// Marks only adapter `name` trainable: every base weight and every other adapter is frozen.
 pub fn train_only(model: &mut impl Linears, name: &str) {
     model.for_each_linear_mut(&mut |l| {

@@ -80,6 +80,10 @@ impl ModuleVisitor for Collector<'_> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // LoRA side paths are not base weights: they are saved as adapters (`crate::lora`).
+        if self.owners.iter().any(|o| o == "Struct:LoraAdapter") {
+            return;
+        }
         let key = self.key();
         let tensor = param.val();
         let mut shape = tensor.dims().to_vec();

@@ -21,6 +21,7 @@ use std::sync::atomic::AtomicBool;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::lora::{self, LoraError, LoraWeights};
 use crate::model::sd3::{self, Sd3Config, Sd3Transformer};
 use crate::model::weights::LoadError;
 use crate::sample::pipeline::{
@@ -260,8 +261,57 @@ impl Pipeline {
         })
     }
 
-    /// Writes the pipeline folder.
+    /// Attaches every component of an adapter file to this pipeline's transformer and text
+    /// encoder; returns how many linears were wrapped. Nothing stays attached on error.
+    pub fn add_lora(
+        &mut self,
+        weights: &LoraWeights,
+        name: &str,
+        weight: f64,
+        device: &Device,
+    ) -> Result<usize, LoraError> {
+        let mut attached = 0;
+        for component in weights.components() {
+            let modules = weights.component(&component);
+            let result = match component.as_str() {
+                "transformer" => lora::attach(&mut self.transformer, name, modules, weight, device),
+                "text_encoder" => {
+                    lora::attach(&mut self.text_encoder, name, modules, weight, device)
+                }
+                other => Err(LoraError::NoSuchModule {
+                    adapter: name.to_string(),
+                    paths: vec![format!(
+                        "{other}.* (this pipeline has a transformer and a text_encoder)"
+                    )],
+                }),
+            };
+            match result {
+                Ok(n) => attached += n,
+                Err(e) => {
+                    lora::remove(&mut self.transformer, name);
+                    lora::remove(&mut self.text_encoder, name);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Writes the pipeline folder. Adapters must be merged first (`lora::merge`), or they would be
+    /// silently left out.
     pub fn save_dir(&self, dir: &Path) -> Result<(), PipelineError> {
+        let live: Vec<String> = lora::unmerged(&self.transformer)
+            .into_iter()
+            .chain(lora::unmerged(&self.text_encoder))
+            .collect();
+        if !live.is_empty() {
+            return Err(PipelineError::Folder {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "adapters {live:?} are attached but not merged; merge them (`portaflow lora merge`) or save them as adapters"
+                ),
+            });
+        }
         let write = |path: PathBuf, text: String| -> Result<(), PipelineError> {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|source| LoadError::Io {

@@ -1,0 +1,191 @@
+//! `portaflow lora inspect | convert | merge`, and the `--lora PATH[:WEIGHT]` option of the
+//! commands that generate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use burn::tensor::Device;
+
+use portaflow::device::{self, DeviceRequest};
+use portaflow::lora::{self, Format, LoraWeights};
+use portaflow::pipeline::{self, Pipeline};
+
+#[derive(clap::Subcommand)]
+pub enum LoraCommand {
+    /// Format, components, ranks, alphas, targets and parameter count of an adapter.
+    Inspect {
+        /// A PEFT folder, a diffusers or kohya .safetensors, or a torch .pt state dict.
+        path: PathBuf,
+    },
+    /// Rewrite an adapter as a PEFT folder (OUT is a folder) or a diffusers file (OUT ends in
+    /// .safetensors).
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// α for adapters whose file carries none (torch state dicts; diffusers files without
+        /// metadata): the scaling becomes α/r.
+        #[arg(long)]
+        alpha: Option<f64>,
+    },
+    /// Fold adapters into the base weights and write a new pipeline folder.
+    Merge {
+        /// The pipeline folder (default: the bundled model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Adapters in order, `PATH[:WEIGHT]`; repeat for several.
+        #[arg(long = "lora", required = true)]
+        loras: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
+    match command {
+        LoraCommand::Inspect { path } => inspect(&path),
+        LoraCommand::Convert {
+            input,
+            output,
+            alpha,
+        } => convert(&input, &output, alpha),
+        LoraCommand::Merge { model, loras, out } => {
+            let chosen = device::select(request)?;
+            let dir = model.unwrap_or_else(pipeline::bundled_dir);
+            let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
+                .with_context(|| format!("loading the model from {}", dir.display()))?;
+            let names = apply(&mut pipe, &loras, &chosen.device)?;
+            for name in &names {
+                lora::merge(&mut pipe.transformer, name).ok();
+                lora::merge(&mut pipe.text_encoder, name).ok();
+            }
+            pipe.save_dir(&out)?;
+            println!(
+                "merged {} adapter(s) into {} → {}",
+                names.len(),
+                dir.display(),
+                out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `PATH[:WEIGHT]`: the weight is what follows the last colon when it parses as a number.
+pub fn parse_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    if let Some((path, weight)) = spec.rsplit_once(':')
+        && let Ok(weight) = weight.parse::<f64>()
+    {
+        anyhow::ensure!(weight.is_finite(), "--lora {spec}: weight is not finite");
+        return Ok((PathBuf::from(path), weight));
+    }
+    Ok((PathBuf::from(spec), 1.0))
+}
+
+/// Reads and attaches `--lora` adapters in order, named `lora0`, `lora1`, …
+pub fn apply(pipe: &mut Pipeline, specs: &[String], device: &Device) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let (path, weight) = parse_spec(spec)?;
+        let weights = LoraWeights::read(&path)?;
+        if weights.configs.is_empty() && weights.format == Format::TorchPt {
+            eprintln!(
+                "note: {} carries no α; using α = r (scale 1). Give it one with `portaflow lora convert --alpha`.",
+                path.display()
+            );
+        }
+        let name = format!("lora{i}");
+        let count = pipe
+            .add_lora(&weights, &name, weight, device)
+            .with_context(|| format!("applying {}", path.display()))?;
+        eprintln!(
+            "{}: {} on {count} linears, weight {weight}",
+            path.display(),
+            weights.format
+        );
+        names.push(name);
+    }
+    Ok(names)
+}
+
+fn inspect(path: &Path) -> Result<()> {
+    let weights = LoraWeights::read(path)?;
+    println!("{}", path.display());
+    println!("  format:     {}", weights.format);
+    println!("  components: {}", weights.components().join(", "));
+    println!("  modules:    {}", weights.modules.len());
+    println!("  parameters: {}", weights.parameter_count());
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for m in weights.modules.values() {
+        *by.entry(format!(
+            "rank {:>3}  alpha {:>7}  scaling {:.4}",
+            m.rank,
+            trim(m.alpha),
+            m.scaling
+        ))
+        .or_default() += 1;
+    }
+    for (line, count) in by {
+        println!("  {line}  × {count}");
+    }
+    // Targets as PEFT would list them: the last path segment(s) after the block index.
+    let mut targets: BTreeMap<String, usize> = BTreeMap::new();
+    for path in weights.modules.keys() {
+        *targets.entry(target_name(path)).or_default() += 1;
+    }
+    let shown: Vec<String> = targets.iter().map(|(t, c)| format!("{t} ×{c}")).collect();
+    println!("  targets:    {}", shown.join(", "));
+    for (component, config) in &weights.configs {
+        println!(
+            "  {component} config: r {}, lora_alpha {}, rslora {}, target_modules {}",
+            config.r,
+            trim(config.lora_alpha),
+            config.use_rslora,
+            config.targets_text()
+        );
+    }
+    Ok(())
+}
+
+fn trim(x: f64) -> String {
+    format!("{x}")
+}
+
+/// `transformer.transformer_blocks.3.attn.to_out.0` → `attn.to_out.0`: what follows the block index.
+fn target_name(path: &str) -> String {
+    let segments: Vec<&str> = path.split('.').collect();
+    let start = segments
+        .iter()
+        .position(|s| s.parse::<usize>().is_ok())
+        .map_or(1, |i| i + 1);
+    segments[start.min(segments.len() - 1)..].join(".")
+}
+
+fn convert(input: &Path, output: &Path, alpha: Option<f64>) -> Result<()> {
+    let mut weights = LoraWeights::read(input)?;
+    if let Some(alpha) = alpha {
+        anyhow::ensure!(
+            weights.configs.is_empty(),
+            "{} has its own config; --alpha only fills in a missing α",
+            input.display()
+        );
+        weights = weights.with_alpha(alpha);
+    }
+    let is_file = output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if is_file {
+        weights.write_diffusers(output)?;
+        println!("{} → diffusers {}", input.display(), output.display());
+    } else {
+        let components = weights.components();
+        anyhow::ensure!(
+            components.len() == 1,
+            "a PEFT folder holds one component; {} has {components:?}: convert to a diffusers .safetensors instead",
+            input.display()
+        );
+        weights.write_peft(output, &components[0])?;
+        println!("{} → PEFT folder {}", input.display(), output.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Subcommands of the `portaflow` binary that have grown past a function in `main.rs`.
+
+pub mod lora;
