@@ -88,6 +88,60 @@ pub fn sd3_forward_on_golden_inputs(
         .unwrap()
 }
 
+fn golden_io(fixture: &str) -> portaflow::model::weights::Weights {
+    portaflow::model::weights::Weights::open_file(&golden(fixture).join("io.safetensors")).unwrap()
+}
+
+fn scalars(io: &mut portaflow::model::weights::Weights, key: &str) -> Vec<f64> {
+    let shape = io.shape(key).unwrap_or_else(|| panic!("io has no {key}"));
+    io.read(key, &shape).unwrap().unwrap().iter().map(|&v| v as f64).collect()
+}
+
+/// Position-id rows (`img_ids`, `txt_ids`) of a golden `io.safetensors`.
+fn id_rows(io: &mut portaflow::model::weights::Weights, key: &str) -> Vec<Vec<f64>> {
+    let shape = io.shape(key).unwrap_or_else(|| panic!("io has no {key}"));
+    scalars(io, key).chunks(shape[1]).map(|r| r.to_vec()).collect()
+}
+
+/// A FLUX.1 transformer's output on a golden fixture's inputs.
+pub fn flux1_forward_on_golden_inputs(
+    model: &portaflow::model::flux1::Flux1Transformer,
+    fixture: &str,
+    device: &burn::tensor::Device,
+) -> Vec<f32> {
+    let mut io = golden_io(fixture);
+    let x: burn::tensor::Tensor<3> = io_tensor(&mut io, "hidden_states", device);
+    let context: burn::tensor::Tensor<3> = io_tensor(&mut io, "encoder_hidden_states", device);
+    let pooled: burn::tensor::Tensor<2> = io_tensor(&mut io, "pooled_projections", device);
+    let t = scalars(&mut io, "timestep");
+    let guidance = model.config.guidance_embeds.then(|| scalars(&mut io, "guidance"));
+    let (img, txt) = (id_rows(&mut io, "img_ids"), id_rows(&mut io, "txt_ids"));
+    model
+        .forward(x, &t, guidance.as_deref(), context, pooled, &img, &txt)
+        .into_data()
+        .try_to_vec()
+        .unwrap()
+}
+
+/// A FLUX.2 transformer's output on a golden fixture's inputs.
+pub fn flux2_forward_on_golden_inputs(
+    model: &portaflow::model::flux2::Flux2Transformer,
+    fixture: &str,
+    device: &burn::tensor::Device,
+) -> Vec<f32> {
+    let mut io = golden_io(fixture);
+    let x: burn::tensor::Tensor<3> = io_tensor(&mut io, "hidden_states", device);
+    let context: burn::tensor::Tensor<3> = io_tensor(&mut io, "encoder_hidden_states", device);
+    let t = scalars(&mut io, "timestep");
+    let guidance = model.config.guidance_embeds.then(|| scalars(&mut io, "guidance"));
+    let (img, txt) = (id_rows(&mut io, "img_ids"), id_rows(&mut io, "txt_ids"));
+    model
+        .forward(x, &t, guidance.as_deref(), context, &img, &txt)
+        .into_data()
+        .try_to_vec()
+        .unwrap()
+}
+
 /// The `output` tensor of a golden fixture's `io.safetensors`.
 pub fn golden_output(fixture: &str) -> Vec<f32> {
     let mut io =

@@ -8,7 +8,11 @@ use portaflow::device::ChosenDevice;
 use portaflow::lora::{self, Linears, LoraConfig, LoraModule, LoraWeights};
 use portaflow::model::{flux1, flux2, sd3};
 use portaflow::text::clip;
-use portaflow_tests::{golden, max_abs_diff, sd3_forward_on_golden_inputs};
+use portaflow::model::weights::Weights;
+use portaflow_tests::{
+    flux1_forward_on_golden_inputs, flux2_forward_on_golden_inputs, golden, max_abs_diff,
+    max_rel_diff, sd3_forward_on_golden_inputs,
+};
 
 fn cpu() -> Device {
     ChosenDevice::cpu().device
@@ -342,4 +346,144 @@ fn an_adapter_for_another_model_names_the_modules_that_match_nothing() {
         err.contains("transformer_blocks.0.attn.to_q") && err.contains("7 → 32"),
         "{err}"
     );
+}
+
+// ---- parity with peft / diffusers (assets/golden/lora, tools/golden/make_lora_fixtures.py) ----
+
+fn case(name: &str) -> std::path::PathBuf {
+    golden("lora").join(name)
+}
+
+fn expected(name: &str, key: &str) -> Vec<f32> {
+    let mut io = Weights::open_file(&case(name).join("expected.safetensors")).unwrap();
+    let shape = io.shape(key).unwrap_or_else(|| panic!("{name}: no {key}"));
+    io.read(key, &shape).unwrap().unwrap()
+}
+
+fn assert_matches(what: &str, got: &[f32], want: &[f32], base: &[f32]) {
+    let rel = max_rel_diff(got, want);
+    println!("{what}: relative difference to peft {rel:.2e}");
+    assert!(rel < 1e-4, "{what}: differs from peft by {rel} (relative)");
+    assert!(
+        max_abs_diff(base, want) > 100.0 * max_abs_diff(got, want),
+        "{what}: the adapter's effect must dwarf the error"
+    );
+}
+
+fn read(name: &str, file: &str) -> LoraWeights {
+    LoraWeights::read(&case(name).join(file)).unwrap()
+}
+
+#[test]
+fn sd3_peft_and_diffusers_adapters_match_peft() {
+    let device = cpu();
+    let base_model = sd3::load_dir(&golden("sd3_tiny"), &device).unwrap();
+    let base = sd3_forward_on_golden_inputs(&base_model, "sd3_tiny", &device);
+    let want = expected("sd3_flowgrpo", "output");
+    for (file, format) in [
+        ("adapter", lora::Format::Peft),
+        ("pytorch_lora_weights.safetensors", lora::Format::Diffusers),
+    ] {
+        let weights = read("sd3_flowgrpo", file);
+        assert_eq!(weights.format, format);
+        assert_eq!(weights.modules.len(), 15);
+        let mut model = sd3::load_dir(&golden("sd3_tiny"), &device).unwrap();
+        model = {
+            let mut m = model;
+            lora::attach(&mut m, "x", weights.component("transformer"), 1.0, &device).unwrap();
+            m
+        };
+        let got = sd3_forward_on_golden_inputs(&model, "sd3_tiny", &device);
+        assert_matches(file, &got, &want, &base);
+    }
+    // No metadata and no alpha keys: diffusers takes α = r.
+    let weights = read("sd3_flowgrpo", "pytorch_lora_weights_no_metadata.safetensors");
+    assert!(weights.modules.values().all(|m| m.scaling == 1.0));
+    let mut model = sd3::load_dir(&golden("sd3_tiny"), &device).unwrap();
+    lora::attach(&mut model, "x", weights.component("transformer"), 1.0, &device).unwrap();
+    let got = sd3_forward_on_golden_inputs(&model, "sd3_tiny", &device);
+    assert_matches("no metadata", &got, &expected("sd3_flowgrpo", "output_no_metadata"), &base);
+}
+
+#[test]
+fn peft_target_selection_matches_peft_module_by_module() {
+    let device = cpu();
+    let case_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(case("sd35_patterns").join("case.json")).unwrap(),
+    )
+    .unwrap();
+    let model = sd3::load_dir(&golden("sd35_tiny"), &device).unwrap();
+    let paths = lora::linear_paths(&model);
+    for adapter in ["adapter_regex", "adapter_lists"] {
+        let text = std::fs::read_to_string(case("sd35_patterns").join(adapter).join("adapter_config.json")).unwrap();
+        let config: LoraConfig = serde_json::from_str(&text).unwrap();
+        let ours: Vec<(String, usize, f64)> = paths
+            .iter()
+            .filter(|p| config.selects(p))
+            .map(|p| {
+                let (r, alpha) = (config.rank_for(p), config.alpha_for(p));
+                (p.clone(), r, config.scaling(r, alpha))
+            })
+            .collect();
+        let mut peft: Vec<(String, usize, f64)> = case_json["wrapped_modules"][adapter]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["module"].as_str().unwrap().to_string(),
+                    m["r"].as_u64().unwrap() as usize,
+                    m["scaling"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        let mut ours_sorted = ours.clone();
+        ours_sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        peft.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(ours_sorted.len(), peft.len(), "{adapter}: {ours_sorted:?} vs {peft:?}");
+        for (o, p) in ours_sorted.iter().zip(&peft) {
+            assert_eq!((&o.0, o.1), (&p.0, p.1), "{adapter}");
+            assert!((o.2 - p.2).abs() < 1e-12, "{adapter} {}: scaling {} vs {}", o.0, o.2, p.2);
+        }
+    }
+}
+
+#[test]
+fn sd35_stacked_weighted_adapters_match_diffusers_set_adapters() {
+    let device = cpu();
+    let fresh = || sd3::load_dir(&golden("sd35_tiny"), &device).unwrap();
+    let base = sd3_forward_on_golden_inputs(&fresh(), "sd35_tiny", &device);
+    let regex = read("sd35_patterns", "adapter_regex");
+    let lists = read("sd35_patterns", "adapter_lists");
+    let mut model = fresh();
+    lora::attach(&mut model, "regex", regex.component("transformer"), 1.0, &device).unwrap();
+    let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
+    assert_matches("regex", &got, &expected("sd35_patterns", "output_regex"), &base);
+    lora::attach(&mut model, "lists", lists.component("transformer"), 0.5, &device).unwrap();
+    let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
+    assert_matches("regex + 0.5·lists", &got, &expected("sd35_patterns", "output"), &base);
+    lora::set_weight(&mut model, "regex", 0.0).unwrap();
+    lora::set_weight(&mut model, "lists", 1.0).unwrap();
+    let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
+    assert_matches("lists", &got, &expected("sd35_patterns", "output_lists"), &base);
+}
+
+#[test]
+fn flux1_peft_and_kohya_adapters_match_diffusers() {
+    let device = cpu();
+    let fresh = || flux1::load_dir(&golden("flux1_tiny"), &device).unwrap();
+    let base = flux1_forward_on_golden_inputs(&fresh(), "flux1_tiny", &device);
+    let mut model = fresh();
+    let peft = read("flux1_boxflow", "adapter");
+    assert_eq!(peft.modules.len(), 18);
+    lora::attach(&mut model, "boxflow", peft.component("transformer"), 1.0, &device).unwrap();
+    let got = flux1_forward_on_golden_inputs(&model, "flux1_tiny", &device);
+    assert_matches("flux1 peft", &got, &expected("flux1_boxflow", "output"), &base);
+
+    let kohya = read("flux1_boxflow", "kohya.safetensors");
+    assert_eq!(kohya.format, lora::Format::Kohya);
+    let mut model = fresh();
+    lora::attach(&mut model, "kohya", kohya.component("transformer"), 1.0, &device).unwrap();
+    let got = flux1_forward_on_golden_inputs(&model, "flux1_tiny", &device);
+    assert_matches("flux1 kohya", &got, &expected("flux1_boxflow", "output_kohya"), &base);
 }
