@@ -94,13 +94,21 @@ fn golden_io(fixture: &str) -> portaflow::model::weights::Weights {
 
 fn scalars(io: &mut portaflow::model::weights::Weights, key: &str) -> Vec<f64> {
     let shape = io.shape(key).unwrap_or_else(|| panic!("io has no {key}"));
-    io.read(key, &shape).unwrap().unwrap().iter().map(|&v| v as f64).collect()
+    io.read(key, &shape)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
 }
 
 /// Position-id rows (`img_ids`, `txt_ids`) of a golden `io.safetensors`.
 fn id_rows(io: &mut portaflow::model::weights::Weights, key: &str) -> Vec<Vec<f64>> {
     let shape = io.shape(key).unwrap_or_else(|| panic!("io has no {key}"));
-    scalars(io, key).chunks(shape[1]).map(|r| r.to_vec()).collect()
+    scalars(io, key)
+        .chunks(shape[1])
+        .map(|r| r.to_vec())
+        .collect()
 }
 
 /// A FLUX.1 transformer's output on a golden fixture's inputs.
@@ -114,7 +122,10 @@ pub fn flux1_forward_on_golden_inputs(
     let context: burn::tensor::Tensor<3> = io_tensor(&mut io, "encoder_hidden_states", device);
     let pooled: burn::tensor::Tensor<2> = io_tensor(&mut io, "pooled_projections", device);
     let t = scalars(&mut io, "timestep");
-    let guidance = model.config.guidance_embeds.then(|| scalars(&mut io, "guidance"));
+    let guidance = model
+        .config
+        .guidance_embeds
+        .then(|| scalars(&mut io, "guidance"));
     let (img, txt) = (id_rows(&mut io, "img_ids"), id_rows(&mut io, "txt_ids"));
     model
         .forward(x, &t, guidance.as_deref(), context, pooled, &img, &txt)
@@ -133,13 +144,63 @@ pub fn flux2_forward_on_golden_inputs(
     let x: burn::tensor::Tensor<3> = io_tensor(&mut io, "hidden_states", device);
     let context: burn::tensor::Tensor<3> = io_tensor(&mut io, "encoder_hidden_states", device);
     let t = scalars(&mut io, "timestep");
-    let guidance = model.config.guidance_embeds.then(|| scalars(&mut io, "guidance"));
+    let guidance = model
+        .config
+        .guidance_embeds
+        .then(|| scalars(&mut io, "guidance"));
     let (img, txt) = (id_rows(&mut io, "img_ids"), id_rows(&mut io, "txt_ids"));
     model
         .forward(x, &t, guidance.as_deref(), context, &img, &txt)
         .into_data()
         .try_to_vec()
         .unwrap()
+}
+
+/// A fresh 16×16 pixel-space pipeline (2-layer CLIP, 2-block SD3 MMDiT) on the Shapes vocabulary.
+pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
+    use portaflow::model::sd3::Sd3Config;
+    use portaflow::text::clip::ClipTextConfig;
+    use portaflow::text::tokenizer::{self, PromptTokenizer};
+    const SIZE: usize = 16;
+    let words = portaflow::world::prompt::vocabulary();
+    let word_level = tokenizer::word_level(&words).unwrap();
+    let start = word_level.token_to_id(tokenizer::START).unwrap();
+    let end = word_level.token_to_id(tokenizer::END).unwrap();
+    let text = ClipTextConfig {
+        vocab_size: word_level.get_vocab_size(true),
+        hidden_size: 32,
+        intermediate_size: 64,
+        projection_dim: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        max_position_embeddings: 16,
+        hidden_act: "quick_gelu".into(),
+        layer_norm_eps: 1e-5,
+        bos_token_id: start,
+        eos_token_id: end,
+        pad_token_id: 0,
+    };
+    let transformer = Sd3Config {
+        sample_size: SIZE,
+        patch_size: 4,
+        in_channels: 3,
+        num_layers: 2,
+        attention_head_dim: 16,
+        num_attention_heads: 2,
+        joint_attention_dim: 32,
+        caption_projection_dim: 32,
+        pooled_projection_dim: 32,
+        out_channels: 3,
+        pos_embed_max_size: SIZE / 4,
+        dual_attention_layers: vec![],
+        qk_norm: Some("rms_norm".into()),
+    };
+    let tok = PromptTokenizer {
+        tokenizer: word_level,
+        max_length: 16,
+        pad_id: 0,
+    };
+    portaflow::pipeline::Pipeline::fresh(tok, text, transformer, seed, device).unwrap()
 }
 
 /// The `output` tensor of a golden fixture's `io.safetensors`.

@@ -6,9 +6,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::lora::{self, Linears, LoraConfig, LoraModule, LoraWeights};
+use portaflow::model::weights::Weights;
 use portaflow::model::{flux1, flux2, sd3};
 use portaflow::text::clip;
-use portaflow::model::weights::Weights;
 use portaflow_tests::{
     flux1_forward_on_golden_inputs, flux2_forward_on_golden_inputs, golden, max_abs_diff,
     max_rel_diff, sd3_forward_on_golden_inputs,
@@ -242,7 +242,7 @@ fn training_touches_only_the_adapter() {
         &device,
     )
     .unwrap();
-    lora::train_only(&mut model, "policy");
+    let mut model = lora::train_only(model, "policy");
     // Make B non-zero so A receives a gradient too.
     model.for_each_linear_mut(&mut |l| {
         for a in &mut l.lora {
@@ -276,6 +276,13 @@ fn training_touches_only_the_adapter() {
     assert!(
         adapter_grads >= 16,
         "only {adapter_grads} adapter factors received a gradient"
+    );
+    // Nothing else either: norms, embeddings, biases are frozen too.
+    let every = burn::optim::GradientsParams::from_grads(grads, &model);
+    assert_eq!(
+        every.len(),
+        adapter_grads,
+        "parameters outside the adapter received gradients"
     );
 }
 
@@ -397,12 +404,27 @@ fn sd3_peft_and_diffusers_adapters_match_peft() {
         assert_matches(file, &got, &want, &base);
     }
     // No metadata and no alpha keys: diffusers takes α = r.
-    let weights = read("sd3_flowgrpo", "pytorch_lora_weights_no_metadata.safetensors");
+    let weights = read(
+        "sd3_flowgrpo",
+        "pytorch_lora_weights_no_metadata.safetensors",
+    );
     assert!(weights.modules.values().all(|m| m.scaling == 1.0));
     let mut model = sd3::load_dir(&golden("sd3_tiny"), &device).unwrap();
-    lora::attach(&mut model, "x", weights.component("transformer"), 1.0, &device).unwrap();
+    lora::attach(
+        &mut model,
+        "x",
+        weights.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
     let got = sd3_forward_on_golden_inputs(&model, "sd3_tiny", &device);
-    assert_matches("no metadata", &got, &expected("sd3_flowgrpo", "output_no_metadata"), &base);
+    assert_matches(
+        "no metadata",
+        &got,
+        &expected("sd3_flowgrpo", "output_no_metadata"),
+        &base,
+    );
 }
 
 #[test]
@@ -415,7 +437,12 @@ fn peft_target_selection_matches_peft_module_by_module() {
     let model = sd3::load_dir(&golden("sd35_tiny"), &device).unwrap();
     let paths = lora::linear_paths(&model);
     for adapter in ["adapter_regex", "adapter_lists"] {
-        let text = std::fs::read_to_string(case("sd35_patterns").join(adapter).join("adapter_config.json")).unwrap();
+        let text = std::fs::read_to_string(
+            case("sd35_patterns")
+                .join(adapter)
+                .join("adapter_config.json"),
+        )
+        .unwrap();
         let config: LoraConfig = serde_json::from_str(&text).unwrap();
         let ours: Vec<(String, usize, f64)> = paths
             .iter()
@@ -440,10 +467,20 @@ fn peft_target_selection_matches_peft_module_by_module() {
         let mut ours_sorted = ours.clone();
         ours_sorted.sort_by(|a, b| a.0.cmp(&b.0));
         peft.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(ours_sorted.len(), peft.len(), "{adapter}: {ours_sorted:?} vs {peft:?}");
+        assert_eq!(
+            ours_sorted.len(),
+            peft.len(),
+            "{adapter}: {ours_sorted:?} vs {peft:?}"
+        );
         for (o, p) in ours_sorted.iter().zip(&peft) {
             assert_eq!((&o.0, o.1), (&p.0, p.1), "{adapter}");
-            assert!((o.2 - p.2).abs() < 1e-12, "{adapter} {}: scaling {} vs {}", o.0, o.2, p.2);
+            assert!(
+                (o.2 - p.2).abs() < 1e-12,
+                "{adapter} {}: scaling {} vs {}",
+                o.0,
+                o.2,
+                p.2
+            );
         }
     }
 }
@@ -456,16 +493,45 @@ fn sd35_stacked_weighted_adapters_match_diffusers_set_adapters() {
     let regex = read("sd35_patterns", "adapter_regex");
     let lists = read("sd35_patterns", "adapter_lists");
     let mut model = fresh();
-    lora::attach(&mut model, "regex", regex.component("transformer"), 1.0, &device).unwrap();
+    lora::attach(
+        &mut model,
+        "regex",
+        regex.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
     let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
-    assert_matches("regex", &got, &expected("sd35_patterns", "output_regex"), &base);
-    lora::attach(&mut model, "lists", lists.component("transformer"), 0.5, &device).unwrap();
+    assert_matches(
+        "regex",
+        &got,
+        &expected("sd35_patterns", "output_regex"),
+        &base,
+    );
+    lora::attach(
+        &mut model,
+        "lists",
+        lists.component("transformer"),
+        0.5,
+        &device,
+    )
+    .unwrap();
     let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
-    assert_matches("regex + 0.5·lists", &got, &expected("sd35_patterns", "output"), &base);
+    assert_matches(
+        "regex + 0.5·lists",
+        &got,
+        &expected("sd35_patterns", "output"),
+        &base,
+    );
     lora::set_weight(&mut model, "regex", 0.0).unwrap();
     lora::set_weight(&mut model, "lists", 1.0).unwrap();
     let got = sd3_forward_on_golden_inputs(&model, "sd35_tiny", &device);
-    assert_matches("lists", &got, &expected("sd35_patterns", "output_lists"), &base);
+    assert_matches(
+        "lists",
+        &got,
+        &expected("sd35_patterns", "output_lists"),
+        &base,
+    );
 }
 
 #[test]
@@ -476,14 +542,38 @@ fn flux1_peft_and_kohya_adapters_match_diffusers() {
     let mut model = fresh();
     let peft = read("flux1_boxflow", "adapter");
     assert_eq!(peft.modules.len(), 18);
-    lora::attach(&mut model, "boxflow", peft.component("transformer"), 1.0, &device).unwrap();
+    lora::attach(
+        &mut model,
+        "boxflow",
+        peft.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
     let got = flux1_forward_on_golden_inputs(&model, "flux1_tiny", &device);
-    assert_matches("flux1 peft", &got, &expected("flux1_boxflow", "output"), &base);
+    assert_matches(
+        "flux1 peft",
+        &got,
+        &expected("flux1_boxflow", "output"),
+        &base,
+    );
 
     let kohya = read("flux1_boxflow", "kohya.safetensors");
     assert_eq!(kohya.format, lora::Format::Kohya);
     let mut model = fresh();
-    lora::attach(&mut model, "kohya", kohya.component("transformer"), 1.0, &device).unwrap();
+    lora::attach(
+        &mut model,
+        "kohya",
+        kohya.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
     let got = flux1_forward_on_golden_inputs(&model, "flux1_tiny", &device);
-    assert_matches("flux1 kohya", &got, &expected("flux1_boxflow", "output_kohya"), &base);
+    assert_matches(
+        "flux1 kohya",
+        &got,
+        &expected("flux1_boxflow", "output_kohya"),
+        &base,
+    );
 }

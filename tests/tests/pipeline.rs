@@ -6,58 +6,11 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use portaflow::device::ChosenDevice;
-use portaflow::model::sd3::Sd3Config;
 use portaflow::pipeline::{GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
-use portaflow::text::clip::ClipTextConfig;
-use portaflow::text::tokenizer::{self, PromptTokenizer};
 use portaflow::train::pretrain::{PretrainConfig, pretrain};
 use portaflow::world::prompt_sets;
-use portaflow_tests::{max_abs_diff, vulkan};
-
-const SIZE: usize = 16;
-
-fn tiny(seed: u64, device: &Device) -> Pipeline {
-    let words = portaflow::world::prompt::vocabulary();
-    let word_level = tokenizer::word_level(&words).unwrap();
-    let start = word_level.token_to_id(tokenizer::START).unwrap();
-    let end = word_level.token_to_id(tokenizer::END).unwrap();
-    let text = ClipTextConfig {
-        vocab_size: word_level.get_vocab_size(true),
-        hidden_size: 32,
-        intermediate_size: 64,
-        projection_dim: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        max_position_embeddings: 16,
-        hidden_act: "quick_gelu".into(),
-        layer_norm_eps: 1e-5,
-        bos_token_id: start,
-        eos_token_id: end,
-        pad_token_id: 0,
-    };
-    let transformer = Sd3Config {
-        sample_size: SIZE,
-        patch_size: 4,
-        in_channels: 3,
-        num_layers: 2,
-        attention_head_dim: 16,
-        num_attention_heads: 2,
-        joint_attention_dim: 32,
-        caption_projection_dim: 32,
-        pooled_projection_dim: 32,
-        out_channels: 3,
-        pos_embed_max_size: SIZE / 4,
-        dual_attention_layers: vec![],
-        qk_norm: Some("rms_norm".into()),
-    };
-    let tok = PromptTokenizer {
-        tokenizer: word_level,
-        max_length: 16,
-        pad_id: 0,
-    };
-    Pipeline::fresh(tok, text, transformer, seed, device).unwrap()
-}
+use portaflow_tests::{max_abs_diff, tiny_pipeline, vulkan};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("portaflow-{name}-{}", std::process::id()));
@@ -96,7 +49,7 @@ fn trained_a_little(device: &Device) -> Pipeline {
     };
     let (train, _) = prompt_sets::build();
     let ad = device.clone().autodiff();
-    let trained = pretrain(tiny(1, &ad), &config, &train, &dir, &ad, |_| {}).unwrap();
+    let trained = pretrain(tiny_pipeline(1, &ad), &config, &train, &dir, &ad, |_| {}).unwrap();
     let saved = Pipeline::from_dir(&dir.join("checkpoint"), device).unwrap();
     let proj_out = |p: &Pipeline| -> Vec<f32> {
         p.transformer
@@ -163,10 +116,26 @@ fn pretraining_resumes_exactly() {
         ..Default::default()
     };
     let straight = temp("pretrain-straight");
-    let a = pretrain(tiny(5, &cpu), &config(4), &train, &straight, &cpu, |_| {}).unwrap();
+    let a = pretrain(
+        tiny_pipeline(5, &cpu),
+        &config(4),
+        &train,
+        &straight,
+        &cpu,
+        |_| {},
+    )
+    .unwrap();
 
     let resumed = temp("pretrain-resumed");
-    pretrain(tiny(5, &cpu), &config(2), &train, &resumed, &cpu, |_| {}).unwrap();
+    pretrain(
+        tiny_pipeline(5, &cpu),
+        &config(2),
+        &train,
+        &resumed,
+        &cpu,
+        |_| {},
+    )
+    .unwrap();
     // A new process would load the checkpoint folder; the run directory supplies the rest.
     let from_checkpoint = Pipeline::from_dir(&resumed.join("checkpoint"), &cpu).unwrap();
     let b = pretrain(from_checkpoint, &config(4), &train, &resumed, &cpu, |_| {}).unwrap();

@@ -22,7 +22,7 @@ pub use adapter::LoraAdapter;
 pub use config::{Init, LoraConfig, Targets};
 pub use format::{Format, LoraModule, LoraWeights};
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution as _, Normal, Uniform};
@@ -185,7 +185,7 @@ pub fn attach<'a>(
     let mut attached = 0;
     model.for_each_linear_mut(&mut |l| {
         if let Some(m) = wanted.remove(l.path.as_str()) {
-            l.lora.push(m.to_adapter(name, weight, device));
+            l.lora.push(m.to_adapter(name, &l.path, weight, device));
             attached += 1;
         }
     });
@@ -259,7 +259,7 @@ pub fn init_adapter(
             alpha,
             scaling: config.scaling(r, alpha),
         };
-        l.lora.push(module.to_adapter(name, 1.0, device));
+        l.lora.push(module.to_adapter(name, &l.path, 1.0, device));
     });
     Ok(selected)
 }
@@ -419,30 +419,34 @@ pub fn unmerged(model: &impl Linears) -> Vec<String> {
     names
 }
 
-/// Marks only adapter `name` trainable: every base weight and every other adapter is frozen.
-pub fn train_only(model: &mut impl Linears, name: &str) {
+/// Freezes the whole model (base weights, norms, embeddings, other adapters) and makes only
+/// adapter `name` trainable: what LoRA training optimises.
+pub fn train_only<M: burn::module::Module + Linears>(model: M, name: &str) -> M {
+    let mut model = model.freeze();
     model.for_each_linear_mut(&mut |l| {
-        let freeze = |p: &Param<Tensor<2>>, on: bool| {
-            Param::initialized(p.id, p.val().detach().set_require_grad(on))
-        };
-        l.weight = freeze(&l.weight, false);
-        if let Some(b) = &l.bias {
-            l.bias = Some(Param::initialized(
-                b.id,
-                b.val().detach().set_require_grad(false),
-            ));
-        }
-        for a in &mut l.lora {
-            let on = a.name == name;
-            a.a = freeze(&a.a, on);
-            a.b = freeze(&a.b, on);
+        for a in l.lora.iter_mut().filter(|a| a.name == name) {
+            a.a = a.a.clone().set_require_grad(true);
+            a.b = a.b.clone().set_require_grad(true);
         }
     });
+    model
+}
+
+/// FNV-1a over `name/path/factor`: the same parameter id in every process.
+fn stable_id(name: &str, path: &str, factor: &str) -> ParamId {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in [name, "/", path, "/", factor].concat().bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ParamId::from(hash)
 }
 
 impl LoraModule {
-    /// The side path for a linear, transposing PEFT's factors to `[d_in, r]` and `[r, d_out]`.
-    pub fn to_adapter(&self, name: &str, weight: f64, device: &Device) -> LoraAdapter {
+    /// The side path for the linear at `path`, transposing PEFT's factors to `[d_in, r]` and
+    /// `[r, d_out]`. Parameter ids are derived from (adapter, path), so an adapter rebuilt from a
+    /// checkpoint matches the optimizer state saved with it.
+    pub fn to_adapter(&self, name: &str, path: &str, weight: f64, device: &Device) -> LoraAdapter {
         let a = Tensor::<2>::from_data(
             TensorData::new(self.a.clone(), [self.rank, self.d_in]),
             device,
@@ -452,8 +456,8 @@ impl LoraModule {
             device,
         );
         LoraAdapter {
-            a: Param::from_tensor(a.transpose()),
-            b: Param::from_tensor(b.transpose()),
+            a: Param::initialized(stable_id(name, path, "lora_A"), a.transpose()),
+            b: Param::initialized(stable_id(name, path, "lora_B"), b.transpose()),
             name: name.to_string(),
             alpha: self.alpha,
             scaling: self.scaling,

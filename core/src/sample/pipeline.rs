@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -37,6 +37,37 @@ impl Conditioning {
                 (Some(a), Some(b)) => Some(Tensor::cat(vec![a.clone(), b.clone()], 0)),
                 _ => None,
             },
+            guidance: self.guidance,
+        }
+    }
+
+    /// Several batches joined along the batch.
+    pub fn cat(parts: &[Self]) -> Self {
+        Self {
+            sequence: Tensor::cat(parts.iter().map(|p| p.sequence.clone()).collect(), 0),
+            pooled: parts
+                .iter()
+                .map(|p| p.pooled.clone())
+                .collect::<Option<Vec<_>>>()
+                .map(|pooled| Tensor::cat(pooled, 0)),
+            guidance: parts.first().and_then(|p| p.guidance),
+        }
+    }
+
+    /// The rows `index` of the batch.
+    pub fn select(&self, index: &Tensor<1, Int>) -> Self {
+        Self {
+            sequence: self.sequence.clone().select(0, index.clone()),
+            pooled: self.pooled.clone().map(|p| p.select(0, index.clone())),
+            guidance: self.guidance,
+        }
+    }
+
+    /// The same values on the autodiff device (as constants).
+    pub fn autodiff(&self) -> Self {
+        Self {
+            sequence: self.sequence.clone().autodiff(),
+            pooled: self.pooled.clone().map(Tensor::autodiff),
             guidance: self.guidance,
         }
     }

@@ -1,3 +1,4 @@
-//! Training: rectified-flow pretraining of the bundled model (and, next, GRPO and its family).
+//! Training: rectified-flow pretraining of the bundled model and Flow-GRPO on LoRA adapters.
 
+pub mod grpo;
 pub mod pretrain;

@@ -1,0 +1,405 @@
+//! The Flow-GRPO training config (`portaflow train grpo --config FILE.toml`): every knob of
+//! ALGORITHMS.md §1.10, with the defaults of this machine's Shapes preset. `configs/grpo/` holds
+//! the presets, including the paper's SD3.5-Medium GenEval setting.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lora::LoraConfig;
+use crate::sample::select::{OffSelection, StepSelection};
+use crate::sample::step::StepKind;
+
+/// The whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoConfig {
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub sample: SampleSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub run: RunSection,
+}
+
+/// What is trained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Pipeline folder; the bundled Shapes model when absent.
+    pub path: Option<PathBuf>,
+    /// LoRA rank r.
+    pub lora_rank: usize,
+    /// LoRA α (scale α/r).
+    pub lora_alpha: f64,
+    /// PEFT `target_modules` (suffix match).
+    pub lora_targets: Vec<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        let flow_grpo = LoraConfig::flow_grpo_sd3();
+        Self {
+            path: None,
+            lora_rank: flow_grpo.r,
+            lora_alpha: flow_grpo.lora_alpha,
+            lora_targets: flow_grpo.target_list(),
+        }
+    }
+}
+
+/// Which reward drives advantages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// Flow-GRPO's GenEval partial-credit score on the Shapes detector.
+    Geneval,
+    /// Flow-GRPO's OCR reward on the digits task.
+    Ocr,
+}
+
+/// Prompts and reward.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training prompts (GenEval JSONL); default `assets/prompts/shapes_train.jsonl`.
+    pub train_prompts: Option<PathBuf>,
+    /// Held-out prompts for evaluation; default `assets/prompts/shapes_test.jsonl`.
+    pub test_prompts: Option<PathBuf>,
+    pub reward: RewardKind,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train_prompts: None,
+            test_prompts: None,
+            reward: RewardKind::Geneval,
+        }
+    }
+}
+
+/// The SDE used for rollouts (`sde_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SdeType {
+    /// Flow-GRPO's SDE, g = a·sqrt(σ/(1−σ)), full-Gaussian log-prob.
+    Sde,
+    /// Coefficients-preserving sampling, std = σ'·sin(aπ/2), log-prob −(x'−μ)².
+    Cps,
+}
+
+/// Rollout settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSection {
+    /// Denoising steps of a training rollout (`sample.num_steps`).
+    pub steps: usize,
+    /// Denoising steps of held-out evaluation (`sample.eval_num_steps`).
+    pub eval_steps: usize,
+    /// CFG scale during rollouts (1 disables CFG).
+    pub guidance_scale: f64,
+    /// CFG scale during evaluation.
+    pub eval_guidance_scale: f64,
+    /// The SDE noise level a (η for CPS).
+    pub noise_level: f64,
+    pub sde_type: SdeType,
+    /// Images per prompt, k (`num_image_per_prompt`).
+    pub group_size: usize,
+    /// Distinct prompts per epoch.
+    pub groups_per_epoch: usize,
+    /// Images per rollout forward, which is also the training micro-batch (Flow-GRPO insists on
+    /// equal sizes so the first ratio is exactly 1).
+    pub batch_size: usize,
+    /// All members of a group start from the same x(σ = 1) (`same_latent`).
+    pub same_initial_noise: bool,
+}
+
+impl Default for SampleSection {
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            eval_steps: 20,
+            guidance_scale: 1.0,
+            eval_guidance_scale: 1.0,
+            noise_level: 0.8,
+            sde_type: SdeType::Cps,
+            group_size: 8,
+            groups_per_epoch: 4,
+            batch_size: 8,
+            same_initial_noise: false,
+        }
+    }
+}
+
+impl SampleSection {
+    pub fn step_kind(&self) -> StepKind {
+        match self.sde_type {
+            SdeType::Sde => StepKind::FlowSde {
+                noise_level: self.noise_level,
+            },
+            SdeType::Cps => StepKind::Cps {
+                eta: self.noise_level,
+            },
+        }
+    }
+}
+
+/// Which KL estimate regularises the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlType {
+    /// Flow-GRPO's `mean((μ_θ − μ_ref)²) / (2 g²)`, without |dt| (ALGORITHMS.md §1.6).
+    X,
+    /// Flow-Factory's velocity-space `mean((v_θ − v_ref)²)`.
+    V,
+}
+
+/// How the advantage's denominator is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdScope {
+    /// One std over every reward of the epoch (`global_std = True`, Flow-GRPO's default).
+    Global,
+    /// Each prompt's own std (DanceGRPO; Flow-GRPO issue #52).
+    Group,
+}
+
+/// Policy-gradient settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Which steps are stochastic and trained.
+    pub steps: StepSelection,
+    /// What the other steps do; the method's own default when absent.
+    pub off_steps: Option<OffSelection>,
+    /// PPO clip range ε.
+    pub clip_range: f64,
+    /// Advantages are clamped to ±this.
+    pub adv_clip_max: f64,
+    /// KL weight β (0 disables the reference forward).
+    pub beta: f64,
+    pub kl_type: KlType,
+    pub std_scope: StdScope,
+    /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
+    pub cfg: bool,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (`max_grad_norm`).
+    pub grad_clip: f64,
+    /// Micro-batches per optimizer step (`gradient_accumulation_steps`).
+    pub grad_accum: usize,
+    /// Keep an EMA of the adapter (used for evaluation and the saved adapter).
+    pub ema: bool,
+    /// EMA decay cap (Flow-GRPO: min((1+n)/(10+n), 0.9)).
+    pub ema_decay: f64,
+    /// EMA update interval in optimizer steps.
+    pub ema_every: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            steps: StepSelection::RandomWindow {
+                size: 3,
+                lo: 0,
+                hi: 5,
+            },
+            off_steps: None,
+            clip_range: 1e-5,
+            adv_clip_max: 5.0,
+            beta: 0.0,
+            kl_type: KlType::X,
+            std_scope: StdScope::Global,
+            cfg: false,
+            learning_rate: 3e-4,
+            weight_decay: 1e-4,
+            grad_clip: 1.0,
+            grad_accum: 2,
+            ema: true,
+            ema_decay: 0.9,
+            ema_every: 8,
+        }
+    }
+}
+
+/// Length, seeds, and how often to evaluate, draw and save.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    pub epochs: usize,
+    pub seed: u64,
+    /// Held-out evaluation every N epochs (and after the last); 0 never.
+    pub eval_every: usize,
+    /// Images per held-out prompt.
+    pub eval_images_per_prompt: usize,
+    /// Evaluate on the first N held-out prompts only (all when absent).
+    pub eval_prompts: Option<usize>,
+    /// A PNG grid of the epoch's first rollout batch every N epochs; 0 never.
+    pub grid_every: usize,
+    /// Checkpoint every N epochs (and after the last).
+    pub save_every: usize,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            epochs: 100,
+            seed: 42,
+            eval_every: 10,
+            eval_images_per_prompt: 1,
+            eval_prompts: Some(96),
+            grid_every: 10,
+            save_every: 10,
+        }
+    }
+}
+
+impl GrpoConfig {
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("serialisable config")
+    }
+
+    /// The step plan rule for steps outside the trained selection.
+    pub fn off_steps(&self) -> OffSelection {
+        self.train
+            .off_steps
+            .unwrap_or_else(|| self.train.steps.default_off_selection())
+    }
+
+    pub fn lora(&self) -> LoraConfig {
+        let targets: Vec<&str> = self.model.lora_targets.iter().map(String::as_str).collect();
+        LoraConfig::new(self.model.lora_rank, self.model.lora_alpha, &targets)
+    }
+
+    /// Rollout images per epoch.
+    pub fn samples_per_epoch(&self) -> usize {
+        self.sample.group_size * self.sample.groups_per_epoch
+    }
+
+    /// Checks every field; the message names the field and what it must be.
+    pub fn validate(&self) -> Result<(), String> {
+        let s = &self.sample;
+        let t = &self.train;
+        let r = &self.run;
+        let positive = [
+            ("sample.steps", s.steps),
+            ("sample.eval_steps", s.eval_steps),
+            ("sample.group_size", s.group_size),
+            ("sample.groups_per_epoch", s.groups_per_epoch),
+            ("sample.batch_size", s.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.ema_every", t.ema_every),
+            ("run.epochs", r.epochs),
+            ("run.save_every", r.save_every),
+            ("run.eval_images_per_prompt", r.eval_images_per_prompt),
+            ("model.lora_rank", self.model.lora_rank),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.samples_per_epoch() % s.batch_size != 0 {
+            return Err(format!(
+                "sample.group_size × sample.groups_per_epoch = {} must be a multiple of sample.batch_size = {}",
+                self.samples_per_epoch(),
+                s.batch_size
+            ));
+        }
+        if s.steps < 2 {
+            return Err("sample.steps must be at least 2 (the last step is never trained)".into());
+        }
+        s.step_kind().validate()?;
+        t.steps.validate(s.steps)?;
+        for (name, value) in [
+            ("train.clip_range", t.clip_range),
+            ("train.adv_clip_max", t.adv_clip_max),
+            ("train.learning_rate", t.learning_rate),
+            ("train.grad_clip", t.grad_clip),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{name} must be > 0, found {value}"));
+            }
+        }
+        for (name, value) in [
+            ("train.beta", t.beta),
+            ("train.weight_decay", t.weight_decay),
+            ("sample.guidance_scale", s.guidance_scale),
+            ("sample.eval_guidance_scale", s.eval_guidance_scale),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(format!("{name} must be ≥ 0, found {value}"));
+            }
+        }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            return Err(format!(
+                "train.ema_decay must be in [0, 1), found {}",
+                t.ema_decay
+            ));
+        }
+        if t.cfg && s.guidance_scale == 1.0 {
+            return Err("train.cfg = true needs sample.guidance_scale ≠ 1".into());
+        }
+        if !t.cfg && s.guidance_scale != 1.0 {
+            return Err(format!(
+                "sample.guidance_scale = {} with train.cfg = false: the training forward would not be the policy that sampled; set train.cfg = true or guidance 1",
+                s.guidance_scale
+            ));
+        }
+        if self.model.lora_targets.is_empty() {
+            return Err("model.lora_targets is empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let config = GrpoConfig {
+            model: Default::default(),
+            data: Default::default(),
+            sample: Default::default(),
+            train: Default::default(),
+            run: Default::default(),
+        };
+        config.validate().unwrap();
+        let back: GrpoConfig = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let err = toml::from_str::<GrpoConfig>("[sample]\ngroup_sise = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("group_sise"), "{err}");
+        let config: GrpoConfig =
+            toml::from_str("[sample]\ngroup_size = 3\nbatch_size = 8\n").unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("multiple of sample.batch_size")
+        );
+        let config: GrpoConfig = toml::from_str("[sample]\nguidance_scale = 4.5\n").unwrap();
+        assert!(config.validate().unwrap_err().contains("train.cfg"));
+    }
+}

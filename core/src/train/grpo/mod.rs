@@ -1,0 +1,965 @@
+//! Flow-GRPO: online RL of a flow-matching model's LoRA adapter (yifan123/flow_grpo,
+//! `scripts/train_sd3.py`; ALGORITHMS.md §1). One epoch, top to bottom:
+//!
+//! 1. **prompts**: `groups_per_epoch` distinct prompts, each repeated `group_size` times, shuffled
+//!    (an RNG seeded with `seed + epoch`, as `DistributedKRepeatSampler`);
+//! 2. **rollout**: the current policy samples with the SDE on the stochastic steps of the step
+//!    plan, storing x_j, x_{j+1} and log π_old for the trained steps; rewards are scored on other
+//!    threads while the next batch samples;
+//! 3. **advantages**: per-prompt mean, global or group std + 1e-4; zero-advantage samples dropped;
+//! 4. **training**: per micro-batch and trained step, the PPO clipped loss on the recomputed
+//!    log-prob, plus β·KL to the same transformer with the adapter off; AdamW on the adapter only,
+//!    global-norm clipping, one optimizer step per `grad_accum` micro-batches; EMA;
+//! 5. **bookkeeping**: `metrics.jsonl`, held-out ODE evaluation with the EMA adapter, sample grids,
+//!    checkpoints (adapter and EMA as PEFT folders, optimizer state, epoch) that resume exactly.
+
+pub mod advantage;
+pub mod config;
+mod ema;
+pub mod loss;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::lora::{self, LoraWeights};
+use crate::model::sd3::Sd3Transformer;
+use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
+use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, to_images};
+use crate::reward::{OcrReward, Reward, Score, ShapesReward, Task};
+use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_velocity, sample};
+use crate::sample::schedule::{self, Schedule};
+use crate::sample::select::TrainingClock;
+use crate::sample::step::{self, StepKind};
+use crate::world::prompt::PromptSpec;
+use crate::world::render::Image;
+use advantage::{advantages, keep_informative};
+use config::{GrpoConfig, KlType, RewardKind};
+use ema::Ema;
+use loss::{StepStats, clipped_surrogate, v_space_kl, x_space_kl};
+
+/// The adapter GRPO trains.
+pub const POLICY: &str = "policy";
+
+/// One epoch's log line in `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    /// Optimizer steps so far.
+    pub global_step: usize,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Fraction of strictly correct rollout images (GenEval correctness / exact OCR).
+    pub train_accuracy: f64,
+    pub train_accuracy_by_tag: BTreeMap<String, f64>,
+    /// Samples kept after zero-advantage filtering.
+    pub kept: usize,
+    pub trained_steps: Vec<usize>,
+    pub approx_kl: f64,
+    pub kl: f64,
+    pub clip_fraction: f64,
+    pub ratio_mean: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    pub policy_loss: f64,
+    /// max |ρ − 1| over the epoch's first micro-batch, before any update: on-policy it must be 0.
+    pub first_ratio_error: f64,
+    pub learning_rate: f64,
+    pub seconds_rollout: f64,
+    pub seconds_reward_wait: f64,
+    pub seconds_train: f64,
+}
+
+/// A held-out evaluation, appended to `eval.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub epoch: usize,
+    /// GenEval overall: the mean of the tag accuracies.
+    pub accuracy: f64,
+    pub accuracy_by_tag: BTreeMap<String, f64>,
+    pub images: usize,
+    pub seconds: f64,
+}
+
+/// What the trainer reports as it goes (the CLI prints it; the app plots it).
+pub enum GrpoEvent<'a> {
+    Epoch(&'a EpochMetrics),
+    Eval(&'a EvalMetrics),
+    Grid(&'a Path),
+    Checkpoint(&'a Path),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RunState {
+    epoch: usize,
+    global_step: usize,
+}
+
+/// Errors of a GRPO run.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpoError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("{path}: {message}")]
+    Run { path: PathBuf, message: String },
+}
+
+fn run_error(path: &Path, message: impl std::fmt::Display) -> GrpoError {
+    GrpoError::Run {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// A GRPO run in progress: call [`GrpoTrainer::epoch`] until [`GrpoTrainer::done`].
+pub struct GrpoTrainer {
+    pub config: GrpoConfig,
+    /// The transformer with the trainable adapter, on the autodiff device.
+    policy: Sd3Transformer,
+    /// Tokenizer, frozen text encoder, scheduler; its transformer slot holds the latest plain
+    /// snapshot of the policy (rollouts and evaluation run there, without autodiff).
+    plain: Pipeline,
+    /// The base transformer (adapter off), plain device; only when β > 0.
+    reference: Option<Sd3Transformer>,
+    optimizer: ModuleOptimizer,
+    ema: Option<Ema>,
+    reward: Box<dyn Reward>,
+    train: Vec<Task>,
+    test: Vec<PromptSpec>,
+    run_dir: PathBuf,
+    pub epoch: usize,
+    pub global_step: usize,
+    device: Device,
+    plain_device: Device,
+}
+
+/// Everything a rollout batch leaves for training, concatenated over the epoch (plain device).
+struct EpochData {
+    /// x_j for every step j that training reads (trained steps and their successors).
+    latents: BTreeMap<usize, Tensor<4>>,
+    /// log π_old of each trained step, `[n]`.
+    old_log_probs: BTreeMap<usize, Tensor<1>>,
+    cond: Conditioning,
+    uncond: Option<Conditioning>,
+}
+
+impl GrpoTrainer {
+    /// Starts a run in `run_dir`, or resumes it when it holds a checkpoint. `pipeline` is the base
+    /// model on an autodiff device, without adapters.
+    pub fn new(
+        config: GrpoConfig,
+        pipeline: Pipeline,
+        train: Vec<Task>,
+        test: Vec<PromptSpec>,
+        run_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, GrpoError> {
+        config.validate().map_err(GrpoError::Config)?;
+        if train.is_empty() {
+            return Err(GrpoError::Config("no training prompts".into()));
+        }
+        if train.len() < config.sample.groups_per_epoch {
+            return Err(GrpoError::Config(format!(
+                "sample.groups_per_epoch = {} but only {} training prompts",
+                config.sample.groups_per_epoch,
+                train.len()
+            )));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|e| run_error(run_dir, e))?;
+        let config_path = run_dir.join("config.toml");
+        let checkpoint = run_dir.join("checkpoint");
+        let resuming = checkpoint.join("state.json").is_file();
+        if resuming {
+            let stored = GrpoConfig::from_file(&config_path).map_err(GrpoError::Config)?;
+            let mut comparable = config.clone();
+            comparable.run.epochs = stored.run.epochs;
+            if comparable != stored {
+                return Err(run_error(
+                    &config_path,
+                    "the run was started with another config; only run.epochs may change on resume (start a new run directory otherwise)",
+                ));
+            }
+        }
+        std::fs::write(&config_path, config.to_toml()).map_err(|e| run_error(&config_path, e))?;
+
+        let plain_device = device.clone().inner();
+        let Pipeline {
+            tokenizer,
+            text_encoder,
+            transformer,
+            index,
+            scheduler,
+        } = pipeline;
+        let mut policy = transformer;
+        let reference = (config.train.beta > 0.0).then(|| policy.valid());
+        let (mut epoch, mut global_step) = (0, 0);
+        let mut optimizer: ModuleOptimizer = AdamWConfig::new()
+            .with_weight_decay(config.train.weight_decay as f32)
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .init();
+        let mut ema = None;
+        if resuming {
+            let adapter = LoraWeights::read(&checkpoint.join("adapter"))?;
+            lora::attach(
+                &mut policy,
+                POLICY,
+                adapter.component("transformer"),
+                1.0,
+                device,
+            )?;
+            let optimizer_path = checkpoint.join("optimizer.bin");
+            optimizer = optimizer.load(&optimizer_path).map_err(|e| {
+                run_error(&optimizer_path, format!("cannot resume the optimizer: {e}"))
+            })?;
+            if config.train.ema {
+                ema = Some(Ema::read(
+                    &checkpoint.join("ema"),
+                    &lora::extract(&policy, POLICY)?,
+                )?);
+            }
+            let state: RunState = crate::model::read_config(&checkpoint.join("state.json"))
+                .map_err(PipelineError::from)?;
+            (epoch, global_step) = (state.epoch, state.global_step);
+            truncate_log(&run_dir.join("metrics.jsonl"), epoch)?;
+            truncate_log(&run_dir.join("eval.jsonl"), epoch)?;
+        } else {
+            lora::init_adapter(&mut policy, POLICY, &config.lora(), config.run.seed, device)?;
+            if config.train.ema {
+                ema = Some(Ema::new(lora::extract(&policy, POLICY)?));
+            }
+        }
+        let policy = lora::train_only(policy, POLICY);
+        let plain = Pipeline {
+            tokenizer,
+            text_encoder: text_encoder.valid(),
+            transformer: policy.valid(),
+            index,
+            scheduler,
+        };
+        let reward: Box<dyn Reward> = match config.data.reward {
+            RewardKind::Geneval => Box::new(ShapesReward),
+            RewardKind::Ocr => Box::new(OcrReward),
+        };
+        Ok(Self {
+            config,
+            policy,
+            plain,
+            reference,
+            optimizer,
+            ema,
+            reward,
+            train,
+            test,
+            run_dir: run_dir.to_path_buf(),
+            epoch,
+            global_step,
+            device: device.clone(),
+            plain_device,
+        })
+    }
+
+    /// Replaces the reward the config names (custom rewards, remote scorers, tests).
+    pub fn with_reward(mut self, reward: Box<dyn Reward>) -> Self {
+        self.reward = reward;
+        self
+    }
+
+    pub fn done(&self) -> bool {
+        self.epoch >= self.config.run.epochs
+    }
+
+    /// The trained transformer (adapter attached).
+    pub fn policy(&self) -> &Sd3Transformer {
+        &self.policy
+    }
+
+    /// One epoch: rollout, rewards, advantages, training; then evaluation, grids and checkpoints
+    /// when due.
+    pub fn epoch(
+        &mut self,
+        mut on_event: impl FnMut(GrpoEvent),
+    ) -> Result<EpochMetrics, GrpoError> {
+        let c = self.config.clone();
+        let epoch = self.epoch;
+        let schedule = Schedule::shifted(c.sample.steps, self.plain.scheduler.shift)
+            .map_err(PipelineError::from)?;
+        let clock = TrainingClock {
+            seed: c.run.seed,
+            epoch: epoch as u64,
+            iteration: self.global_step as u64,
+        };
+        let plan = c.train.steps.plan(c.sample.steps, clock, c.off_steps());
+        let trained = plan.trained_steps();
+        let kind = c.sample.step_kind();
+
+        // 1. prompts: k copies of m distinct prompts, shuffled.
+        let mut rng = ChaCha8Rng::seed_from_u64(c.run.seed.wrapping_add(epoch as u64));
+        let mut chosen: Vec<usize> = (0..self.train.len()).collect();
+        chosen.shuffle(&mut rng);
+        chosen.truncate(c.sample.groups_per_epoch);
+        let mut samples: Vec<usize> = (0..chosen.len())
+            .flat_map(|g| std::iter::repeat_n(g, c.sample.group_size))
+            .collect();
+        samples.shuffle(&mut rng);
+        let tasks: Vec<Task> = samples
+            .iter()
+            .map(|&g| self.train[chosen[g]].clone())
+            .collect();
+
+        // 2. rollout, rewards overlapped on other threads.
+        let start = Instant::now();
+        self.plain.transformer = self.policy.valid();
+        let mut batches = Vec::new();
+        let mut grid_images: Vec<(Image, String)> = Vec::new();
+        let mut reward_wait = 0.0;
+        let scores: Vec<Option<Score>> = std::thread::scope(|scope| -> Result<_, GrpoError> {
+            let mut pending = Vec::new();
+            for (b, chunk) in samples.chunks(c.sample.batch_size).enumerate() {
+                let offset = b * c.sample.batch_size;
+                let batch_tasks: Vec<Task> = tasks[offset..offset + chunk.len()].to_vec();
+                let prompts: Vec<String> =
+                    batch_tasks.iter().map(|t| t.prompt().to_string()).collect();
+                let init_seeds: Vec<u64> = (0..chunk.len())
+                    .map(|i| {
+                        let id = if c.sample.same_initial_noise {
+                            chunk[i] as u64
+                        } else {
+                            (offset + i) as u64 + 1_000_000
+                        };
+                        mix(c.run.seed, epoch as u64, id, 0)
+                    })
+                    .collect();
+                let step_seeds: Vec<u64> = (0..chunk.len())
+                    .map(|i| mix(c.run.seed, epoch as u64, (offset + i) as u64, 1))
+                    .collect();
+                let prompt_seeds: Vec<u64> = chunk
+                    .iter()
+                    .map(|&g| mix(c.run.seed, epoch as u64, g as u64, 2))
+                    .collect();
+                let (images, data) = self.rollout(
+                    &prompts,
+                    &init_seeds,
+                    &step_seeds,
+                    &prompt_seeds,
+                    &schedule,
+                    kind,
+                    &plan,
+                    &trained,
+                )?;
+                if b == 0 {
+                    grid_images = images.iter().cloned().zip(prompts.clone()).collect();
+                }
+                batches.push(data);
+                let reward = &*self.reward;
+                pending.push(scope.spawn(move || reward.score(&images, &batch_tasks)));
+            }
+            let wait = Instant::now();
+            let mut scores = Vec::new();
+            for handle in pending {
+                scores.extend(handle.join().expect("the reward thread panicked"));
+            }
+            reward_wait = wait.elapsed().as_secs_f64();
+            Ok(scores)
+        })?;
+        let seconds_rollout = start.elapsed().as_secs_f64() - reward_wait;
+        let data = EpochData::concat(batches);
+
+        // 3. advantages.
+        let mut rewards = Vec::with_capacity(scores.len());
+        let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (score, task) in scores.iter().zip(&tasks) {
+            let score = score.ok_or_else(|| {
+                GrpoError::Config(format!(
+                    "reward {} does not judge the prompt {:?}",
+                    self.reward.name(),
+                    task.prompt()
+                ))
+            })?;
+            rewards.push(score.reward as f64);
+            let entry = by_tag.entry(tag(task)).or_default();
+            entry.0 += score.success as usize;
+            entry.1 += 1;
+        }
+        let advantage = advantages(&rewards, &samples, c.train.std_scope);
+        let mut kept = keep_informative(&advantage, c.sample.batch_size, &mut rng);
+        kept.shuffle(&mut rng);
+
+        // 4. training.
+        let train_start = Instant::now();
+        let (stats, first_ratio_error) =
+            self.train_on(&data, &kept, &advantage, &schedule, kind, &trained)?;
+        let seconds_train = train_start.elapsed().as_secs_f64();
+
+        let n = rewards.len() as f64;
+        let mean = rewards.iter().sum::<f64>() / n;
+        let successes: usize = by_tag.values().map(|(s, _)| s).sum();
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            global_step: self.global_step,
+            reward_mean: mean,
+            reward_std: (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt(),
+            train_accuracy: successes as f64 / n,
+            train_accuracy_by_tag: by_tag
+                .into_iter()
+                .map(|(t, (s, total))| (t, s as f64 / total as f64))
+                .collect(),
+            kept: kept.len(),
+            trained_steps: trained.clone(),
+            approx_kl: stats.approx_kl,
+            kl: stats.kl,
+            clip_fraction: stats.clip_fraction,
+            ratio_mean: stats.ratio_mean,
+            ratio_min: stats.ratio_min,
+            ratio_max: stats.ratio_max,
+            policy_loss: stats.policy_loss,
+            first_ratio_error,
+            learning_rate: c.train.learning_rate,
+            seconds_rollout,
+            seconds_reward_wait: reward_wait,
+            seconds_train,
+        };
+        self.epoch += 1;
+        append_line(&self.run_dir.join("metrics.jsonl"), &metrics)?;
+        on_event(GrpoEvent::Epoch(&metrics));
+
+        // 5. bookkeeping.
+        let (done_epochs, last) = (self.epoch, self.done());
+        let due = |every: usize| every > 0 && (done_epochs % every == 0 || last);
+        if due(c.run.grid_every) {
+            let path = self
+                .run_dir
+                .join("grids")
+                .join(format!("epoch{:05}.png", self.epoch));
+            save_grid(&grid_images, &path)?;
+            on_event(GrpoEvent::Grid(&path));
+        }
+        if due(c.run.eval_every) && !self.test.is_empty() {
+            let eval = self.evaluate()?;
+            append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
+            on_event(GrpoEvent::Eval(&eval));
+        }
+        if due(c.run.save_every) {
+            let path = self.save_checkpoint()?;
+            on_event(GrpoEvent::Checkpoint(&path));
+        }
+        if self.done() {
+            let path = self.run_dir.join("adapter_final");
+            self.final_adapter().write_peft(&path, "transformer")?;
+            on_event(GrpoEvent::Checkpoint(&path));
+        }
+        Ok(metrics)
+    }
+
+    /// One rollout micro-batch with the plain policy snapshot; returns the images and what
+    /// training reads.
+    #[allow(clippy::too_many_arguments)]
+    fn rollout(
+        &self,
+        prompts: &[String],
+        init_seeds: &[u64],
+        step_seeds: &[u64],
+        prompt_seeds: &[u64],
+        schedule: &Schedule,
+        kind: StepKind,
+        plan: &crate::sample::select::StepPlan,
+        trained: &[usize],
+    ) -> Result<(Vec<Image>, EpochData), GrpoError> {
+        let c = &self.config;
+        let device = &self.plain_device;
+        let cond = self
+            .plain
+            .encode(prompts, device)
+            .map_err(PipelineError::from)?;
+        let uncond = (c.sample.guidance_scale != 1.0)
+            .then(|| {
+                self.plain
+                    .encode(&vec![String::new(); prompts.len()], device)
+            })
+            .transpose()
+            .map_err(PipelineError::from)?;
+        let size = self.plain.resolution();
+        let channels = self.plain.transformer.config.in_channels;
+        let x = NoiseSource::new(init_seeds.to_vec()).initial([channels, size, size], device);
+        let options = SampleOptions {
+            schedule,
+            kind,
+            plan: plan.clone(),
+            guidance_scale: c.sample.guidance_scale,
+            shared_seeds: Some(prompt_seeds.to_vec()),
+            record: true,
+        };
+        let denoiser = PipelineDenoiser {
+            transformer: &self.plain.transformer,
+            prediction: self.plain.index.prediction,
+        };
+        let (x0, rollout) = sample(
+            &denoiser,
+            x,
+            &cond,
+            uncond.as_ref(),
+            &NoiseSource::new(step_seeds.to_vec()),
+            &options,
+            |_| {},
+            None,
+        )
+        .map_err(PipelineError::from)?;
+        let rollout = rollout.expect("record = true");
+        let mut latents = BTreeMap::new();
+        let mut old_log_probs = BTreeMap::new();
+        for &j in trained {
+            latents.insert(j, rollout.latents[j].clone());
+            latents.insert(j + 1, rollout.latents[j + 1].clone());
+            let log_prob = rollout.log_probs[j]
+                .clone()
+                .expect("trained steps are stochastic");
+            old_log_probs.insert(j, log_prob);
+        }
+        Ok((
+            to_images(x0),
+            EpochData {
+                latents,
+                old_log_probs,
+                cond,
+                uncond,
+            },
+        ))
+    }
+
+    /// Step 4: the clipped policy loss (+ β·KL) on every kept sample and trained step.
+    fn train_on(
+        &mut self,
+        data: &EpochData,
+        kept: &[usize],
+        advantage: &[f64],
+        schedule: &Schedule,
+        kind: StepKind,
+        trained: &[usize],
+    ) -> Result<(StepStats, f64), GrpoError> {
+        let c = self.config.clone();
+        let t = &c.train;
+        let batch = c.sample.batch_size;
+        let micro_batches = kept.len() / batch;
+        let scale = 1.0 / (t.grad_accum * trained.len()) as f64;
+        let w_train = if t.cfg { c.sample.guidance_scale } else { 1.0 };
+        let sigma_max = schedule.sigma_max();
+        let mut accumulator = GradientsAccumulator::<Sd3Transformer>::new();
+        let mut all_stats = Vec::new();
+        let mut first_ratio_error: f64 = 0.0;
+        let mut pending = 0;
+        for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
+            let index = Tensor::<1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+                &self.plain_device,
+            );
+            let pick4 = |x: &Tensor<4>| x.clone().select(0, index.clone());
+            let cond_plain = data.cond.select(&index);
+            let uncond_plain = data.uncond.as_ref().map(|u| u.select(&index));
+            let cond = cond_plain.autodiff();
+            let uncond = uncond_plain.as_ref().map(Conditioning::autodiff);
+            let adv: Vec<f32> = rows
+                .iter()
+                .map(|&r| advantage[r].clamp(-t.adv_clip_max, t.adv_clip_max) as f32)
+                .collect();
+            let adv = Tensor::<1>::from_data(TensorData::new(adv, [rows.len()]), &self.device);
+            for &j in trained {
+                let (sigma, sigma_next) = (schedule.sigmas[j], schedule.sigmas[j + 1]);
+                let x_plain = pick4(&data.latents[&j]);
+                let x = x_plain.clone().autodiff();
+                let x_next = pick4(&data.latents[&(j + 1)]).autodiff();
+                let old = data.old_log_probs[&j]
+                    .clone()
+                    .select(0, index.clone())
+                    .autodiff();
+                let denoiser = PipelineDenoiser {
+                    transformer: &self.policy,
+                    prediction: self.plain.index.prediction,
+                };
+                let v =
+                    guided_velocity(&denoiser, x.clone(), sigma, &cond, uncond.as_ref(), w_train);
+                let (mean, std) =
+                    step::policy_mean(kind, x, v.clone(), sigma, sigma_next, sigma_max);
+                let log_prob = step::log_prob(kind, x_next, mean.clone(), std);
+                let (policy_loss, ratio) =
+                    clipped_surrogate(log_prob, old, adv.clone(), t.clip_range);
+                let mut loss = policy_loss.clone();
+                let mut kl_value = 0.0;
+                if let Some(reference) = &self.reference {
+                    let base = PipelineDenoiser {
+                        transformer: reference,
+                        prediction: self.plain.index.prediction,
+                    };
+                    let v_ref = guided_velocity(
+                        &base,
+                        x_plain.clone(),
+                        sigma,
+                        &cond_plain,
+                        uncond_plain.as_ref(),
+                        w_train,
+                    );
+                    let kl = match t.kl_type {
+                        KlType::X => {
+                            let (mean_ref, _) = step::policy_mean(
+                                kind, x_plain, v_ref, sigma, sigma_next, sigma_max,
+                            );
+                            x_space_kl(
+                                mean,
+                                mean_ref.autodiff(),
+                                kl_std(kind, sigma, sigma_next, sigma_max),
+                            )
+                        }
+                        KlType::V => v_space_kl(v, v_ref.autodiff()),
+                    };
+                    kl_value = kl.clone().into_scalar::<f32>() as f64;
+                    loss = loss + kl.mul_scalar(t.beta);
+                }
+                let loss_value = loss.clone().into_scalar::<f32>() as f64;
+                if !loss_value.is_finite() {
+                    return Err(run_error(
+                        &self.run_dir,
+                        format!(
+                            "loss is {loss_value} at epoch {} step {j}; the last checkpoint is kept",
+                            self.epoch + 1
+                        ),
+                    ));
+                }
+                let grads = loss.mul_scalar(scale).backward();
+                accumulator.accumulate(
+                    &self.policy,
+                    GradientsParams::from_grads(grads, &self.policy),
+                );
+                let ratios: Vec<f32> = ratio
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec()
+                    .expect("f32");
+                if m == 0 {
+                    let worst = ratios
+                        .iter()
+                        .map(|&r| (r as f64 - 1.0).abs())
+                        .fold(0.0, f64::max);
+                    first_ratio_error = first_ratio_error.max(worst);
+                }
+                let pg = policy_loss.into_scalar::<f32>() as f64;
+                all_stats.push(StepStats::from_values(&ratios, pg, kl_value, t.clip_range));
+            }
+            pending += 1;
+            if pending == t.grad_accum || m + 1 == micro_batches {
+                let grads = accumulator.grads();
+                self.optimizer_step(grads);
+                pending = 0;
+            }
+        }
+        Ok((StepStats::mean(&all_stats), first_ratio_error))
+    }
+
+    fn optimizer_step(&mut self, mut grads: GradientsParams) {
+        clip_global_norm(&self.policy, &mut grads, self.config.train.grad_clip);
+        self.policy =
+            self.optimizer
+                .step(self.config.train.learning_rate, self.policy.clone(), grads);
+        self.global_step += 1;
+        if let Some(ema) = &mut self.ema {
+            let current = lora::extract(&self.policy, POLICY).expect("the policy adapter");
+            ema.step(
+                &current,
+                self.global_step,
+                self.config.train.ema_decay,
+                self.config.train.ema_every,
+            );
+        }
+    }
+
+    /// The adapter evaluation and the final save use: the EMA when enabled.
+    fn final_adapter(&self) -> LoraWeights {
+        let modules = match &self.ema {
+            Some(ema) => ema.modules.clone(),
+            None => lora::extract(&self.policy, POLICY).expect("the policy adapter"),
+        };
+        LoraWeights::from_component("transformer", modules, Some(self.config.lora()))
+    }
+
+    /// Held-out GenEval-style accuracy with ODE sampling and the EMA adapter.
+    pub fn evaluate(&mut self) -> Result<EvalMetrics, GrpoError> {
+        let start = Instant::now();
+        let c = &self.config;
+        let mut snapshot = self.policy.valid();
+        lora::remove(&mut snapshot, POLICY);
+        let adapter = self.final_adapter();
+        lora::attach(
+            &mut snapshot,
+            POLICY,
+            adapter.component("transformer"),
+            1.0,
+            &self.plain_device,
+        )?;
+        self.plain.transformer = snapshot;
+        let specs: Vec<PromptSpec> = match c.run.eval_prompts {
+            Some(n) => self.test.iter().take(n).cloned().collect(),
+            None => self.test.clone(),
+        };
+        let options = EvalOptions {
+            images_per_prompt: c.run.eval_images_per_prompt,
+            batch_size: c.sample.batch_size,
+            generate: GenerateOptions {
+                steps: c.sample.eval_steps,
+                guidance_scale: c.sample.eval_guidance_scale,
+                kind: StepKind::Euler,
+                seeds: vec![],
+                negative_prompt: String::new(),
+            },
+            seed: c.run.seed,
+        };
+        let report = evaluate_pipeline(
+            &self.plain,
+            &specs,
+            &options,
+            &self.plain_device,
+            None,
+            |_, _| {},
+        )?;
+        Ok(EvalMetrics {
+            epoch: self.epoch,
+            accuracy: report.overall as f64,
+            accuracy_by_tag: report
+                .tags
+                .iter()
+                .map(|(t, a)| (t.clone(), *a as f64))
+                .collect(),
+            images: report.images.len(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Writes `checkpoint/` atomically: adapter and EMA (PEFT folders), optimizer, epoch.
+    pub fn save_checkpoint(&self) -> Result<PathBuf, GrpoError> {
+        let final_dir = self.run_dir.join("checkpoint");
+        let tmp = self.run_dir.join("checkpoint.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let current = lora::extract(&self.policy, POLICY)?;
+        LoraWeights::from_component("transformer", current, Some(self.config.lora()))
+            .write_peft(&tmp.join("adapter"), "transformer")?;
+        if let Some(ema) = &self.ema {
+            ema.write(&tmp.join("ema"), &self.config.lora())?;
+        }
+        let optimizer_path = tmp.join("optimizer.bin");
+        self.optimizer
+            .save(&optimizer_path)
+            .map_err(|e| run_error(&optimizer_path, e))?;
+        let state = RunState {
+            epoch: self.epoch,
+            global_step: self.global_step,
+        };
+        let state_path = tmp.join("state.json");
+        std::fs::write(
+            &state_path,
+            serde_json::to_string_pretty(&state).expect("json"),
+        )
+        .map_err(|e| run_error(&state_path, e))?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
+        Ok(final_dir)
+    }
+}
+
+impl EpochData {
+    fn concat(batches: Vec<EpochData>) -> Self {
+        let first = &batches[0];
+        let keys: Vec<usize> = first.latents.keys().copied().collect();
+        let steps: Vec<usize> = first.old_log_probs.keys().copied().collect();
+        let cat4 =
+            |f: &dyn Fn(&EpochData) -> Tensor<4>| Tensor::cat(batches.iter().map(f).collect(), 0);
+        let latents = keys
+            .iter()
+            .map(|&k| (k, cat4(&|b| b.latents[&k].clone())))
+            .collect();
+        let old_log_probs = steps
+            .iter()
+            .map(|&k| {
+                (
+                    k,
+                    Tensor::cat(
+                        batches
+                            .iter()
+                            .map(|b| b.old_log_probs[&k].clone())
+                            .collect(),
+                        0,
+                    ),
+                )
+            })
+            .collect();
+        let cond = Conditioning::cat(&batches.iter().map(|b| b.cond.clone()).collect::<Vec<_>>());
+        let uncond = first.uncond.as_ref().map(|_| {
+            Conditioning::cat(
+                &batches
+                    .iter()
+                    .map(|b| b.uncond.clone().expect("every batch has one"))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        Self {
+            latents,
+            old_log_probs,
+            cond,
+            uncond,
+        }
+    }
+}
+
+/// The Gaussian's un-scaled std g that Flow-GRPO's KL divides by (§1.6).
+fn kl_std(kind: StepKind, sigma: f64, sigma_next: f64, sigma_max: f64) -> f64 {
+    match kind {
+        StepKind::FlowSde { noise_level } => schedule::flow_sde_g(sigma, sigma_max, noise_level),
+        StepKind::Cps { eta } => schedule::cps_std(sigma_next, eta),
+        StepKind::DanceSde { eta } => eta,
+        StepKind::Euler => 1.0,
+    }
+}
+
+/// Scales every gradient so their joint L2 norm is at most `max_norm` (torch's
+/// `clip_grad_norm_`; burn's own clipping is per tensor). Returns the norm before clipping.
+pub fn clip_global_norm(module: &impl Module, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let ids = parameter_ids(module);
+    let mut total = 0.0f64;
+    for &(id, rank) in &ids {
+        total += match rank {
+            1 => grads
+                .get::<1>(id)
+                .map(|g| g.square().sum().into_scalar::<f32>() as f64),
+            2 => grads
+                .get::<2>(id)
+                .map(|g| g.square().sum().into_scalar::<f32>() as f64),
+            3 => grads
+                .get::<3>(id)
+                .map(|g| g.square().sum().into_scalar::<f32>() as f64),
+            _ => None,
+        }
+        .unwrap_or(0.0);
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for &(id, rank) in &ids {
+            match rank {
+                1 => rescale::<1>(grads, id, factor),
+                2 => rescale::<2>(grads, id, factor),
+                3 => rescale::<3>(grads, id, factor),
+                _ => {}
+            }
+        }
+    }
+    norm
+}
+
+fn rescale<const D: usize>(grads: &mut GradientsParams, id: burn::module::ParamId, factor: f64) {
+    if let Some(g) = grads.remove::<D>(id) {
+        grads.register(id, g.mul_scalar(factor));
+    }
+}
+
+fn parameter_ids(module: &impl Module) -> Vec<(burn::module::ParamId, usize)> {
+    struct Ids(Vec<(burn::module::ParamId, usize)>);
+    impl burn::module::ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            self.0.push((param.id, D));
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    module.visit(&mut ids);
+    ids.0
+}
+
+/// A per-sample seed from (run seed, epoch, sample, stream): splitmix64 over the mixed words.
+fn mix(seed: u64, epoch: u64, id: u64, stream: u64) -> u64 {
+    let mut z = seed
+        ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ id.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ stream.wrapping_mul(0x1656_67B1_9E37_79F9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn tag(task: &Task) -> String {
+    match task {
+        Task::Shapes(spec) => spec.tag.clone(),
+        Task::Digits { .. } => "digits".into(),
+    }
+}
+
+fn append_line(path: &Path, value: &impl Serialize) -> Result<(), GrpoError> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| run_error(path, e))?;
+    writeln!(file, "{}", serde_json::to_string(value).expect("json"))
+        .map_err(|e| run_error(path, e))
+}
+
+/// Drops log lines of epochs after `epoch` (written after the checkpoint a resumed run restarts
+/// from), so the log has each epoch once.
+fn truncate_log(path: &Path, epoch: usize) -> Result<(), GrpoError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["epoch"].as_u64())
+                .is_some_and(|e| e as usize <= epoch)
+        })
+        .collect();
+    let body = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
+    std::fs::write(path, body).map_err(|e| run_error(path, e))
+}
+
+/// A grid of the epoch's first rollout images (8 per row), with the prompts in the PNG's text.
+fn save_grid(images: &[(Image, String)], path: &Path) -> Result<(), GrpoError> {
+    if images.is_empty() {
+        return Ok(());
+    }
+    let (w, h) = (images[0].0.width, images[0].0.height);
+    let columns = images.len().min(8);
+    let rows = images.len().div_ceil(columns);
+    let gap = 2;
+    let (gw, gh) = (columns * (w + gap) - gap, rows * (h + gap) - gap);
+    let mut grid = Image {
+        width: gw,
+        height: gh,
+        pixels: vec![[255, 255, 255]; gw * gh],
+    };
+    for (k, (image, _)) in images.iter().enumerate() {
+        let (ox, oy) = ((k % columns) * (w + gap), (k / columns) * (h + gap));
+        for y in 0..h {
+            for x in 0..w {
+                grid.pixels[(oy + y) * gw + ox + x] = image.get(x, y);
+            }
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| run_error(dir, e))?;
+    }
+    let prompts = images
+        .iter()
+        .map(|(_, p)| p.as_str())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    crate::image_io::save_png(&grid, path, &[("prompts", prompts)]).map_err(|e| run_error(path, e))
+}

@@ -1,0 +1,274 @@
+//! Flow-GRPO training end to end on a tiny pipeline: the on-policy ratio is exactly 1 on the CPU
+//! and on the Vulkan adapter, a run resumed from its checkpoint continues exactly, and an epoch
+//! leaves everything a user expects in the run directory.
+
+use burn::tensor::Device;
+use portaflow::device::ChosenDevice;
+use portaflow::lora::{self, LoraWeights};
+use portaflow::pipeline::Pipeline;
+use portaflow::reward::{Reward, Score, Task};
+use portaflow::sample::select::StepSelection;
+use portaflow::train::grpo::config::{GrpoConfig, KlType, SdeType, StdScope};
+use portaflow::train::grpo::{GrpoTrainer, POLICY};
+use portaflow::train::pretrain::{PretrainConfig, pretrain};
+use portaflow::world::prompt_sets;
+use portaflow::world::render::Image;
+use portaflow_tests::{TempDir, tiny_pipeline, vulkan};
+
+/// A dense, continuous reward so that every group has non-zero advantages: redness.
+struct Redness;
+
+impl Reward for Redness {
+    fn name(&self) -> &str {
+        "redness"
+    }
+    fn score(&self, images: &[Image], _tasks: &[Task]) -> Vec<Option<Score>> {
+        images
+            .iter()
+            .map(|image| {
+                let red = image
+                    .pixels
+                    .iter()
+                    .map(|p| p[0] as f32 - (p[1] as f32 + p[2] as f32) / 2.0)
+                    .sum::<f32>()
+                    / (255.0 * image.pixels.len() as f32);
+                Some(Score {
+                    reward: red,
+                    success: red > 0.0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Flow-GRPO's original recipe at toy size: SDE, every step but the last, CFG in rollout and
+/// training, x-space KL.
+fn config(epochs: usize) -> GrpoConfig {
+    let mut c: GrpoConfig = toml::from_str("").unwrap();
+    c.model.lora_rank = 4;
+    c.model.lora_alpha = 8.0;
+    c.sample.steps = 4;
+    c.sample.eval_steps = 4;
+    c.sample.group_size = 2;
+    c.sample.groups_per_epoch = 4;
+    c.sample.batch_size = 4;
+    c.sample.sde_type = SdeType::Sde;
+    c.sample.noise_level = 0.7;
+    c.sample.guidance_scale = 3.0;
+    c.sample.eval_guidance_scale = 3.0;
+    c.train.cfg = true;
+    c.train.steps = StepSelection::AllButLast;
+    c.train.clip_range = 1e-4;
+    c.train.beta = 0.04;
+    c.train.kl_type = KlType::X;
+    c.train.std_scope = StdScope::Global;
+    c.train.learning_rate = 1e-2;
+    c.train.grad_accum = 1;
+    c.train.ema_every = 1;
+    c.run.epochs = epochs;
+    c.run.eval_every = 1;
+    c.run.eval_prompts = Some(4);
+    c.run.grid_every = 1;
+    c.run.save_every = 1;
+    c
+}
+
+/// A tiny pipeline with its output layer moved off zero (a fresh one predicts nothing).
+fn base(device: &Device) -> Pipeline {
+    let dir = TempDir::new("grpo-base");
+    let (train, _) = prompt_sets::build();
+    let ad = device.clone().autodiff();
+    let short = PretrainConfig {
+        steps: 2,
+        batch_size: 4,
+        learning_rate: 3e-3,
+        warmup_steps: 1,
+        checkpoint_every: 2,
+        log_every: 1,
+        ..Default::default()
+    };
+    pretrain(
+        tiny_pipeline(3, &ad),
+        &short,
+        &train,
+        dir.path(),
+        &ad,
+        |_| {},
+    )
+    .unwrap();
+    Pipeline::from_dir(&dir.path().join("checkpoint"), &ad).unwrap()
+}
+
+fn trainer(config: GrpoConfig, run: &std::path::Path, device: &Device) -> GrpoTrainer {
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
+    let ad = device.clone().autodiff();
+    GrpoTrainer::new(config, base(device), tasks, test, run, &ad)
+        .unwrap()
+        .with_reward(Box::new(Redness))
+}
+
+fn assert_same(a: &[f32], b: &[f32], what: &str) {
+    let diff = portaflow_tests::max_abs_diff(a, b);
+    assert!(diff == 0.0, "{what}: max |difference| {diff}");
+}
+
+fn adapter_values(t: &GrpoTrainer) -> Vec<f32> {
+    lora::extract(t.policy(), POLICY)
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, m)| m.a.into_iter().chain(m.b))
+        .collect()
+}
+
+fn first_ratio_is_one(device: &Device, what: &str) {
+    let run = TempDir::new(&format!("grpo-ratio-{what}"));
+    // One rollout batch, two trained steps: lavapipe is slow.
+    let mut c = config(1);
+    c.sample.steps = 3;
+    c.sample.groups_per_epoch = 2;
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    let mut t = trainer(c, run.path(), device);
+    let m = t.epoch(|_| {}).unwrap();
+    println!(
+        "{what}: first ratio error {:.2e}, epoch ratio range [{}, {}]",
+        m.first_ratio_error, m.ratio_min, m.ratio_max
+    );
+    assert!(
+        m.first_ratio_error < 1e-5,
+        "{what}: on-policy ratio is off by {}",
+        m.first_ratio_error
+    );
+    assert!(m.kl >= 0.0 && m.kl.is_finite());
+}
+
+#[test]
+fn the_on_policy_ratio_is_one_on_the_cpu() {
+    first_ratio_is_one(&ChosenDevice::cpu().device, "cpu");
+}
+
+#[test]
+fn the_on_policy_ratio_is_one_on_vulkan() {
+    first_ratio_is_one(&vulkan().device, "vulkan");
+}
+
+#[test]
+fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
+    let run = TempDir::new("grpo-epoch");
+    let device = ChosenDevice::cpu().device;
+    let mut t = trainer(config(1), run.path(), &device);
+    let before = adapter_values(&t);
+    let mut events = Vec::new();
+    let m = t
+        .epoch(|e| {
+            events.push(match e {
+                portaflow::train::grpo::GrpoEvent::Epoch(_) => "epoch",
+                portaflow::train::grpo::GrpoEvent::Eval(_) => "eval",
+                portaflow::train::grpo::GrpoEvent::Grid(_) => "grid",
+                portaflow::train::grpo::GrpoEvent::Checkpoint(_) => "checkpoint",
+            })
+        })
+        .unwrap();
+    assert!(t.done());
+    assert_eq!(
+        events,
+        ["epoch", "grid", "eval", "checkpoint", "checkpoint"]
+    );
+    assert_ne!(
+        before,
+        adapter_values(&t),
+        "one epoch must move the adapter"
+    );
+    assert!(m.reward_std > 0.0 && m.kept > 0 && m.global_step == 2);
+    assert_eq!(m.trained_steps, vec![0, 1, 2]);
+    let dir = run.path();
+    for file in [
+        "config.toml",
+        "metrics.jsonl",
+        "eval.jsonl",
+        "grids/epoch00001.png",
+        "checkpoint/state.json",
+        "checkpoint/optimizer.bin",
+    ] {
+        assert!(dir.join(file).is_file(), "{file} is missing");
+    }
+    // The saved adapters are plain PEFT folders.
+    for folder in ["checkpoint/adapter", "checkpoint/ema", "adapter_final"] {
+        let w = LoraWeights::read(&dir.join(folder)).unwrap();
+        assert_eq!(w.configs["transformer"].r, 4, "{folder}");
+        assert!(!w.modules.is_empty());
+    }
+    let line = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "approx_kl",
+        "kl",
+        "clip_fraction",
+        "ratio_mean",
+        "train_accuracy_by_tag",
+        "seconds_rollout",
+        "seconds_train",
+        "learning_rate",
+    ] {
+        assert!(json.get(key).is_some(), "metrics.jsonl lacks {key}");
+    }
+}
+
+#[test]
+fn a_resumed_run_continues_exactly() {
+    let device = ChosenDevice::cpu().device;
+    let straight = TempDir::new("grpo-straight");
+    let mut a = trainer(config(2), straight.path(), &device);
+    a.epoch(|_| {}).unwrap();
+    let a1 = adapter_values(&a);
+    a.epoch(|_| {}).unwrap();
+
+    let resumed = TempDir::new("grpo-resumed");
+    let mut b = trainer(config(2), resumed.path(), &device);
+    b.epoch(|_| {}).unwrap();
+    assert_same(
+        &a1,
+        &adapter_values(&b),
+        "two identical runs differ after one epoch",
+    );
+    drop(b); // a killed process: only the run directory survives
+    let mut b = trainer(config(2), resumed.path(), &device);
+    assert_eq!(b.epoch, 1);
+    assert_same(
+        &a1,
+        &adapter_values(&b),
+        "the checkpoint does not restore the adapter",
+    );
+    b.epoch(|_| {}).unwrap();
+    assert_same(
+        &adapter_values(&a),
+        &adapter_values(&b),
+        "the resumed run diverged",
+    );
+    let lines = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(lines(resumed.path()), 2);
+    let ema = |d: &std::path::Path| LoraWeights::read(&d.join("adapter_final")).unwrap().modules;
+    assert_eq!(ema(straight.path()), ema(resumed.path()));
+
+    // Changing anything but the length is refused.
+    let mut other = config(3);
+    other.train.beta = 0.0;
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
+    let ad = device.clone().autodiff();
+    let err = GrpoTrainer::new(other, base(&device), tasks, test, resumed.path(), &ad)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("only run.epochs may change"),
+        "{err}"
+    );
+}
