@@ -44,6 +44,11 @@ enum Command {
     Pretrain(PretrainArgs),
     /// Score a model (or a folder of images) on a GenEval-format prompt file.
     Eval(EvalArgs),
+    /// Train adapters: `train grpo --config FILE.toml --out RUN_DIR`.
+    Train {
+        #[command(subcommand)]
+        command: cli::train::TrainCommand,
+    },
     /// Inspect, convert and merge LoRA adapters (PEFT, diffusers, kohya, torch .pt).
     Lora {
         #[command(subcommand)]
@@ -159,6 +164,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain(request, args),
         Command::Eval(args) => eval(request, args),
         Command::Lora { command } => cli::lora::run(request, command),
+        Command::Train { command } => cli::train::run(request, command),
     }
 }
 

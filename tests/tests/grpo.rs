@@ -272,3 +272,15 @@ fn a_resumed_run_continues_exactly() {
         "{err}"
     );
 }
+
+#[test]
+fn every_preset_in_configs_parses_and_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/grpo");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        GrpoConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        count += 1;
+    }
+    assert!(count >= 3, "presets missing from {}", dir.display());
+}

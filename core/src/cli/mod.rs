@@ -1,3 +1,4 @@
 //! Subcommands of the `portaflow` binary that have grown past a function in `main.rs`.
 
 pub mod lora;
+pub mod train;

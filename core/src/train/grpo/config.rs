@@ -73,6 +73,15 @@ pub struct DataSection {
     pub reward: RewardKind,
 }
 
+impl DataSection {
+    pub fn reward_name(&self) -> &'static str {
+        match self.reward {
+            RewardKind::Geneval => "geneval",
+            RewardKind::Ocr => "ocr",
+        }
+    }
+}
+
 impl Default for DataSection {
     fn default() -> Self {
         Self {

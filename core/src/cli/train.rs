@@ -1,0 +1,151 @@
+//! `portaflow train grpo --config FILE.toml --out RUN_DIR`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use portaflow::device::{self, DeviceRequest};
+use portaflow::pipeline::{self, Pipeline};
+use portaflow::reward::Task;
+use portaflow::train::grpo::config::{GrpoConfig, RewardKind};
+use portaflow::train::grpo::{GrpoEvent, GrpoTrainer};
+use portaflow::world::{digits, prompt};
+
+#[derive(clap::Subcommand)]
+pub enum TrainCommand {
+    /// Flow-GRPO on a LoRA adapter (presets in configs/grpo/).
+    Grpo {
+        /// The run config (TOML); every field has a default, see configs/grpo/.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run directory: metrics.jsonl, eval.jsonl, grids/, checkpoint/, adapter_final/. A run
+        /// directory with a checkpoint is resumed.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override run.epochs (the only setting a resumed run may change).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Print the effective config and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+}
+
+pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
+    match command {
+        TrainCommand::Grpo {
+            config,
+            out,
+            epochs,
+            print_config,
+        } => {
+            let mut config = match &config {
+                Some(path) => GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?,
+                None => toml::from_str("").expect("defaults"),
+            };
+            if let Some(e) = epochs {
+                config.run.epochs = e;
+            }
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
+            grpo(request, config, &out)
+        }
+    }
+}
+
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
+    let chosen = device::select(request)?;
+    let device = chosen.device.clone().autodiff();
+    let model = config
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(pipeline::bundled_dir);
+    let pipe = Pipeline::from_dir(&model, &device)
+        .with_context(|| format!("loading the model from {}", model.display()))?;
+    let train_path = config
+        .data
+        .train_prompts
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
+    let test_path = config
+        .data
+        .test_prompts
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
+    let train: Vec<Task> = match config.data.reward {
+        RewardKind::Geneval => prompt::read_jsonl(&train_path)?
+            .into_iter()
+            .map(Task::Shapes)
+            .collect(),
+        RewardKind::Ocr => (0..1000u64)
+            .map(|n| Task::Digits {
+                prompt: digits::prompt_for(&n.to_string()),
+            })
+            .collect(),
+    };
+    let test = prompt::read_jsonl(&test_path)?;
+    println!(
+        "flow-grpo on {chosen}: {} from {}, {} training prompts, {} held-out, run dir {}",
+        config.data.reward_name(),
+        model.display(),
+        train.len(),
+        test.len(),
+        out.display()
+    );
+    let mut trainer = GrpoTrainer::new(config, pipe, train, test, out, &device)?;
+    if trainer.epoch > 0 {
+        println!("resumed at epoch {}", trainer.epoch);
+    }
+    let start = Instant::now();
+    while !trainer.done() {
+        trainer.epoch(|event| match event {
+            GrpoEvent::Epoch(m) => println!(
+                "epoch {:>4}  reward {:.3} ± {:.3}  train acc {:.3}  kl {:.2e}  clip {:.3}  ratio [{:.4}, {:.4}]  |ρ₀−1| {:.1e}  {:.1} s rollout + {:.1} s train  ({:.0} s)",
+                m.epoch,
+                m.reward_mean,
+                m.reward_std,
+                m.train_accuracy,
+                m.kl,
+                m.clip_fraction,
+                m.ratio_min,
+                m.ratio_max,
+                m.first_ratio_error,
+                m.seconds_rollout + m.seconds_reward_wait,
+                m.seconds_train,
+                start.elapsed().as_secs_f64()
+            ),
+            GrpoEvent::Eval(e) => {
+                let tags: Vec<String> = e
+                    .accuracy_by_tag
+                    .iter()
+                    .map(|(t, a)| format!("{t} {a:.2}"))
+                    .collect();
+                println!(
+                    "  held-out accuracy {:.3} ({}) on {} images, {:.1} s",
+                    e.accuracy,
+                    tags.join(", "),
+                    e.images,
+                    e.seconds
+                )
+            }
+            GrpoEvent::Grid(p) => println!("  grid {}", p.display()),
+            GrpoEvent::Checkpoint(p) => println!("  saved {}", p.display()),
+        })?;
+    }
+    println!(
+        "done in {:.0} s: the adapter is {} (load it with --lora)",
+        start.elapsed().as_secs_f64(),
+        out.join("adapter_final").display()
+    );
+    Ok(())
+}
