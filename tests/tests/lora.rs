@@ -10,8 +10,8 @@ use portaflow::model::weights::Weights;
 use portaflow::model::{flux1, flux2, sd3};
 use portaflow::text::clip;
 use portaflow_tests::{
-    flux1_forward_on_golden_inputs, flux2_forward_on_golden_inputs, golden, max_abs_diff,
-    max_rel_diff, sd3_forward_on_golden_inputs,
+    flux1_forward_on_golden_inputs, golden, max_abs_diff, max_rel_diff,
+    sd3_forward_on_golden_inputs,
 };
 
 fn cpu() -> Device {
@@ -362,7 +362,12 @@ fn case(name: &str) -> std::path::PathBuf {
 }
 
 fn expected(name: &str, key: &str) -> Vec<f32> {
-    let mut io = Weights::open_file(&case(name).join("expected.safetensors")).unwrap();
+    let file = if name == "roundtrip" {
+        "portaflow_output.safetensors"
+    } else {
+        "expected.safetensors"
+    };
+    let mut io = Weights::open_file(&case(name).join(file)).unwrap();
     let shape = io.shape(key).unwrap_or_else(|| panic!("{name}: no {key}"));
     io.read(key, &shape).unwrap().unwrap()
 }
@@ -576,4 +581,128 @@ fn flux1_peft_and_kohya_adapters_match_diffusers() {
         &expected("flux1_boxflow", "output_kohya"),
         &base,
     );
+}
+
+// ---- round trip: what portaflow writes loads in peft / diffusers with the same output ----
+//
+// `PORTAFLOW_WRITE_ROUNDTRIP=1 cargo test --workspace --test lora roundtrip` rewrites
+// `assets/golden/lora/roundtrip/` (a trained-looking adapter on sd3_tiny saved as PEFT and
+// diffusers, plus portaflow's output); `tools/check/load_lora_in_peft.py` then loads both files
+// with peft / diffusers and stores their outputs next to them. This test checks the committed
+// files without Python.
+
+fn roundtrip_adapter(device: &Device) -> (sd3::Sd3Transformer, LoraWeights) {
+    let mut model = sd3::load_dir(&golden("sd3_tiny"), device).unwrap();
+    let mut config = LoraConfig::flow_grpo_sd3();
+    config.r = 4;
+    config.lora_alpha = 8.0;
+    config.alpha_pattern.0.push(("attn.to_out.0".into(), 2.0));
+    config.rank_pattern.0.push(("add_k_proj".into(), 2));
+    lora::init_adapter(&mut model, "trained", &config, 7, device).unwrap();
+    // Move B off zero as training would.
+    let mut k = 0u64;
+    let modules: Vec<(String, LoraModule)> = lora::extract(&model, "trained")
+        .unwrap()
+        .into_iter()
+        .map(|(p, mut m)| {
+            k += 1;
+            m.b = module(m.rank, m.d_in, m.d_out, m.alpha, k).b;
+            (p, m)
+        })
+        .collect();
+    lora::remove(&mut model, "trained");
+    let weights = LoraWeights::from_component("transformer", modules, Some(config));
+    lora::attach(
+        &mut model,
+        "trained",
+        weights.component("transformer"),
+        1.0,
+        device,
+    )
+    .unwrap();
+    (model, weights)
+}
+
+#[test]
+fn roundtrip_adapters_portaflow_writes_load_in_peft_and_diffusers_unchanged() {
+    let device = cpu();
+    let dir = case("roundtrip");
+    let (model, weights) = roundtrip_adapter(&device);
+    let ours = sd3_forward_on_golden_inputs(&model, "sd3_tiny", &device);
+    if std::env::var("PORTAFLOW_WRITE_ROUNDTRIP").is_ok_and(|v| v == "1") {
+        weights
+            .write_peft(&dir.join("adapter"), "transformer")
+            .unwrap();
+        weights
+            .write_diffusers(&dir.join("pytorch_lora_weights.safetensors"))
+            .unwrap();
+        let stored = std::collections::BTreeMap::from([(
+            "output".to_string(),
+            portaflow::model::export::Stored {
+                shape: vec![2, 16, 8, 12],
+                values: ours.clone(),
+            },
+        )]);
+        portaflow::model::export::save_safetensors(
+            &stored,
+            &dir.join("portaflow_output.safetensors"),
+            None,
+        )
+        .unwrap();
+        eprintln!(
+            "wrote {}; now run tools/check/load_lora_in_peft.py",
+            dir.display()
+        );
+        return;
+    }
+    // File-level invariants of what we write, without Python.
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["rank_pattern"]["add_k_proj"], 2);
+    let peft = Weights::open_file(&dir.join("adapter/adapter_model.safetensors")).unwrap();
+    for key in peft.keys() {
+        assert!(
+            key.starts_with("base_model.model.transformer_blocks."),
+            "{key}"
+        );
+        assert!(
+            key.ends_with(".lora_A.weight") || key.ends_with(".lora_B.weight"),
+            "{key}"
+        );
+    }
+    let diffusers = Weights::open_file(&dir.join("pytorch_lora_weights.safetensors")).unwrap();
+    assert!(
+        diffusers
+            .keys()
+            .iter()
+            .all(|k| k.starts_with("transformer.transformer_blocks."))
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_str(&diffusers.metadata()["lora_adapter_metadata"]).unwrap();
+    assert_eq!(metadata["transformer.lora_alpha"], 8.0);
+    // The committed files are what this code writes today.
+    assert_eq!(
+        LoraWeights::read(&dir.join("adapter")).unwrap().modules,
+        weights.modules
+    );
+    // And peft / diffusers computed the same output from them.
+    let committed = expected("roundtrip", "output");
+    assert_eq!(
+        committed, ours,
+        "portaflow's own output changed since the files were written"
+    );
+    let mut io = Weights::open_file(&dir.join("peft_output.safetensors"))
+        .expect("run tools/check/load_lora_in_peft.py to record peft's output");
+    for key in ["peft", "diffusers"] {
+        let theirs = io.read(key, &[2, 16, 8, 12]).unwrap().unwrap();
+        let rel = max_rel_diff(&ours, &theirs);
+        assert!(
+            rel < 1e-4,
+            "{key} loads our adapter with output {rel} (relative) away from ours"
+        );
+    }
 }
