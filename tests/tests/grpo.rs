@@ -41,6 +41,22 @@ impl Reward for Redness {
     }
 }
 
+/// Redness, but NaN for every fourth image (a reward server returning garbage).
+struct SometimesNan;
+
+impl Reward for SometimesNan {
+    fn name(&self) -> &str {
+        "sometimes-nan"
+    }
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
+        let mut scores = Redness.score(images, tasks);
+        for s in scores.iter_mut().step_by(4) {
+            s.as_mut().unwrap().reward = f32::NAN;
+        }
+        scores
+    }
+}
+
 /// Flow-GRPO's original recipe at toy size: SDE, every step but the last, CFG in rollout and
 /// training, x-space KL.
 fn config(epochs: usize) -> GrpoConfig {
@@ -275,12 +291,34 @@ fn a_resumed_run_continues_exactly() {
 
 #[test]
 fn every_preset_in_configs_parses_and_validates() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/grpo");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
     let mut count = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("grpo-")
+        {
+            continue;
+        }
         GrpoConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         count += 1;
     }
-    assert!(count >= 3, "presets missing from {}", dir.display());
+    assert!(count >= 5, "presets missing from {}", dir.display());
+}
+
+#[test]
+fn non_finite_rewards_are_left_out_and_never_reach_the_weights() {
+    let run = TempDir::new("grpo-nan");
+    let device = ChosenDevice::cpu().device;
+    let mut c = config(1);
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    let mut t = trainer(c, run.path(), &device).with_reward(Box::new(SometimesNan));
+    let m = t.epoch(|_| {}).unwrap();
+    assert_eq!(m.nonfinite_rewards, 2);
+    assert!(m.reward_mean.is_finite() && m.kept > 0);
+    assert!(adapter_values(&t).iter().all(|v| v.is_finite()));
 }

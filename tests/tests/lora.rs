@@ -10,8 +10,8 @@ use portaflow::model::weights::Weights;
 use portaflow::model::{flux1, flux2, sd3};
 use portaflow::text::clip;
 use portaflow_tests::{
-    flux1_forward_on_golden_inputs, golden, max_abs_diff, max_rel_diff,
-    sd3_forward_on_golden_inputs,
+    flux1_forward_on_golden_inputs, flux2_forward_on_golden_inputs, golden, max_abs_diff,
+    max_rel_diff, sd3_forward_on_golden_inputs,
 };
 
 fn cpu() -> Device {
@@ -581,6 +581,91 @@ fn flux1_peft_and_kohya_adapters_match_diffusers() {
         &expected("flux1_boxflow", "output_kohya"),
         &base,
     );
+}
+
+#[test]
+fn flux2_rtdmd_torch_state_dicts_stack_as_rtdmd_does() {
+    let device = cpu();
+    let fresh = || flux2::load_dir(&golden("flux2_tiny"), &device).unwrap();
+    let base = flux2_forward_on_golden_inputs(&fresh(), "flux2_tiny", &device);
+    // RTDMD's .pt files carry no α; its card says r 32, α 64 (here r 4, α 8).
+    let cold = read("flux2_rtdmd", "cold_start/generator_ema.pt").with_alpha(8.0);
+    let rl = read("flux2_rtdmd", "rtdmd/generator_ema.pt").with_alpha(8.0);
+    assert_eq!(cold.format, lora::Format::TorchPt);
+    assert_eq!((cold.modules.len(), rl.modules.len()), (12, 12));
+    // The same adapter as peft saved it.
+    let peft = read("flux2_rtdmd", "cold_start_peft");
+    assert_eq!(peft.modules, cold.modules);
+
+    let mut model = fresh();
+    lora::attach(
+        &mut model,
+        "cold",
+        cold.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
+    let got = flux2_forward_on_golden_inputs(&model, "flux2_tiny", &device);
+    assert_matches(
+        "cold start",
+        &got,
+        &expected("flux2_rtdmd", "output_cold_start"),
+        &base,
+    );
+    // RTDMD's stacking: merge the cold start into the base, then the RL adapter on top.
+    lora::merge_and_unload(&mut model, "cold").unwrap();
+    lora::attach(
+        &mut model,
+        "rtdmd",
+        rl.component("transformer"),
+        1.0,
+        &device,
+    )
+    .unwrap();
+    let got = flux2_forward_on_golden_inputs(&model, "flux2_tiny", &device);
+    assert_matches("stacked", &got, &expected("flux2_rtdmd", "output"), &base);
+}
+
+#[test]
+fn bad_adapter_files_are_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("portaflow-bad-lora-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Truncated safetensors.
+    let good =
+        std::fs::read(case("sd3_flowgrpo").join("pytorch_lora_weights.safetensors")).unwrap();
+    std::fs::write(dir.join("cut.safetensors"), &good[..good.len() / 2]).unwrap();
+    let err = LoraWeights::read(&dir.join("cut.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cut.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    // A config whose rank disagrees with the tensors.
+    let peft = dir.join("peft");
+    std::fs::create_dir_all(&peft).unwrap();
+    let src = case("sd3_flowgrpo").join("adapter");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        peft.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(src.join("adapter_config.json"))
+        .unwrap()
+        .replace("\"r\": 4", "\"r\": 8");
+    std::fs::write(peft.join("adapter_config.json"), config).unwrap();
+    let err = LoraWeights::read(&peft).unwrap_err().to_string();
+    assert!(
+        err.contains("rank 4 disagrees with the config's rank 8"),
+        "{err}"
+    );
+    // A pickle that would run code.
+    let err = LoraWeights::read(&golden("torch_pt").join("evil.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("system"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- round trip: what portaflow writes loads in peft / diffusers with the same output ----

@@ -14,9 +14,9 @@ use portaflow::world::{digits, prompt};
 
 #[derive(clap::Subcommand)]
 pub enum TrainCommand {
-    /// Flow-GRPO on a LoRA adapter (presets in configs/grpo/).
+    /// Flow-GRPO on a LoRA adapter (presets: configs/grpo-*.toml).
     Grpo {
-        /// The run config (TOML); every field has a default, see configs/grpo/.
+        /// The run config (TOML); every field has a default, see configs/grpo-*.toml.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Run directory: metrics.jsonl, eval.jsonl, grids/, checkpoint/, adapter_final/. A run
@@ -106,11 +106,33 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
     if trainer.epoch > 0 {
         println!("resumed at epoch {}", trainer.epoch);
     }
+    // Ctrl-C: finish the running epoch, save a checkpoint, stop; a second Ctrl-C exits at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nCtrl-C: finishing this epoch, then saving a checkpoint (Ctrl-C again to quit now)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
     let start = Instant::now();
     while !trainer.done() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let path = trainer.save_checkpoint()?;
+            println!(
+                "stopped after epoch {}; checkpoint {} (rerun the same command to resume)",
+                trainer.epoch,
+                path.display()
+            );
+            return Ok(());
+        }
         trainer.epoch(|event| match event {
             GrpoEvent::Epoch(m) => println!(
-                "epoch {:>4}  reward {:.3} ± {:.3}  train acc {:.3}  kl {:.2e}  clip {:.3}  ratio [{:.4}, {:.4}]  |ρ₀−1| {:.1e}  {:.1} s rollout + {:.1} s train  ({:.0} s)",
+                "epoch {:>4}  reward {:.3} ± {:.3}  train acc {:.3}  kl {:.2e}  clip {:.3}  ratio [{:.4}, {:.4}]  |ρ₀−1| {:.1e}  {:.1} s rollout + {:.1} s train  peak {:.0} MiB  ({:.0} s)",
                 m.epoch,
                 m.reward_mean,
                 m.reward_std,
@@ -122,16 +144,18 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
                 m.first_ratio_error,
                 m.seconds_rollout + m.seconds_reward_wait,
                 m.seconds_train,
+                m.peak_memory_mib.unwrap_or(0.0),
                 start.elapsed().as_secs_f64()
             ),
             GrpoEvent::Eval(e) => {
+                let memory = e.artifact_rate;
                 let tags: Vec<String> = e
                     .accuracy_by_tag
                     .iter()
                     .map(|(t, a)| format!("{t} {a:.2}"))
                     .collect();
                 println!(
-                    "  held-out accuracy {:.3} ({}) on {} images, {:.1} s",
+                    "  held-out accuracy {:.3} ({}) on {} images, artifacts/image {memory:.3}, {:.1} s",
                     e.accuracy,
                     tags.join(", "),
                     e.images,

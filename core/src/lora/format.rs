@@ -521,11 +521,19 @@ fn diffusers_configs(
         .collect()
 }
 
+/// A torch state dict, read without executing pickled code.
 fn read_torch(path: &Path) -> Result<BTreeMap<String, RawTensor>, LoraError> {
-    Err(LoraError::Format {
-        path: path.to_path_buf(),
-        message: "torch state dicts: pending".into(),
-    })
+    let tensors = crate::model::torch_pt::read_state_dict(path)?;
+    Ok(tensors
+        .into_iter()
+        .map(|(key, t)| {
+            let raw = RawTensor {
+                shape: t.shape,
+                values: t.values,
+            };
+            (key, raw)
+        })
+        .collect())
 }
 
 fn read_safetensors(

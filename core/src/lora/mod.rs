@@ -67,6 +67,8 @@ pub enum LoraError {
     Unknown(String),
     #[error("adapter config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Torch(#[from] crate::model::torch_pt::PtError),
 }
 
 pub(crate) fn list(items: &[String]) -> String {

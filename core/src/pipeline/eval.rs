@@ -143,6 +143,7 @@ fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> Image
         correct: verdict.correct,
         strict_correct: verdict.strict_correct,
         score: verdict.score,
+        artifacts: crate::world::detect::detect(image).artifacts.len(),
     }
 }
 

@@ -212,6 +212,10 @@ pub struct ImageRecord {
     pub correct: bool,
     pub strict_correct: bool,
     pub score: f32,
+    /// Components the detector could not name (stray blobs, unnamed colours, malformed shapes):
+    /// the image-cleanliness guard of RL runs.
+    #[serde(default)]
+    pub artifacts: usize,
 }
 
 /// An evaluation: `{overall, tags: {tag: accuracy}, images: [...]}`.
@@ -252,6 +256,12 @@ impl Report {
     }
 
     /// Tags of GenEval's six that have no image in this report.
+    /// Mean artifacts per image.
+    pub fn artifact_rate(&self) -> f64 {
+        let n = self.images.len().max(1) as f64;
+        self.images.iter().map(|i| i.artifacts as f64).sum::<f64>() / n
+    }
+
     pub fn missing_tags(&self) -> Vec<&'static str> {
         TAGS.into_iter()
             .filter(|t| !self.tags.contains_key(*t))
@@ -420,6 +430,7 @@ mod tests {
             correct,
             strict_correct: correct,
             score: correct as u8 as f32,
+            artifacts: 0,
         };
         // counting 1/4, colors 1/1: overall (0.25 + 1) / 2, not 2/5.
         let mut images: Vec<_> = (0..4).map(|i| record("counting", i == 0)).collect();

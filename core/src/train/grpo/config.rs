@@ -1,5 +1,5 @@
 //! The Flow-GRPO training config (`portaflow train grpo --config FILE.toml`): every knob of
-//! ALGORITHMS.md §1.10, with the defaults of this machine's Shapes preset. `configs/grpo/` holds
+//! ALGORITHMS.md §1.10, with the defaults of this machine's Shapes preset. `configs/grpo-*.toml` are
 //! the presets, including the paper's SD3.5-Medium GenEval setting.
 
 use std::path::{Path, PathBuf};

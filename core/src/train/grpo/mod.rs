@@ -73,7 +73,13 @@ pub struct EpochMetrics {
     pub policy_loss: f64,
     /// max |ρ − 1| over the epoch's first micro-batch, before any update: on-policy it must be 0.
     pub first_ratio_error: f64,
+    /// Micro-batches dropped because a loss was NaN / infinite (they never reach the weights).
+    pub skipped_micro_batches: usize,
+    /// Rollout images whose reward was NaN / infinite (left out of advantages and training).
+    pub nonfinite_rewards: usize,
     pub learning_rate: f64,
+    /// Peak resident memory of the process so far (Linux `VmHWM`), MiB.
+    pub peak_memory_mib: Option<f64>,
     pub seconds_rollout: f64,
     pub seconds_reward_wait: f64,
     pub seconds_train: f64,
@@ -86,6 +92,8 @@ pub struct EvalMetrics {
     /// GenEval overall: the mean of the tag accuracies.
     pub accuracy: f64,
     pub accuracy_by_tag: BTreeMap<String, f64>,
+    /// Mean detector artifacts (stray or unnamed blobs) per image: the cleanliness guard.
+    pub artifact_rate: f64,
     pub images: usize,
     pub seconds: f64,
 }
@@ -379,10 +387,11 @@ impl GrpoTrainer {
         let seconds_rollout = start.elapsed().as_secs_f64() - reward_wait;
         let data = EpochData::concat(batches);
 
-        // 3. advantages.
+        // 3. advantages; images whose reward is not finite are left out (logged, never trained).
         let mut rewards = Vec::with_capacity(scores.len());
+        let mut valid = Vec::with_capacity(scores.len());
         let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (score, task) in scores.iter().zip(&tasks) {
+        for (i, (score, task)) in scores.iter().zip(&tasks).enumerate() {
             let score = score.ok_or_else(|| {
                 GrpoError::Config(format!(
                     "reward {} does not judge the prompt {:?}",
@@ -390,18 +399,40 @@ impl GrpoTrainer {
                     task.prompt()
                 ))
             })?;
+            if !score.reward.is_finite() {
+                tracing::warn!(
+                    "epoch {}: reward {} for {:?}; the image is left out",
+                    epoch + 1,
+                    score.reward,
+                    task.prompt()
+                );
+                continue;
+            }
             rewards.push(score.reward as f64);
+            valid.push(i);
             let entry = by_tag.entry(tag(task)).or_default();
             entry.0 += score.success as usize;
             entry.1 += 1;
         }
-        let advantage = advantages(&rewards, &samples, c.train.std_scope);
-        let mut kept = keep_informative(&advantage, c.sample.batch_size, &mut rng);
+        if valid.is_empty() {
+            return Err(run_error(
+                &self.run_dir,
+                format!("epoch {}: no finite reward", epoch + 1),
+            ));
+        }
+        let groups: Vec<usize> = valid.iter().map(|&i| samples[i]).collect();
+        let valid_advantage = advantages(&rewards, &groups, c.train.std_scope);
+        let mut advantage = vec![0.0; samples.len()];
+        for (&i, &a) in valid.iter().zip(&valid_advantage) {
+            advantage[i] = a;
+        }
+        let kept_valid = keep_informative(&valid_advantage, c.sample.batch_size, &mut rng);
+        let mut kept: Vec<usize> = kept_valid.iter().map(|&k| valid[k]).collect();
         kept.shuffle(&mut rng);
 
         // 4. training.
         let train_start = Instant::now();
-        let (stats, first_ratio_error) =
+        let (stats, first_ratio_error, skipped_micro_batches) =
             self.train_on(&data, &kept, &advantage, &schedule, kind, &trained)?;
         let seconds_train = train_start.elapsed().as_secs_f64();
 
@@ -428,7 +459,10 @@ impl GrpoTrainer {
             ratio_max: stats.ratio_max,
             policy_loss: stats.policy_loss,
             first_ratio_error,
+            skipped_micro_batches,
+            nonfinite_rewards: samples.len() - valid.len(),
             learning_rate: c.train.learning_rate,
+            peak_memory_mib: crate::train::peak_memory_mib(),
             seconds_rollout,
             seconds_reward_wait: reward_wait,
             seconds_train,
@@ -549,7 +583,7 @@ impl GrpoTrainer {
         schedule: &Schedule,
         kind: StepKind,
         trained: &[usize],
-    ) -> Result<(StepStats, f64), GrpoError> {
+    ) -> Result<(StepStats, f64, usize), GrpoError> {
         let c = self.config.clone();
         let t = &c.train;
         let batch = c.sample.batch_size;
@@ -561,7 +595,12 @@ impl GrpoTrainer {
         let mut all_stats = Vec::new();
         let mut first_ratio_error: f64 = 0.0;
         let mut pending = 0;
+        let mut skipped = 0;
         for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
+            // This micro-batch's gradients join the optimizer's only if every loss was finite.
+            let mut local = GradientsAccumulator::<Sd3Transformer>::new();
+            let mut finite = true;
+            let mut local_stats = Vec::new();
             let index = Tensor::<1, Int>::from_data(
                 TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
                 &self.plain_device,
@@ -629,16 +668,15 @@ impl GrpoTrainer {
                 }
                 let loss_value = loss.clone().into_scalar::<f32>() as f64;
                 if !loss_value.is_finite() {
-                    return Err(run_error(
-                        &self.run_dir,
-                        format!(
-                            "loss is {loss_value} at epoch {} step {j}; the last checkpoint is kept",
-                            self.epoch + 1
-                        ),
-                    ));
+                    tracing::warn!(
+                        "epoch {}: loss {loss_value} at step {j} of micro-batch {m}; the micro-batch is skipped",
+                        self.epoch + 1
+                    );
+                    finite = false;
+                    break;
                 }
                 let grads = loss.mul_scalar(scale).backward();
-                accumulator.accumulate(
+                local.accumulate(
                     &self.policy,
                     GradientsParams::from_grads(grads, &self.policy),
                 );
@@ -655,16 +693,24 @@ impl GrpoTrainer {
                     first_ratio_error = first_ratio_error.max(worst);
                 }
                 let pg = policy_loss.into_scalar::<f32>() as f64;
-                all_stats.push(StepStats::from_values(&ratios, pg, kl_value, t.clip_range));
+                local_stats.push(StepStats::from_values(&ratios, pg, kl_value, t.clip_range));
+            }
+            if finite {
+                accumulator.accumulate(&self.policy, local.grads());
+                all_stats.extend(local_stats);
+            } else {
+                skipped += 1;
             }
             pending += 1;
             if pending == t.grad_accum || m + 1 == micro_batches {
                 let grads = accumulator.grads();
-                self.optimizer_step(grads);
+                if !grads.is_empty() {
+                    self.optimizer_step(grads);
+                }
                 pending = 0;
             }
         }
-        Ok((StepStats::mean(&all_stats), first_ratio_error))
+        Ok((StepStats::mean(&all_stats), first_ratio_error, skipped))
     }
 
     fn optimizer_step(&mut self, mut grads: GradientsParams) {
@@ -740,6 +786,7 @@ impl GrpoTrainer {
                 .iter()
                 .map(|(t, a)| (t.clone(), *a as f64))
                 .collect(),
+            artifact_rate: report.artifact_rate(),
             images: report.images.len(),
             seconds: start.elapsed().as_secs_f64(),
         })
