@@ -9,6 +9,7 @@ pub mod flux_denoiser;
 pub mod init;
 pub mod layers;
 pub mod sd3;
+pub mod torch_pt;
 pub mod vae;
 pub mod weights;
 
