@@ -169,3 +169,24 @@ fn pretraining_resumes_exactly() {
     let lines = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4, "metrics: {lines}");
 }
+
+/// The README's main command works out of the box: the bundled model loads from the repository,
+/// draws 64×64 images for a prompt, and the same seed gives the same image.
+#[test]
+fn the_bundled_model_generates_from_the_repository() {
+    let device = ChosenDevice::cpu().device;
+    let pipe = Pipeline::from_dir(&portaflow::pipeline::bundled_dir(), &device)
+        .expect("assets/models/shapes-base loads");
+    assert_eq!(pipe.resolution(), 64);
+    let mut opts = options();
+    opts.steps = 8;
+    opts.kind = StepKind::Euler;
+    let prompts = vec!["a photo of a red circle".to_string(), "a photo of a red circle".to_string()];
+    opts.seeds = vec![5, 5];
+    let images = pipe.generate(&prompts, &opts, &device, |_| {}, None).unwrap();
+    assert_eq!((images[0].width, images[0].height), (64, 64));
+    assert_eq!(images[0], images[1], "same prompt and seed, different image");
+    // A trained model is not noise: most pixels are the light background.
+    let light = images[0].pixels.iter().filter(|p| p.iter().all(|&c| c > 180)).count();
+    assert!(light > 64 * 64 / 2, "only {light} background pixels");
+}
