@@ -181,12 +181,24 @@ fn the_bundled_model_generates_from_the_repository() {
     let mut opts = options();
     opts.steps = 8;
     opts.kind = StepKind::Euler;
-    let prompts = vec!["a photo of a red circle".to_string(), "a photo of a red circle".to_string()];
+    let prompts = vec![
+        "a photo of a red circle".to_string(),
+        "a photo of a red circle".to_string(),
+    ];
     opts.seeds = vec![5, 5];
-    let images = pipe.generate(&prompts, &opts, &device, |_| {}, None).unwrap();
+    let images = pipe
+        .generate(&prompts, &opts, &device, |_| {}, None)
+        .unwrap();
     assert_eq!((images[0].width, images[0].height), (64, 64));
-    assert_eq!(images[0], images[1], "same prompt and seed, different image");
+    assert_eq!(
+        images[0], images[1],
+        "same prompt and seed, different image"
+    );
     // A trained model is not noise: most pixels are the light background.
-    let light = images[0].pixels.iter().filter(|p| p.iter().all(|&c| c > 180)).count();
+    let light = images[0]
+        .pixels
+        .iter()
+        .filter(|p| p.iter().all(|&c| c > 180))
+        .count();
     assert!(light > 64 * 64 / 2, "only {light} background pixels");
 }
