@@ -189,7 +189,7 @@ fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
     assert!(t.done());
     assert_eq!(
         events,
-        ["epoch", "grid", "eval", "checkpoint", "checkpoint"]
+        ["eval", "epoch", "grid", "eval", "checkpoint", "checkpoint"]
     );
     assert_ne!(
         before,

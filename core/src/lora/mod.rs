@@ -28,6 +28,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution as _, Normal, Uniform};
 
 use crate::model::layers::Linear;
+pub(crate) use crate::model::weights::list;
 
 /// Errors naming the adapter, the offending module paths or keys, and the file.
 #[derive(Debug, thiserror::Error)]
@@ -69,20 +70,6 @@ pub enum LoraError {
     Config(String),
     #[error(transparent)]
     Torch(#[from] crate::model::torch_pt::PtError),
-}
-
-pub(crate) fn list(items: &[String]) -> String {
-    const SHOWN: usize = 10;
-    let mut text = items
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if items.len() > SHOWN {
-        text.push_str(&format!(", … ({} more)", items.len() - SHOWN));
-    }
-    text
 }
 
 /// Every [`Linear`] of a model, visited in field order.

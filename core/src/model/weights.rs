@@ -43,7 +43,8 @@ pub enum LoadError {
     Unused { keys: Vec<String>, path: PathBuf },
 }
 
-fn list(keys: &[String]) -> String {
+/// The first keys of a list for an error message, with a count of the rest.
+pub(crate) fn list(keys: &[String]) -> String {
     const SHOWN: usize = 12;
     let mut text = keys
         .iter()

@@ -304,6 +304,12 @@ impl GrpoTrainer {
     ) -> Result<EpochMetrics, GrpoError> {
         let c = self.config.clone();
         let epoch = self.epoch;
+        if epoch == 0 && c.run.eval_every > 0 && !self.test.is_empty() {
+            // The base model's score: where the curve starts.
+            let eval = self.evaluate()?;
+            append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
+            on_event(GrpoEvent::Eval(&eval));
+        }
         let schedule = Schedule::shifted(c.sample.steps, self.plain.scheduler.shift)
             .map_err(PipelineError::from)?;
         let clock = TrainingClock {
