@@ -661,11 +661,12 @@ impl GrpoTrainer {
                             let (mean_ref, _) = step::policy_mean(
                                 kind, x_plain, v_ref, sigma, sigma_next, sigma_max,
                             );
-                            x_space_kl(
-                                mean,
-                                mean_ref.autodiff(),
-                                kl_std(kind, sigma, sigma_next, sigma_max),
-                            )
+                            // A deterministic step (std 0, e.g. CPS landing on σ = 0) has no
+                            // Gaussian to compare; it adds nothing.
+                            match kl_std(kind, sigma, sigma_next, sigma_max) {
+                                g if g > 0.0 => x_space_kl(mean, mean_ref.autodiff(), g),
+                                _ => Tensor::zeros([1], &self.device),
+                            }
                         }
                         KlType::V => v_space_kl(v, v_ref.autodiff()),
                     };
