@@ -1,48 +1,16 @@
 //! FLUX.1 against diffusers on tiny random models (dev with guidance, schnell without).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::flux1::{self, Flux1Config};
-use portaflow::model::weights::Weights;
-use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
-
-fn rows(io: &mut Weights, key: &str) -> Vec<Vec<f64>> {
-    let shape = io.shape(key).unwrap().to_vec();
-    let values = io.read(key, &shape).unwrap().unwrap();
-    values
-        .chunks(shape[1])
-        .map(|r| r.iter().map(|&v| v as f64).collect())
-        .collect()
-}
+use portaflow_tests::{
+    flux1_forward_on_golden_inputs, golden, golden_output, max_abs_diff, max_rel_diff, vulkan,
+};
 
 fn check(name: &str, device: &Device) {
-    let dir = golden(name);
-    let model = flux1::load_dir(&dir, device).unwrap();
-    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
-    let mut tensor = |key: &str| {
-        let shape = io.shape(key).unwrap().to_vec();
-        (io.read(key, &shape).unwrap().unwrap(), shape)
-    };
-    let (x, xs) = tensor("hidden_states");
-    let (c, cs) = tensor("encoder_hidden_states");
-    let (p, ps) = tensor("pooled_projections");
-    let (t, _) = tensor("timestep");
-    let (want, _) = tensor("output");
-    let guidance: Option<Vec<f64>> = model
-        .config
-        .guidance_embeds
-        .then(|| tensor("guidance").0.iter().map(|&g| g as f64).collect());
-    let x = Tensor::<3>::from_data(TensorData::new(x, [xs[0], xs[1], xs[2]]), device);
-    let c = Tensor::<3>::from_data(TensorData::new(c, [cs[0], cs[1], cs[2]]), device);
-    let p = Tensor::<2>::from_data(TensorData::new(p, [ps[0], ps[1]]), device);
-    let t: Vec<f64> = t.iter().map(|&v| v as f64).collect();
-    let img_ids = rows(&mut io, "img_ids");
-    let txt_ids = rows(&mut io, "txt_ids");
-    let got: Vec<f32> = model
-        .forward(x, &t, guidance.as_deref(), c, p, &img_ids, &txt_ids)
-        .into_data()
-        .try_to_vec()
-        .unwrap();
+    let model = flux1::load_dir(&golden(name), device).unwrap();
+    let got = flux1_forward_on_golden_inputs(&model, name, device);
+    let want = golden_output(name);
     let err = max_abs_diff(&got, &want);
     let rel = max_rel_diff(&got, &want);
     println!("{name}: max |ours − diffusers| = {err:.2e}, relative {rel:.2e}");

@@ -1,41 +1,16 @@
 //! FLUX.2 against diffusers on tiny random models (klein without guidance, dev with).
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::flux2::{self, Flux2Config};
-use portaflow::model::weights::Weights;
-use portaflow_tests::{golden, max_abs_diff, max_rel_diff, vulkan};
+use portaflow_tests::{
+    flux2_forward_on_golden_inputs, golden, golden_output, max_abs_diff, max_rel_diff, vulkan,
+};
 
 fn check(name: &str, device: &Device) {
-    let dir = golden(name);
-    let model = flux2::load_dir(&dir, device).unwrap();
-    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
-    let mut read = |key: &str| {
-        let shape = io.shape(key).unwrap().to_vec();
-        (io.read(key, &shape).unwrap().unwrap(), shape)
-    };
-    let rows = |(v, s): (Vec<f32>, Vec<usize>)| -> Vec<Vec<f64>> {
-        v.chunks(s[1])
-            .map(|r| r.iter().map(|&x| x as f64).collect())
-            .collect()
-    };
-    let (x, xs) = read("hidden_states");
-    let (c, cs) = read("encoder_hidden_states");
-    let t: Vec<f64> = read("timestep").0.iter().map(|&v| v as f64).collect();
-    let guidance: Option<Vec<f64>> = model
-        .config
-        .guidance_embeds
-        .then(|| read("guidance").0.iter().map(|&g| g as f64).collect());
-    let img_ids = rows(read("img_ids"));
-    let txt_ids = rows(read("txt_ids"));
-    let (want, _) = read("output");
-    let x = Tensor::<3>::from_data(TensorData::new(x, [xs[0], xs[1], xs[2]]), device);
-    let c = Tensor::<3>::from_data(TensorData::new(c, [cs[0], cs[1], cs[2]]), device);
-    let got: Vec<f32> = model
-        .forward(x, &t, guidance.as_deref(), c, &img_ids, &txt_ids)
-        .into_data()
-        .try_to_vec()
-        .unwrap();
+    let model = flux2::load_dir(&golden(name), device).unwrap();
+    let got = flux2_forward_on_golden_inputs(&model, name, device);
+    let want = golden_output(name);
     let err = max_abs_diff(&got, &want);
     let rel = max_rel_diff(&got, &want);
     println!("{name}: max |ours − diffusers| = {err:.2e}, relative {rel:.2e}");

@@ -119,9 +119,7 @@ fn inspect(path: &Path) -> Result<()> {
     for m in weights.modules.values() {
         *by.entry(format!(
             "rank {:>3}  alpha {:>7}  scaling {:.4}",
-            m.rank,
-            trim(m.alpha),
-            m.scaling
+            m.rank, m.alpha, m.scaling
         ))
         .or_default() += 1;
     }
@@ -139,16 +137,12 @@ fn inspect(path: &Path) -> Result<()> {
         println!(
             "  {component} config: r {}, lora_alpha {}, rslora {}, target_modules {}",
             config.r,
-            trim(config.lora_alpha),
+            config.lora_alpha,
             config.use_rslora,
             config.targets_text()
         );
     }
     Ok(())
-}
-
-fn trim(x: f64) -> String {
-    format!("{x}")
 }
 
 /// `transformer.transformer_blocks.3.attn.to_out.0` → `attn.to_out.0`: what follows the block index.

@@ -322,6 +322,15 @@ impl LoraConfig {
         }
     }
 
+    /// `target_modules` as a list of names (a regex target becomes one entry).
+    pub fn target_list(&self) -> Vec<String> {
+        match &self.target_modules {
+            Some(Targets::List(l)) => l.clone(),
+            Some(Targets::Regex(r)) => vec![r.clone()],
+            None => Vec::new(),
+        }
+    }
+
     pub fn targets_text(&self) -> String {
         match &self.target_modules {
             None => "(none)".into(),

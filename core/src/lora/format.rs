@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::config::{LoraConfig, Targets};
+use super::config::LoraConfig;
 use super::{LoraError, kohya, list};
 use crate::model::export::{Stored, save_safetensors};
 use crate::model::weights::Weights;
@@ -593,17 +593,6 @@ fn with_component(module: &str, default: &str) -> String {
     match module.split_once('.') {
         Some((first, _)) if COMPONENTS.contains(&first) => module.to_string(),
         _ => format!("{default}.{module}"),
-    }
-}
-
-impl LoraConfig {
-    /// `target_modules` as a list, for display.
-    pub fn target_list(&self) -> Vec<String> {
-        match &self.target_modules {
-            Some(Targets::List(l)) => l.clone(),
-            Some(Targets::Regex(r)) => vec![format!("regex {r}")],
-            None => Vec::new(),
-        }
     }
 }
 
