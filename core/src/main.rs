@@ -140,6 +140,19 @@ struct PretrainArgs {
     seed: Option<u64>,
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Linear learning-rate decay to a tenth over this many final steps.
+    #[arg(long)]
+    decay_steps: Option<usize>,
+    /// Loss weight 1/max(σ, floor)² of sample-predicting models (0.05: JiT's v-loss).
+    #[arg(long)]
+    loss_sigma_floor: Option<f64>,
+    /// Start a new run from this pipeline folder's weights (e.g. `assets/models/shapes-base`)
+    /// with a fresh optimizer, instead of from a seeded initialisation.
+    #[arg(long, requires = "init_step")]
+    init: Option<PathBuf>,
+    /// The step the `--init` weights reached; the new run continues the schedule and data from it.
+    #[arg(long, requires = "init")]
+    init_step: Option<usize>,
 }
 
 fn main() {
@@ -371,9 +384,33 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     if let Some(v) = args.checkpoint_every {
         config.checkpoint_every = v;
     }
+    if let Some(v) = args.decay_steps {
+        config.decay_steps = v;
+    }
+    if let Some(v) = args.loss_sigma_floor {
+        anyhow::ensure!(
+            v > 0.0 && v <= 1.0,
+            "--loss-sigma-floor must be in (0, 1], got {v}"
+        );
+        config.loss_sigma_floor = v;
+    }
+    let first_step = args.init_step.unwrap_or(0);
+    anyhow::ensure!(
+        first_step < config.steps,
+        "--init-step {first_step} leaves nothing to train: the run ends at step {}",
+        config.steps
+    );
     let pipe = if resumed.is_some() {
+        anyhow::ensure!(
+            args.init.is_none(),
+            "{} already holds a run; --init only starts a new one",
+            args.out.display()
+        );
         println!("resuming {}", args.out.display());
         Pipeline::from_dir(&args.out.join("checkpoint"), &device)?
+    } else if let Some(init) = &args.init {
+        println!("continuing {} from step {first_step}", init.display());
+        Pipeline::from_dir(init, &device)?
     } else {
         let words = prompt::vocabulary();
         let word_level = tokenizer::word_level(&words)?;
@@ -396,7 +433,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         config.steps, config.batch_size
     );
     let start = Instant::now();
-    pretrain::pretrain(pipe, &config, &train, &args.out, &device, |m| {
+    pretrain::pretrain(pipe, &config, first_step, &train, &args.out, &device, |m| {
         println!(
             "step {:>6}  loss {:.4}  lr {:.2e}  {:.2} s/step  ({:.0} s)",
             m.step,

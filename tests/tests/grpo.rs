@@ -106,6 +106,7 @@ fn base(device: &Device) -> Pipeline {
     pretrain(
         tiny_pipeline(3, &ad),
         &short,
+        0,
         &train,
         dir.path(),
         &ad,

@@ -49,7 +49,7 @@ fn trained_a_little(device: &Device) -> Pipeline {
     };
     let (train, _) = prompt_sets::build();
     let ad = device.clone().autodiff();
-    let trained = pretrain(tiny_pipeline(1, &ad), &config, &train, &dir, &ad, |_| {}).unwrap();
+    let trained = pretrain(tiny_pipeline(1, &ad), &config, 0, &train, &dir, &ad, |_| {}).unwrap();
     let saved = Pipeline::from_dir(&dir.join("checkpoint"), device).unwrap();
     let proj_out = |p: &Pipeline| -> Vec<f32> {
         p.transformer
@@ -119,6 +119,7 @@ fn pretraining_resumes_exactly() {
     let a = pretrain(
         tiny_pipeline(5, &cpu),
         &config(4),
+        0,
         &train,
         &straight,
         &cpu,
@@ -130,6 +131,7 @@ fn pretraining_resumes_exactly() {
     pretrain(
         tiny_pipeline(5, &cpu),
         &config(2),
+        0,
         &train,
         &resumed,
         &cpu,
@@ -138,7 +140,16 @@ fn pretraining_resumes_exactly() {
     .unwrap();
     // A new process would load the checkpoint folder; the run directory supplies the rest.
     let from_checkpoint = Pipeline::from_dir(&resumed.join("checkpoint"), &cpu).unwrap();
-    let b = pretrain(from_checkpoint, &config(4), &train, &resumed, &cpu, |_| {}).unwrap();
+    let b = pretrain(
+        from_checkpoint,
+        &config(4),
+        0,
+        &train,
+        &resumed,
+        &cpu,
+        |_| {},
+    )
+    .unwrap();
 
     let weights = |p: &Pipeline| -> Vec<f32> {
         let mut v: Vec<f32> = p

@@ -1,28 +1,43 @@
-//! Text encoders against transformers: tiny random CLIP text models (made by
+//! Text encoders against transformers: tiny random CLIP, T5 and Qwen3 models (made by
 //! `tools/golden/make_text_fixtures.py`) on the CPU backend and the Vulkan adapter.
 
 use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::weights::Weights;
-use portaflow::text::clip;
+use portaflow::text::{clip, qwen3, t5};
 use portaflow_tests::{golden, max_rel_diff, vulkan};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec().unwrap()
 }
 
-fn check_clip(name: &str, device: &Device) {
-    let dir = golden(name);
-    let model = clip::load_dir(&dir, device).unwrap();
-    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
-    let shape = io.shape("input_ids").unwrap();
-    let ids: Vec<Vec<u32>> = io
-        .read("input_ids", &shape)
+/// An integer table stored as f32 rows (`input_ids`, `attention_mask`).
+fn rows(io: &mut Weights, key: &str) -> Vec<Vec<u32>> {
+    let shape = io.shape(key).unwrap();
+    io.read(key, &shape)
         .unwrap()
         .unwrap()
         .chunks(shape[1])
         .map(|row| row.iter().map(|&v| v as u32).collect())
-        .collect();
+        .collect()
+}
+
+fn assert_close(name: &str, key: &str, got: Vec<f32>, io: &mut Weights, dims: &[usize], tol: f32) {
+    let want = io.read(key, dims).unwrap().unwrap();
+    let rel = max_rel_diff(&got, &want);
+    println!("{name} {key}: relative error {rel:.2e}");
+    assert!(
+        rel < tol,
+        "{name} {key}: differs from transformers by {rel} (relative)"
+    );
+}
+
+fn check_clip(name: &str, device: &Device) {
+    let dir = golden(name);
+    let model = clip::load_dir(&dir, device).unwrap();
+    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
+    let ids = rows(&mut io, "input_ids");
+    let shape = [ids.len(), ids[0].len()];
     let out = model.forward(&ids, device);
     let d = model.config.hidden_size;
     let checks = [
@@ -43,14 +58,70 @@ fn check_clip(name: &str, device: &Device) {
         ),
     ];
     for (key, got, dims) in checks {
-        let want = io.read(key, &dims).unwrap().unwrap();
-        let rel = max_rel_diff(&got, &want);
-        println!("{name} {key}: relative error {rel:.2e}");
-        assert!(
-            rel < 1e-5,
-            "{name} {key}: differs from transformers by {rel} (relative)"
-        );
+        assert_close(name, key, got, &mut io, &dims, 1e-5);
     }
+}
+
+fn check_t5(name: &str, device: &Device) {
+    let dir = golden(name);
+    let model = t5::load_dir(&dir, device).unwrap();
+    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
+    let ids = rows(&mut io, "input_ids");
+    let dims = [ids.len(), ids[0].len(), model.config.d_model];
+    let got = values(model.forward(&ids, device));
+    assert_close(name, "last_hidden_state", got, &mut io, &dims, 1e-5);
+}
+
+fn check_qwen3(device: &Device) {
+    let dir = golden("qwen3_tiny");
+    let model = qwen3::load_dir(&dir, device).unwrap();
+    let mut io = Weights::open_file(&dir.join("io.safetensors")).unwrap();
+    let ids = rows(&mut io, "input_ids");
+    let mask: Vec<Vec<bool>> = rows(&mut io, "attention_mask")
+        .into_iter()
+        .map(|row| row.into_iter().map(|m| m == 1).collect())
+        .collect();
+    let layers = model.config.num_hidden_layers;
+    let states = model.hidden_states(&ids, &mask, layers, device);
+    assert_eq!(states.len(), layers + 1);
+    let dims = [ids.len(), ids[0].len(), model.config.hidden_size];
+    for (i, state) in states.into_iter().enumerate() {
+        let key = format!("hidden_states.{i}");
+        assert_close("qwen3_tiny", &key, values(state), &mut io, &dims, 1e-5);
+    }
+    // Stopping early gives the same leading states (klein asks for layers 9, 18, 27 of 36).
+    let partial = model.hidden_states(&ids, &mask, 2, device);
+    assert_eq!(partial.len(), 3);
+    assert_close(
+        "qwen3_tiny",
+        "hidden_states.2",
+        values(partial[2].clone()),
+        &mut io,
+        &dims,
+        1e-5,
+    );
+}
+
+#[test]
+fn t5_encoder_matches_transformers_on_cpu() {
+    let cpu = ChosenDevice::cpu();
+    check_t5("t5_tiny", &cpu.device);
+    check_t5("t5_relu_tiny", &cpu.device);
+}
+
+#[test]
+fn t5_encoder_matches_transformers_on_vulkan() {
+    check_t5("t5_tiny", &vulkan().device);
+}
+
+#[test]
+fn qwen3_hidden_states_match_transformers_on_cpu() {
+    check_qwen3(&ChosenDevice::cpu().device);
+}
+
+#[test]
+fn qwen3_hidden_states_match_transformers_on_vulkan() {
+    check_qwen3(&vulkan().device);
 }
 
 #[test]

@@ -103,10 +103,12 @@ impl Linear {
     }
 }
 
-/// RMSNorm with a learned scale (the qk-norm of SD3.5 / FLUX).
+/// RMSNorm with a learned scale (the qk-norm of SD3.5 / FLUX; T5's and Qwen3's layer norms).
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     pub weight: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
 }
 
 impl RmsNorm {
@@ -118,7 +120,13 @@ impl RmsNorm {
     ) -> Result<Self, LoadError> {
         Ok(Self {
             weight: Param::from_tensor(w.tensor(key, [dim], device)?),
+            eps: NORM_EPS,
         })
+    }
+
+    /// The same norm with another ε (text encoders' `layer_norm_epsilon` / `rms_norm_eps`).
+    pub fn with_eps(self, eps: f64) -> Self {
+        Self { eps, ..self }
     }
 
     /// `x · rsqrt(mean(x²) + ε) · weight` over the last dimension.
@@ -127,7 +135,7 @@ impl RmsNorm {
             .clone()
             .square()
             .mean_dim(D - 1)
-            .add_scalar(NORM_EPS)
+            .add_scalar(self.eps)
             .sqrt();
         let weight: Tensor<D> = self.weight.val().unsqueeze();
         x / rms * weight
@@ -499,6 +507,7 @@ mod tests {
                 TensorData::new(vec![1.0f32, 1.0, 1.0, 2.0], [4]),
                 &device,
             )),
+            eps: NORM_EPS,
         };
         let y: Vec<f32> = norm.forward(x).into_data().try_to_vec().unwrap();
         let rms = ((1.0f32 + 4.0 + 9.0 + 36.0) / 4.0).sqrt();

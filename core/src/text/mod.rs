@@ -1,8 +1,11 @@
 //! Text side: tokenizers (HF `tokenizers`, loaded from `tokenizer.json`) and text encoders whose
-//! field paths equal transformers' keys. The CLIP text model here serves both the bundled Shapes
-//! model and SD3's CLIP-L / bigG encoders.
+//! parameter paths equal transformers' keys. The CLIP text model here serves both the bundled
+//! Shapes model and SD3's CLIP-L / bigG encoders; T5 is SD3's and FLUX.1's long encoder; Qwen3 is
+//! FLUX.2-klein's.
 
 pub mod clip;
+pub mod qwen3;
+pub mod t5;
 pub mod tokenizer;
 
 /// Errors of the text side; each names the file or prompt at fault.

@@ -49,6 +49,18 @@ pub struct PretrainConfig {
     pub sigma_std: f64,
     pub log_every: usize,
     pub checkpoint_every: usize,
+    /// The learning rate decays linearly to a tenth over the last `decay_steps` steps.
+    #[serde(default)]
+    pub decay_steps: usize,
+    /// Sample-predicting models: the loss is ‖x̂₀ − x₀‖² / max(σ, floor)². At JiT's 0.05 it is the
+    /// v-loss, whose weight (up to 400 at small σ) spends nearly all gradient on fine denoising; a
+    /// larger floor moves it to the noisy levels where layout is decided.
+    #[serde(default = "default_loss_sigma_floor")]
+    pub loss_sigma_floor: f64,
+}
+
+fn default_loss_sigma_floor() -> f64 {
+    MIN_SIGMA_DIVISOR
 }
 
 impl Default for PretrainConfig {
@@ -67,6 +79,8 @@ impl Default for PretrainConfig {
             sigma_std: 0.8,
             log_every: 10,
             checkpoint_every: 250,
+            decay_steps: 0,
+            loss_sigma_floor: MIN_SIGMA_DIVISOR,
         }
     }
 }
@@ -92,6 +106,9 @@ pub struct PretrainMetrics {
 #[derive(Debug, Serialize, Deserialize)]
 struct RunState {
     step: usize,
+    /// The step this run started from (non-zero when it continued another model's weights).
+    #[serde(default)]
+    first_step: usize,
     config: PretrainConfig,
 }
 
@@ -133,15 +150,26 @@ pub fn example(
     }
 }
 
-fn learning_rate(config: &PretrainConfig, step: usize) -> f64 {
-    let warm = ((step + 1) as f64 / config.warmup_steps.max(1) as f64).min(1.0);
-    config.learning_rate * warm
+/// Warm-up counts from the run's first step: a run continuing other weights starts with a fresh
+/// optimizer, whose first moments are as noisy as at step 0.
+fn learning_rate(config: &PretrainConfig, first_step: usize, step: usize) -> f64 {
+    let warm = ((step - first_step + 1) as f64 / config.warmup_steps.max(1) as f64).min(1.0);
+    let decay_start = config.steps.saturating_sub(config.decay_steps);
+    let decay = if config.decay_steps > 0 && step >= decay_start {
+        1.0 - 0.9 * (step - decay_start) as f64 / config.decay_steps as f64
+    } else {
+        1.0
+    };
+    config.learning_rate * warm * decay
 }
 
 /// Runs (or resumes) pretraining into `run_dir`; `pipeline` must live on an autodiff device.
+/// A new run starts at `first_step` (0 from scratch; the step its weights reached when
+/// `pipeline` continues another run's checkpoint, so it sees new batches).
 pub fn pretrain(
     pipeline: Pipeline,
     config: &PretrainConfig,
+    first_step: usize,
     train: &[PromptSpec],
     run_dir: &Path,
     device: &Device,
@@ -170,10 +198,12 @@ pub fn pretrain(
         )))
         .init();
     let network_path = run_dir.join("network.bpk");
-    let mut start = 0;
+    let mut start = first_step;
+    let mut first_step = first_step;
     if state_path.exists() {
         let state: RunState = crate::model::read_config(&state_path)?;
         start = state.step;
+        first_step = state.first_step;
         network = network
             .try_load_file(&network_path)
             .map_err(|e| PipelineError::Folder {
@@ -229,7 +259,7 @@ pub fn pretrain(
         // x_σ = (1 − σ)·x₀ + σ·ε, target ε − x₀
         let x_sigma =
             x0.clone() * (sigma.clone().neg().add_scalar(1.0)) + noise.clone() * sigma.clone();
-        let target = noise - x0;
+        let target = noise - x0.clone();
 
         let ids = pipeline_parts.0.encode(&prompts)?;
         let text = network.text_encoder.forward(&ids, device);
@@ -237,13 +267,13 @@ pub fn pretrain(
         let timesteps: Vec<f64> = sigmas.iter().map(|s| s * 1000.0).collect();
         let out = network
             .transformer
-            .forward(x_sigma.clone(), &timesteps, sequence, text.pooled);
-        let v = match pipeline_parts.1.prediction {
-            Prediction::Velocity => out,
-            // v̂ = (x_σ − x̂₀) / max(σ, 0.05)
-            Prediction::Sample => (x_sigma - out) / sigma.clamp_min(MIN_SIGMA_DIVISOR),
+            .forward(x_sigma, &timesteps, sequence, text.pooled);
+        let error = match pipeline_parts.1.prediction {
+            Prediction::Velocity => out - target,
+            // (x̂₀ − x₀) / max(σ, floor): the v-error (x_σ − x̂₀)/σ − (x_σ − x₀)/σ when floor ≤ σ
+            Prediction::Sample => (out - x0) / sigma.clamp_min(config.loss_sigma_floor),
         };
-        let loss = (v - target).square().mean();
+        let loss = error.square().mean();
         let loss_value = loss.clone().into_scalar::<f32>() as f64;
         if !loss_value.is_finite() {
             return Err(PipelineError::Folder {
@@ -252,7 +282,7 @@ pub fn pretrain(
             });
         }
         let grads = GradientsParams::from_grads(loss.backward(), &network);
-        let lr = learning_rate(config, step);
+        let lr = learning_rate(config, first_step, step);
         network = optimizer.step(lr, network, grads);
         loss_sum += loss_value;
 
@@ -304,6 +334,7 @@ pub fn pretrain(
                 .map_err(io(network_path.clone()))?;
             let state = RunState {
                 step: done,
+                first_step,
                 config: config.clone(),
             };
             std::fs::write(
