@@ -424,6 +424,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             tokenizer: word_level,
             max_length: text.max_position_embeddings,
             pad_id: 0,
+            truncate: false,
         };
         Pipeline::fresh(tok, text, transformer, config.seed, &device)?
     };

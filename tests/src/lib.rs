@@ -199,6 +199,7 @@ pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pip
         tokenizer: word_level,
         max_length: 16,
         pad_id: 0,
+        truncate: false,
     };
     portaflow::pipeline::Pipeline::fresh(tok, text, transformer, seed, device).unwrap()
 }

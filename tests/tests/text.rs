@@ -4,6 +4,7 @@
 use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::weights::Weights;
+use portaflow::text::tokenizer::PromptTokenizer;
 use portaflow::text::{clip, qwen3, t5};
 use portaflow_tests::{golden, max_rel_diff, vulkan};
 
@@ -150,6 +151,50 @@ fn clip_checkpoint_with_a_wrong_width_names_the_key() {
         err.contains("text_model.encoder.layers.0.mlp.fc1.weight")
             && err.contains("[48, 32]")
             && err.contains("[64, 32]"),
+        "{err}"
+    );
+}
+
+/// Each tokenizer folder as a diffusers pipeline calls it, against transformers' ids and masks
+/// (`tools/golden/make_tokenizer_fixtures.py`): CLIP built from vocab.json + merges.txt (pad
+/// `<|endoftext|>` and SD3's bigG `!`), T5 and Qwen3 from tokenizer.json, Qwen3 through its chat
+/// template; long prompts truncated, odd whitespace, case, apostrophes, unknown characters.
+#[test]
+fn folder_tokenizers_match_transformers() {
+    let root = golden("tokenizers");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
+            .unwrap();
+    for (name, case) in expected.as_object().unwrap() {
+        let max_length = case["max_length"].as_u64().unwrap() as usize;
+        let tokenizer = PromptTokenizer::from_folder(&root.join(name), max_length).unwrap();
+        for row in case["encodings"].as_array().unwrap() {
+            let prompt = row["prompt"].as_str().unwrap();
+            let text = if case["chat_template"].as_bool().unwrap() {
+                qwen3::chat_prompt(prompt)
+            } else {
+                prompt.to_string()
+            };
+            let got = tokenizer.encode_with_mask(&[text]).unwrap();
+            let ids: Vec<u32> = serde_json::from_value(row["input_ids"].clone()).unwrap();
+            let mask: Vec<u8> = serde_json::from_value(row["attention_mask"].clone()).unwrap();
+            assert_eq!(got.ids[0], ids, "{name}: ids of {prompt:?}");
+            let mask: Vec<bool> = mask.into_iter().map(|m| m == 1).collect();
+            assert_eq!(got.mask[0], mask, "{name}: mask of {prompt:?}");
+        }
+    }
+}
+
+#[test]
+fn a_folder_without_a_tokenizer_names_what_it_expected() {
+    let dir = std::env::temp_dir().join(format!("pf-empty-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = PromptTokenizer::from_folder(&dir, 77)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("merges.txt"),
         "{err}"
     );
 }

@@ -141,6 +141,12 @@ crate::linears!(Qwen3Layer: self_attn, mlp);
 crate::linears!(Qwen3Model: layers);
 crate::linears!(Qwen3TextEncoder: model);
 
+/// The text FLUX.2-klein encodes for a prompt: Qwen3's chat template applied to one user message
+/// with `add_generation_prompt=True, enable_thinking=False` (`_get_qwen3_prompt_embeds`).
+pub fn chat_prompt(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+}
+
 /// transformers' default RoPE tables for positions `0..seq`: `inv_freq_i = θ^(−2i/d)`, the
 /// angles repeated over both halves (`cat(freqs, freqs)`), formed in f32 as torch forms them.
 ///
