@@ -14,6 +14,7 @@
 //! Pixel-space models predict RGB in [−1, 1] directly (no VAE).
 
 pub mod eval;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

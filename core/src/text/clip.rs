@@ -14,7 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::model::layers::{Embedding, LayerNorm, Linear, merge_heads, split_heads};
-use crate::model::weights::{LoadError, Weights};
+use crate::model::weights::{Alias, LoadError, Weights};
 
 /// transformers' `CLIPTextConfig` fields (others in `config.json` are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,6 +143,23 @@ impl ClipTextModel {
         mut w: Weights,
         device: &Device,
     ) -> Result<Self, LoadError> {
+        // transformers 5 writes `CLIPTextModel` without the `text_model.` prefix that older
+        // checkpoints (and every `WithProjection` one) carry; read either.
+        if !w.contains("text_model.embeddings.token_embedding.weight") {
+            for key in w.keys() {
+                if key.starts_with("embeddings.")
+                    || key.starts_with("encoder.")
+                    || key.starts_with("final_layer_norm.")
+                {
+                    let alias = Alias {
+                        source: key.clone(),
+                        rows: None,
+                        swap_halves: false,
+                    };
+                    w.alias(format!("text_model.{key}"), alias);
+                }
+            }
+        }
         let with_projection = w.contains("text_projection.weight");
         let model = Self::build(config, &mut w, with_projection, device)?;
         w.finish()?;

@@ -1,0 +1,224 @@
+//! The text side of each pipeline family: which encoders a diffusers folder holds and how its
+//! pipeline turns their outputs into the transformer's conditioning.
+//!
+//! - SD3 / SD3.5 (`pipeline_stable_diffusion_3.py`, `encode_prompt`): CLIP-L's and bigG's
+//!   penultimate hidden states side by side, zero-padded to T5's width, then T5's last hidden
+//!   state after them along the sequence (zeros when `text_encoder_3` is absent); the pooled
+//!   vector is both CLIPs' projected end-token states side by side.
+//! - FLUX.1 (`pipeline_flux.py`): the sequence is T5's last hidden state; the pooled vector is
+//!   CLIP's `pooler_output` (no projection).
+//! - FLUX.2-klein (`pipeline_flux2_klein.py`): Qwen3's hidden states at `text_encoder_out_layers`
+//!   (9, 18, 27 by default), concatenated per token, on the chat-templated prompt; no pooled
+//!   vector.
+//! - The bundled Shapes model: one CLIP with projection, SD3's rule for a single encoder.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+
+use super::PipelineError;
+use crate::sample::pipeline::Conditioning;
+use crate::text::clip::{self, ClipTextModel};
+use crate::text::qwen3::{self, Qwen3TextEncoder};
+use crate::text::t5::{self, T5EncoderModel};
+use crate::text::tokenizer::PromptTokenizer;
+
+/// A tokenizer and the encoder it feeds.
+pub struct Encoder<M> {
+    pub tokenizer: PromptTokenizer,
+    pub model: M,
+}
+
+/// The text encoders of a pipeline and their combination rule.
+pub enum TextStack {
+    Sd3 {
+        clip_l: Encoder<ClipTextModel>,
+        clip_g: Encoder<ClipTextModel>,
+        t5: Option<Encoder<T5EncoderModel>>,
+        /// Width of the joint sequence (T5's `d_model`, the transformer's `joint_attention_dim`).
+        joint_width: usize,
+    },
+    Flux1 {
+        clip: Encoder<ClipTextModel>,
+        t5: Encoder<T5EncoderModel>,
+    },
+    Flux2 {
+        qwen: Encoder<Qwen3TextEncoder>,
+        layers: Vec<usize>,
+    },
+}
+
+/// diffusers' default `max_sequence_length` of T5 (SD3: 256, FLUX.1: 512) and Qwen3 (klein: 512).
+pub const SD3_MAX_SEQUENCE: usize = 256;
+pub const FLUX1_MAX_SEQUENCE: usize = 512;
+pub const FLUX2_MAX_SEQUENCE: usize = 512;
+/// klein's default `text_encoder_out_layers`.
+pub const KLEIN_LAYERS: [usize; 3] = [9, 18, 27];
+
+fn clip_encoder(
+    dir: &Path,
+    tokenizer: &str,
+    encoder: &str,
+    device: &Device,
+) -> Result<Encoder<ClipTextModel>, PipelineError> {
+    let model = clip::load_dir(&dir.join(encoder), device)?;
+    let tokenizer =
+        PromptTokenizer::from_folder(&dir.join(tokenizer), model.config.max_position_embeddings)?;
+    Ok(Encoder { tokenizer, model })
+}
+
+fn t5_encoder(
+    dir: &Path,
+    tokenizer: &str,
+    encoder: &str,
+    max_sequence: usize,
+    device: &Device,
+) -> Result<Encoder<T5EncoderModel>, PipelineError> {
+    Ok(Encoder {
+        tokenizer: PromptTokenizer::from_folder(&dir.join(tokenizer), max_sequence)?,
+        model: t5::load_dir(&dir.join(encoder), device)?,
+    })
+}
+
+impl TextStack {
+    /// SD3 / SD3.5: `text_encoder` (CLIP-L), `text_encoder_2` (bigG), optional `text_encoder_3`
+    /// (T5); `joint_width` is the transformer's `joint_attention_dim`.
+    pub fn load_sd3(
+        dir: &Path,
+        joint_width: usize,
+        device: &Device,
+    ) -> Result<Self, PipelineError> {
+        let t5 = if dir.join("text_encoder_3").join("config.json").exists() {
+            Some(t5_encoder(
+                dir,
+                "tokenizer_3",
+                "text_encoder_3",
+                SD3_MAX_SEQUENCE,
+                device,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self::Sd3 {
+            clip_l: clip_encoder(dir, "tokenizer", "text_encoder", device)?,
+            clip_g: clip_encoder(dir, "tokenizer_2", "text_encoder_2", device)?,
+            t5,
+            joint_width,
+        })
+    }
+
+    /// FLUX.1: `text_encoder` (CLIP-L) and `text_encoder_2` (T5).
+    pub fn load_flux1(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        Ok(Self::Flux1 {
+            clip: clip_encoder(dir, "tokenizer", "text_encoder", device)?,
+            t5: t5_encoder(
+                dir,
+                "tokenizer_2",
+                "text_encoder_2",
+                FLUX1_MAX_SEQUENCE,
+                device,
+            )?,
+        })
+    }
+
+    /// FLUX.2-klein: `text_encoder` (Qwen3) read at klein's default layers.
+    pub fn load_flux2(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        Ok(Self::Flux2 {
+            qwen: Encoder {
+                tokenizer: PromptTokenizer::from_folder(
+                    &dir.join("tokenizer"),
+                    FLUX2_MAX_SEQUENCE,
+                )?,
+                model: qwen3::load_dir(&dir.join("text_encoder"), device)?,
+            },
+            layers: KLEIN_LAYERS.to_vec(),
+        })
+    }
+
+    /// Sets the long encoder's sequence length (diffusers' `max_sequence_length`).
+    pub fn set_max_sequence_length(&mut self, length: usize) {
+        match self {
+            Self::Sd3 { t5: Some(t5), .. } | Self::Flux1 { t5, .. } => {
+                t5.tokenizer.max_length = length
+            }
+            Self::Sd3 { .. } => {}
+            Self::Flux2 { qwen, .. } => qwen.tokenizer.max_length = length,
+        }
+    }
+
+    /// The transformer's conditioning for `prompts`.
+    ///
+    /// # Shapes
+    /// - SD3: sequence `[b, 77 + L, joint]`, pooled `[b, p_l + p_g]`; FLUX.1: `[b, L, d_t5]`,
+    ///   `[b, d_clip]`; FLUX.2: `[b, L, layers·hidden]`, no pooled
+    pub fn encode(
+        &self,
+        prompts: &[String],
+        device: &Device,
+    ) -> Result<Conditioning, PipelineError> {
+        let clip_penultimate = |e: &Encoder<ClipTextModel>| -> Result<_, PipelineError> {
+            let out = e.model.forward(&e.tokenizer.encode(prompts)?, device);
+            Ok((
+                out.hidden_states[out.hidden_states.len() - 2].clone(),
+                out.pooled,
+            ))
+        };
+        Ok(match self {
+            Self::Sd3 {
+                clip_l,
+                clip_g,
+                t5,
+                joint_width,
+            } => {
+                let (l, pooled_l) = clip_penultimate(clip_l)?;
+                let (g, pooled_g) = clip_penultimate(clip_g)?;
+                let clip = Tensor::cat(vec![l, g], 2);
+                let [b, clip_seq, clip_width] = clip.dims();
+                // [b, 77, d_l + d_g] → [b, 77, joint]: zeros on the right
+                let clip = Tensor::cat(
+                    vec![
+                        clip,
+                        Tensor::zeros([b, clip_seq, joint_width - clip_width], device),
+                    ],
+                    2,
+                );
+                let long = match t5 {
+                    Some(t5) => t5.model.forward(&t5.tokenizer.encode(prompts)?, device),
+                    None => Tensor::zeros([b, SD3_MAX_SEQUENCE, *joint_width], device),
+                };
+                Conditioning {
+                    sequence: Tensor::cat(vec![clip, long], 1),
+                    pooled: Some(Tensor::cat(vec![pooled_l, pooled_g], 1)),
+                    guidance: None,
+                }
+            }
+            Self::Flux1 { clip, t5 } => {
+                let pooled = clip
+                    .model
+                    .forward(&clip.tokenizer.encode(prompts)?, device)
+                    .pooled;
+                Conditioning {
+                    sequence: t5.model.forward(&t5.tokenizer.encode(prompts)?, device),
+                    pooled: Some(pooled),
+                    guidance: None,
+                }
+            }
+            Self::Flux2 { qwen, layers } => {
+                let templated: Vec<String> =
+                    prompts.iter().map(|p| qwen3::chat_prompt(p)).collect();
+                let encoded = qwen.tokenizer.encode_with_mask(&templated)?;
+                let deepest = layers.iter().copied().max().unwrap_or(0);
+                let states = qwen
+                    .model
+                    .hidden_states(&encoded.ids, &encoded.mask, deepest, device);
+                // per token [layer a; layer b; …]: [b, L, layers·hidden]
+                let picked = layers.iter().map(|&i| states[i].clone()).collect();
+                Conditioning {
+                    sequence: Tensor::cat(picked, 2),
+                    pooled: None,
+                    guidance: None,
+                }
+            }
+        })
+    }
+}
