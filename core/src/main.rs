@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use burn::tensor::{Distribution, Tensor};
 use clap::{Parser, Subcommand};
 
-use burn::module::Module;
 use portaflow::device::{self, Backend, ChosenDevice, DeviceRequest};
 use portaflow::image_io;
 use portaflow::pipeline::{self, GenerateOptions, Pipeline, eval};
@@ -117,6 +116,22 @@ struct GenerateArgs {
     seed: Option<u64>,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    /// Image width in pixels (default: the model's).
+    #[arg(long, requires = "height")]
+    width: Option<usize>,
+    /// Image height in pixels (default: the model's).
+    #[arg(long, requires = "width")]
+    height: Option<usize>,
+    /// The initial noise from a safetensors file (one tensor `[n, c, h, w]` in the sampler's
+    /// latent space, e.g. the `latents` a diffusers pipeline was given), to reproduce its image.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Token length of the long text encoder (T5 / Qwen3; diffusers' `max_sequence_length`).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// FLUX.2-klein: the Qwen3 layers stacked as the prompt embedding (default 9,18,27).
+    #[arg(long, value_delimiter = ',')]
+    text_encoder_out_layers: Option<Vec<usize>>,
     /// Output PNG (with several images: `<stem>-<k>.png`).
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
@@ -265,6 +280,31 @@ fn check_computation(chosen: &ChosenDevice) -> Result<()> {
     Ok(())
 }
 
+/// The one tensor of a safetensors file, `[n, c, h, w]`.
+fn read_latents(
+    path: &std::path::Path,
+    device: &burn::tensor::Device,
+) -> Result<burn::tensor::Tensor<4>> {
+    let mut weights = portaflow::model::weights::Weights::open_file(path)?;
+    let keys = weights.keys();
+    let [key] = keys.as_slice() else {
+        anyhow::bail!(
+            "{}: expected one tensor, found {}: {:?}",
+            path.display(),
+            keys.len(),
+            keys
+        );
+    };
+    let shape = weights.shape(key).unwrap_or_default();
+    let [n, c, h, w] = shape[..] else {
+        anyhow::bail!(
+            "{}: `{key}` is {shape:?}, expected [n, c, h, w]",
+            path.display()
+        );
+    };
+    Ok(weights.tensor(key, [n, c, h, w], device)?)
+}
+
 fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     anyhow::ensure!(!args.prompt.trim().is_empty(), "--prompt is empty");
     anyhow::ensure!(args.num_images > 0, "--num-images must be at least 1");
@@ -274,7 +314,13 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    let unknown = pipe.tokenizer.unknown_words(&args.prompt);
+    if let Some(length) = args.max_sequence_length {
+        pipe.text.set_max_sequence_length(length);
+    }
+    if let Some(layers) = args.text_encoder_out_layers.clone() {
+        pipe.text.set_text_layers(layers)?;
+    }
+    let unknown = pipe.text.unknown_words(&args.prompt);
     if !unknown.is_empty() {
         eprintln!(
             "warning: the model does not know {}; they are read as <unk>",
@@ -297,6 +343,12 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         kind,
         seeds: seeds.clone(),
         negative_prompt: args.negative_prompt.clone(),
+        size: args.height.zip(args.width),
+        initial_noise: args
+            .latents
+            .as_deref()
+            .map(|path| read_latents(path, &chosen.device))
+            .transpose()?,
     };
     let prompts = vec![args.prompt.clone(); args.num_images];
     let loaded = start.elapsed();
@@ -339,8 +391,8 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     println!(
         "{} image(s) {}×{} on {chosen}: load {:.1} s, sampling {:.1} s",
         images.len(),
-        pipe.resolution(),
-        pipe.resolution(),
+        images[0].width,
+        images[0].height,
         loaded.as_secs_f64(),
         (start.elapsed() - loaded).as_secs_f64()
     );
@@ -428,7 +480,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         };
         Pipeline::fresh(tok, text, transformer, config.seed, &device)?
     };
-    let params = pipe.transformer.num_params() + pipe.text_encoder.num_params();
+    let params = pipe.transformer.parameters() + pipe.text.parameters();
     println!(
         "pretraining {params} parameters on {chosen}: {} steps of {} images",
         config.steps, config.batch_size
@@ -477,6 +529,8 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
                 kind: StepKind::Euler,
                 seeds: vec![],
                 negative_prompt: String::new(),
+                size: None,
+                initial_noise: None,
             },
             seed: args.seed,
         };

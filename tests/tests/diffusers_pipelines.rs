@@ -5,6 +5,7 @@ use burn::tensor::{Device, Tensor};
 use portaflow::device::ChosenDevice;
 use portaflow::model::weights::Weights;
 use portaflow::pipeline::text::TextStack;
+use portaflow::pipeline::{GenerateOptions, Pipeline};
 use portaflow_tests::{golden, max_rel_diff};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -66,8 +67,110 @@ fn klein_prompt_embeddings_match_diffusers() {
     let device = ChosenDevice::cpu().device;
     let dir = golden("pipelines").join("klein_pipeline_tiny");
     let mut text = TextStack::load_flux2(&dir, &device).unwrap();
-    if let TextStack::Flux2 { layers, .. } = &mut text {
-        *layers = vec![1, 2, 3];
-    }
+    text.set_text_layers(vec![1, 2, 3]).unwrap();
     check_text("klein_pipeline_tiny", text, false, &device);
+}
+
+/// The whole pipeline from the stored initial noise: our image against diffusers'.
+fn check_image(name: &str, noise_key: &str, device: &Device) {
+    let dir = golden("pipelines").join(name);
+    let call = call(name);
+    let mut pipe = Pipeline::from_dir(&dir, device).unwrap();
+    pipe.text
+        .set_max_sequence_length(call["max_sequence_length"].as_u64().unwrap() as usize);
+    if let Some(asked) = call["text_encoder_out_layers"].as_array() {
+        let layers = asked.iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        pipe.text.set_text_layers(layers).unwrap();
+    }
+    let mut io = Weights::open_file(&dir.join("golden/io.safetensors")).unwrap();
+    let shape = io.shape(noise_key).unwrap();
+    let noise = io
+        .tensor(noise_key, [shape[0], shape[1], shape[2], shape[3]], device)
+        .unwrap();
+    let size = call["height"].as_u64().unwrap() as usize;
+    let mut options = GenerateOptions::euler(
+        call["num_inference_steps"].as_u64().unwrap() as usize,
+        call["guidance_scale"].as_f64().unwrap(),
+        vec![0],
+    );
+    options.negative_prompt = call["negative_prompt"].as_str().unwrap_or("").to_string();
+    options.size = Some((size, size));
+    options.initial_noise = Some(noise);
+    let prompt = call["prompt"].as_str().unwrap().to_string();
+    let latents = pipe
+        .generate_latents(&[prompt], &options, device, |_| {}, None)
+        .unwrap();
+    // diffusers' output_type="pt": (x / 2 + 0.5).clamp(0, 1)
+    let image = pipe
+        .decode(latents)
+        .div_scalar(2.0)
+        .add_scalar(0.5)
+        .clamp(0.0, 1.0);
+    let want = io.read("image", &image.dims()).unwrap().unwrap();
+    let got = values(image);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    println!("{name}: image max abs difference {worst:.2e}");
+    assert!(
+        worst < 2e-4,
+        "{name}: image differs from diffusers by {worst}"
+    );
+}
+
+#[test]
+fn sd35_pipeline_image_matches_diffusers() {
+    check_image("sd35_pipeline_tiny", "noise", &ChosenDevice::cpu().device);
+}
+
+#[test]
+fn flux1_pipeline_image_matches_diffusers() {
+    check_image(
+        "flux1_pipeline_tiny",
+        "noise_unpacked",
+        &ChosenDevice::cpu().device,
+    );
+}
+
+#[test]
+fn klein_pipeline_image_matches_diffusers() {
+    check_image("klein_pipeline_tiny", "noise", &ChosenDevice::cpu().device);
+}
+
+#[test]
+fn klein_layers_beyond_the_encoder_are_an_error() {
+    let device = ChosenDevice::cpu().device;
+    let dir = golden("pipelines").join("klein_pipeline_tiny");
+    let mut text = TextStack::load_flux2(&dir, &device).unwrap();
+    let err = text
+        .set_text_layers(vec![9, 18, 27])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("27") && err.contains("4 layers"), "{err}");
+}
+
+#[test]
+fn an_unsupported_pipeline_class_is_named() {
+    let dir = std::env::temp_dir().join(format!("pf-unsupported-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("scheduler")).unwrap();
+    std::fs::write(
+        dir.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "EulerDiscreteScheduler"}"#,
+    )
+    .unwrap();
+    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("StableDiffusionXLPipeline") && err.contains("FluxPipeline"),
+        "{err}"
+    );
 }

@@ -775,10 +775,12 @@ fn roundtrip_adapters_portaflow_writes_load_in_peft_and_diffusers_unchanged() {
         weights.modules
     );
     // And peft / diffusers computed the same output from them.
+    // (Within float noise: the CPU's SIMD width changes the last bits of a sum.)
     let committed = expected("roundtrip", "output");
-    assert_eq!(
-        committed, ours,
-        "portaflow's own output changed since the files were written"
+    let drift = max_rel_diff(&ours, &committed);
+    assert!(
+        drift < 1e-5,
+        "portaflow's own output changed by {drift} since the files were written"
     );
     let mut io = Weights::open_file(&dir.join("peft_output.safetensors"))
         .expect("run tools/check/load_lora_in_peft.py to record peft's output");

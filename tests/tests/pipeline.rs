@@ -32,6 +32,8 @@ fn options() -> GenerateOptions {
         kind: StepKind::FlowSde { noise_level: 0.7 },
         seeds: vec![11, 12],
         negative_prompt: String::new(),
+        size: None,
+        initial_noise: None,
     }
 }
 
@@ -52,7 +54,9 @@ fn trained_a_little(device: &Device) -> Pipeline {
     let trained = pretrain(tiny_pipeline(1, &ad), &config, 0, &train, &dir, &ad, |_| {}).unwrap();
     let saved = Pipeline::from_dir(&dir.join("checkpoint"), device).unwrap();
     let proj_out = |p: &Pipeline| -> Vec<f32> {
-        p.transformer
+        p.as_bundled()
+            .unwrap()
+            .1
             .proj_out
             .weight
             .val()
@@ -152,8 +156,8 @@ fn pretraining_resumes_exactly() {
     .unwrap();
 
     let weights = |p: &Pipeline| -> Vec<f32> {
-        let mut v: Vec<f32> = p
-            .transformer
+        let (clip, transformer) = p.as_bundled().unwrap();
+        let mut v: Vec<f32> = transformer
             .proj_out
             .weight
             .val()
@@ -161,7 +165,7 @@ fn pretraining_resumes_exactly() {
             .try_to_vec()
             .unwrap();
         v.extend(
-            p.text_encoder.text_model.encoder_layers[0]
+            clip.model.text_model.encoder_layers[0]
                 .mlp
                 .fc1
                 .weight

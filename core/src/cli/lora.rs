@@ -57,7 +57,9 @@ pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
             let names = apply(&mut pipe, &loras, &chosen.device)?;
             for name in &names {
                 lora::merge(&mut pipe.transformer, name).ok();
-                lora::merge(&mut pipe.text_encoder, name).ok();
+                for (_, encoder) in pipe.text.components_mut() {
+                    lora::merge(&mut *encoder, name).ok();
+                }
             }
             pipe.save_dir(&out)?;
             println!(

@@ -126,7 +126,7 @@ macro_rules! linears {
 }
 
 /// The module paths of every linear, in walk order.
-pub fn linear_paths(model: &impl Linears) -> Vec<String> {
+pub fn linear_paths(model: &(impl Linears + ?Sized)) -> Vec<String> {
     let mut paths = Vec::new();
     model.for_each_linear(&mut |l| paths.push(l.path.clone()));
     paths
@@ -138,7 +138,7 @@ pub fn linear_paths(model: &impl Linears) -> Vec<String> {
 /// `modules` are component-relative (`transformer_blocks.0.attn.to_q`); see
 /// [`LoraWeights::component`].
 pub fn attach<'a>(
-    model: &mut impl Linears,
+    model: &mut (impl Linears + ?Sized),
     name: &str,
     modules: impl IntoIterator<Item = (&'a str, &'a LoraModule)>,
     weight: f64,
@@ -193,7 +193,7 @@ pub fn attach<'a>(
 /// PEFT's initialisation: `B = 0` (so the model is unchanged), `A` gaussian N(0, 1/r) or
 /// Kaiming-uniform (PEFT's default `init_lora_weights=True`). Returns the wrapped paths.
 pub fn init_adapter(
-    model: &mut impl Linears,
+    model: &mut (impl Linears + ?Sized),
     name: &str,
     config: &LoraConfig,
     seed: u64,
@@ -253,7 +253,7 @@ pub fn init_adapter(
     Ok(selected)
 }
 
-fn ensure_absent(model: &impl Linears, name: &str) -> Result<(), LoraError> {
+fn ensure_absent(model: &(impl Linears + ?Sized), name: &str) -> Result<(), LoraError> {
     let mut present = false;
     model.for_each_linear(&mut |l| present |= l.lora.iter().any(|a| a.name == name));
     if present {
@@ -264,7 +264,7 @@ fn ensure_absent(model: &impl Linears, name: &str) -> Result<(), LoraError> {
 }
 
 fn for_each_adapter_mut(
-    model: &mut impl Linears,
+    model: &mut (impl Linears + ?Sized),
     name: &str,
     mut f: impl FnMut(&mut Linear, usize),
 ) -> Result<usize, LoraError> {
@@ -284,7 +284,11 @@ fn for_each_adapter_mut(
 
 /// Sets an adapter's multiplier (PEFT's `set_adapters(weights=…)`). A merged adapter is unmerged
 /// and merged again so the base weight follows.
-pub fn set_weight(model: &mut impl Linears, name: &str, weight: f64) -> Result<usize, LoraError> {
+pub fn set_weight(
+    model: &mut (impl Linears + ?Sized),
+    name: &str,
+    weight: f64,
+) -> Result<usize, LoraError> {
     for_each_adapter_mut(model, name, |l, i| {
         let merged = l.lora[i].merged;
         if merged {
@@ -299,12 +303,12 @@ pub fn set_weight(model: &mut impl Linears, name: &str, weight: f64) -> Result<u
 
 /// Switches every adapter on or off without touching a weight: the "same model with the adapter
 /// off" that GRPO's KL term compares against. Merged adapters stay in the base weight.
-pub fn set_enabled(model: &mut impl Linears, enabled: bool) {
+pub fn set_enabled(model: &mut (impl Linears + ?Sized), enabled: bool) {
     model.for_each_linear_mut(&mut |l| l.lora.iter_mut().for_each(|a| a.enabled = enabled));
 }
 
 /// Detaches an adapter (unmerging it first if it was merged). Returns how many linears had it.
-pub fn remove(model: &mut impl Linears, name: &str) -> usize {
+pub fn remove(model: &mut (impl Linears + ?Sized), name: &str) -> usize {
     let mut count = 0;
     model.for_each_linear_mut(&mut |l| {
         if let Some(i) = l.lora.iter().position(|a| a.name == name) {
@@ -319,7 +323,7 @@ pub fn remove(model: &mut impl Linears, name: &str) -> usize {
 }
 
 /// Folds `s·w·A·B` into the base weight (PEFT's `merge_adapter`); the side path is then skipped.
-pub fn merge(model: &mut impl Linears, name: &str) -> Result<usize, LoraError> {
+pub fn merge(model: &mut (impl Linears + ?Sized), name: &str) -> Result<usize, LoraError> {
     for_each_adapter_mut(model, name, |l, i| {
         if !l.lora[i].merged {
             merge_one(l, i)
@@ -328,7 +332,7 @@ pub fn merge(model: &mut impl Linears, name: &str) -> Result<usize, LoraError> {
 }
 
 /// Subtracts a merged adapter from the base weight again.
-pub fn unmerge(model: &mut impl Linears, name: &str) -> Result<usize, LoraError> {
+pub fn unmerge(model: &mut (impl Linears + ?Sized), name: &str) -> Result<usize, LoraError> {
     for_each_adapter_mut(model, name, |l, i| {
         if l.lora[i].merged {
             unmerge_one(l, i)
@@ -338,7 +342,10 @@ pub fn unmerge(model: &mut impl Linears, name: &str) -> Result<usize, LoraError>
 
 /// Merges an adapter and forgets it: RTDMD's stacking step ("merge the cold-start LoRA, then
 /// train a fresh one") and `lora merge` on the command line.
-pub fn merge_and_unload(model: &mut impl Linears, name: &str) -> Result<usize, LoraError> {
+pub fn merge_and_unload(
+    model: &mut (impl Linears + ?Sized),
+    name: &str,
+) -> Result<usize, LoraError> {
     let count = merge(model, name)?;
     model.for_each_linear_mut(&mut |l| l.lora.retain(|a| a.name != name));
     Ok(count)
@@ -367,7 +374,10 @@ fn add_to_weight(l: &mut Linear, delta: Tensor<2>) {
 }
 
 /// Reads an attached adapter back out (for saving), in PEFT layout.
-pub fn extract(model: &impl Linears, name: &str) -> Result<Vec<(String, LoraModule)>, LoraError> {
+pub fn extract(
+    model: &(impl Linears + ?Sized),
+    name: &str,
+) -> Result<Vec<(String, LoraModule)>, LoraError> {
     let mut modules = Vec::new();
     model.for_each_linear(&mut |l| {
         if let Some(a) = l.lora.iter().find(|a| a.name == name) {
@@ -381,7 +391,7 @@ pub fn extract(model: &impl Linears, name: &str) -> Result<Vec<(String, LoraModu
 }
 
 /// Names of the attached adapters with how many linears each wraps, in first-seen order.
-pub fn adapters(model: &impl Linears) -> Vec<(String, usize)> {
+pub fn adapters(model: &(impl Linears + ?Sized)) -> Vec<(String, usize)> {
     let mut found: Vec<(String, usize)> = Vec::new();
     model.for_each_linear(&mut |l| {
         for a in &l.lora {
@@ -396,7 +406,7 @@ pub fn adapters(model: &impl Linears) -> Vec<(String, usize)> {
 
 /// Adapters whose side path is live (attached and not merged): what saving the base weights
 /// alone would lose.
-pub fn unmerged(model: &impl Linears) -> Vec<String> {
+pub fn unmerged(model: &(impl Linears + ?Sized)) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     model.for_each_linear(&mut |l| {
         for a in l.lora.iter().filter(|a| !a.merged) {

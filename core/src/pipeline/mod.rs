@@ -1,5 +1,7 @@
-//! Text-to-image pipelines: a model folder (tokenizer, text encoder, transformer, scheduler
-//! settings) turned into images. The bundled Shapes model is such a folder, in diffusers' layout:
+//! Text-to-image pipelines: a model folder (tokenizers, text encoders, transformer, VAE,
+//! scheduler settings) turned into images. `model_index.json`'s `_class_name` picks the family:
+//! `StableDiffusion3Pipeline` (SD3 / SD3.5), `FluxPipeline` (FLUX.1), `Flux2KleinPipeline`
+//! (FLUX.2-klein), or `PortaflowPixelPipeline`, the bundled Shapes model, laid out as:
 //!
 //! ```text
 //! model_index.json                 components, and the pixel resolution of pixel-space models
@@ -15,6 +17,10 @@
 
 pub mod eval;
 pub mod text;
+pub mod transformer;
+
+pub use text::TextStack;
+pub use transformer::Transformer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -24,17 +30,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::{self, LoraError, LoraWeights};
 use crate::model::sd3::{self, Sd3Config, Sd3Transformer};
+use crate::model::vae::{self, Vae};
 use crate::model::weights::LoadError;
+use crate::model::{flux1, flux2};
 use crate::sample::pipeline::{
     Conditioning, Denoiser, NoiseSource, Progress, SampleError, SampleOptions, sample,
 };
-use crate::sample::schedule::{Schedule, ScheduleError};
+use crate::sample::schedule::{Schedule, ScheduleError, flux_mu, flux2_empirical_mu};
 use crate::sample::select::StepPlan;
 use crate::sample::step::StepKind;
 use crate::text::TextError;
 use crate::text::clip::{self, ClipTextConfig, ClipTextModel};
 use crate::text::tokenizer::{self, PromptTokenizer};
 use crate::world::render::Image;
+use text::Encoder;
 
 /// Errors of loading or running a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -56,17 +65,27 @@ pub enum PipelineError {
 pub struct ModelIndex {
     #[serde(rename = "_class_name")]
     pub class_name: String,
-    pub transformer: (String, String),
-    pub text_encoder: (String, String),
-    pub tokenizer: (String, String),
-    pub scheduler: (String, String),
     /// Side of the generated images in pixels, for models that work in pixel space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_resolution: Option<usize>,
     /// What the transformer outputs (diffusers' `prediction_type` idea): the flow velocity
     /// (SD3, FLUX) or the clean sample.
     #[serde(default)]
     pub prediction: Prediction,
+    /// The component table (`"transformer": ["diffusers", "SD3Transformer2DModel"]`, …), kept
+    /// as written.
+    #[serde(flatten)]
+    pub components: std::collections::BTreeMap<String, serde_json::Value>,
 }
+
+/// The pipeline classes this crate runs.
+pub const BUNDLED_CLASS: &str = "PortaflowPixelPipeline";
+pub const SUPPORTED_CLASSES: [&str; 4] = [
+    BUNDLED_CLASS,
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "Flux2KleinPipeline",
+];
 
 /// The transformer's output parametrisation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +108,7 @@ pub const MIN_SIGMA_DIVISOR: f64 = 0.05;
 
 /// The transformer seen as a velocity model, whatever it outputs.
 pub struct PipelineDenoiser<'a> {
-    pub transformer: &'a Sd3Transformer,
+    pub transformer: &'a Transformer,
     pub prediction: Prediction,
 }
 
@@ -112,6 +131,9 @@ pub struct SchedulerConfig {
     pub shift: f64,
     #[serde(default = "default_train_steps")]
     pub num_train_timesteps: usize,
+    /// FLUX: the schedule is shifted by μ from the image's token count instead of `shift`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_dynamic_shifting: bool,
 }
 
 fn default_shift() -> f64 {
@@ -123,9 +145,10 @@ fn default_train_steps() -> usize {
 
 /// A loaded text-to-image model.
 pub struct Pipeline {
-    pub tokenizer: PromptTokenizer,
-    pub text_encoder: ClipTextModel,
-    pub transformer: Sd3Transformer,
+    pub text: TextStack,
+    pub transformer: Transformer,
+    /// The autoencoder of latent-space models; `None` in pixel space.
+    pub vae: Option<Vae>,
     pub index: ModelIndex,
     pub scheduler: SchedulerConfig,
 }
@@ -140,6 +163,26 @@ pub struct GenerateOptions {
     /// One seed per image.
     pub seeds: Vec<u64>,
     pub negative_prompt: String,
+    /// Image `(height, width)` in pixels; `None`: the model's default.
+    pub size: Option<(usize, usize)>,
+    /// The initial noise `[b, c, h, w]` in the sampler's latent space instead of the seeds' (to
+    /// reproduce another engine's image); the seeds still drive stochastic steps.
+    pub initial_noise: Option<Tensor<4>>,
+}
+
+impl GenerateOptions {
+    /// Deterministic Euler sampling of one image per seed with classifier-free guidance.
+    pub fn euler(steps: usize, guidance_scale: f64, seeds: Vec<u64>) -> Self {
+        Self {
+            steps,
+            guidance_scale,
+            kind: StepKind::Euler,
+            seeds,
+            negative_prompt: String::new(),
+            size: None,
+            initial_noise: None,
+        }
+    }
 }
 
 /// The bundled Shapes model's architecture, for pretraining from scratch.
@@ -205,28 +248,91 @@ pub fn bundled_dir() -> PathBuf {
 }
 
 impl Pipeline {
-    /// Loads a pipeline folder (see the module docs for the layout).
+    /// Loads a pipeline folder: the bundled layout (see the module docs) or a diffusers
+    /// SD3 / SD3.5, FLUX.1 or FLUX.2-klein folder.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        let folder_error = |message: String| PipelineError::Folder {
+            path: dir.to_path_buf(),
+            message,
+        };
         if !dir.join("model_index.json").exists() {
-            return Err(PipelineError::Folder {
-                path: dir.to_path_buf(),
-                message: "no model_index.json: not a pipeline folder".into(),
-            });
+            return Err(folder_error(
+                "no model_index.json: not a pipeline folder".into(),
+            ));
         }
         let index: ModelIndex = crate::model::read_config(&dir.join("model_index.json"))?;
         let scheduler: SchedulerConfig =
             crate::model::read_config(&dir.join("scheduler/scheduler_config.json"))?;
-        let text_encoder = clip::load_dir(&dir.join("text_encoder"), device)?;
-        let tokenizer = PromptTokenizer::from_file(
-            &dir.join("tokenizer/tokenizer.json"),
-            text_encoder.config.max_position_embeddings,
-            tokenizer::PAD,
-        )?;
-        let transformer = sd3::load_dir(&dir.join("transformer"), device)?;
+        let vae = || vae::load_dir(&dir.join("vae"), device);
+        let (text, transformer, vae) = match index.class_name.as_str() {
+            BUNDLED_CLASS => {
+                let model = clip::load_dir(&dir.join("text_encoder"), device)?;
+                let tokenizer = PromptTokenizer::from_file(
+                    &dir.join("tokenizer/tokenizer.json"),
+                    model.config.max_position_embeddings,
+                    tokenizer::PAD,
+                )?;
+                let transformer = sd3::load_dir(&dir.join("transformer"), device)?;
+                (
+                    TextStack::Clip(Encoder { tokenizer, model }),
+                    Transformer::Sd3(transformer),
+                    None,
+                )
+            }
+            "StableDiffusion3Pipeline" => {
+                let transformer = sd3::load_dir(&dir.join("transformer"), device)?;
+                let text =
+                    TextStack::load_sd3(dir, transformer.config.joint_attention_dim, device)?;
+                (text, Transformer::Sd3(transformer), Some(vae()?))
+            }
+            "FluxPipeline" => {
+                let transformer = flux1::load_dir(&dir.join("transformer"), device)?;
+                (
+                    TextStack::load_flux1(dir, device)?,
+                    Transformer::Flux1(transformer),
+                    Some(vae()?),
+                )
+            }
+            "Flux2KleinPipeline" => {
+                let transformer = flux2::load_dir(&dir.join("transformer"), device)?;
+                (
+                    TextStack::load_flux2(dir, device)?,
+                    Transformer::Flux2(transformer),
+                    Some(vae()?),
+                )
+            }
+            other => {
+                return Err(folder_error(format!(
+                    "model_index.json names `{other}`; supported pipelines: {}",
+                    SUPPORTED_CLASSES.join(", ")
+                )));
+            }
+        };
+        let expected = match &transformer {
+            Transformer::Sd3(t) => t.config.joint_attention_dim,
+            Transformer::Flux1(t) => t.config.joint_attention_dim,
+            Transformer::Flux2(t) => t.config.joint_attention_dim,
+        };
+        // klein's default layers are checked when the encoder is too shallow for them only at
+        // `set_text_layers`; the width must agree here already.
+        if let TextStack::Flux2 { qwen, .. } = &text
+            && expected % qwen.model.config.hidden_size != 0
+        {
+            return Err(folder_error(format!(
+                "the transformer's joint_attention_dim {expected} is not a whole number of Qwen3 layers of width {}",
+                qwen.model.config.hidden_size
+            )));
+        }
+        if !matches!(text, TextStack::Flux2 { .. }) && text.sequence_width() != expected {
+            return Err(folder_error(format!(
+                "the text encoders give sequences of width {}; the transformer's joint_attention_dim is {expected}",
+                text.sequence_width()
+            )));
+        }
         Ok(Self {
-            tokenizer,
-            text_encoder,
+            text,
             transformer,
+            vae,
             index,
             scheduler,
         })
@@ -241,23 +347,46 @@ impl Pipeline {
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let resolution = transformer_config.sample_size;
+        let component = |library: &str, class: &str| serde_json::json!([library, class]);
         Ok(Self {
-            tokenizer,
-            text_encoder: ClipTextModel::init(text_config, seed, device),
-            transformer: Sd3Transformer::init(transformer_config, seed.wrapping_add(1), device)?,
+            text: TextStack::Clip(Encoder {
+                tokenizer,
+                model: ClipTextModel::init(text_config, seed, device),
+            }),
+            transformer: Transformer::Sd3(Sd3Transformer::init(
+                transformer_config,
+                seed.wrapping_add(1),
+                device,
+            )?),
+            vae: None,
             index: ModelIndex {
-                class_name: "PortaflowPixelPipeline".into(),
-                transformer: ("diffusers".into(), "SD3Transformer2DModel".into()),
-                text_encoder: ("transformers".into(), "CLIPTextModelWithProjection".into()),
-                tokenizer: ("tokenizers".into(), "tokenizer.json".into()),
-                scheduler: ("diffusers".into(), "FlowMatchEulerDiscreteScheduler".into()),
+                class_name: BUNDLED_CLASS.into(),
                 pixel_resolution: Some(resolution),
                 prediction: Prediction::Sample,
+                components: [
+                    (
+                        "transformer",
+                        component("diffusers", "SD3Transformer2DModel"),
+                    ),
+                    (
+                        "text_encoder",
+                        component("transformers", "CLIPTextModelWithProjection"),
+                    ),
+                    ("tokenizer", component("tokenizers", "tokenizer.json")),
+                    (
+                        "scheduler",
+                        component("diffusers", "FlowMatchEulerDiscreteScheduler"),
+                    ),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             },
             scheduler: SchedulerConfig {
                 class_name: "FlowMatchEulerDiscreteScheduler".into(),
                 shift: 1.0,
                 num_train_timesteps: 1000,
+                use_dynamic_shifting: false,
             },
         })
     }
@@ -272,28 +401,41 @@ impl Pipeline {
         device: &Device,
     ) -> Result<usize, LoraError> {
         let mut attached = 0;
+        let mut result = Ok(());
         for component in weights.components() {
             let modules = weights.component(&component);
-            let result = match component.as_str() {
-                "transformer" => lora::attach(&mut self.transformer, name, modules, weight, device),
-                "text_encoder" => {
-                    lora::attach(&mut self.text_encoder, name, modules, weight, device)
+            let outcome = if component == "transformer" {
+                lora::attach(&mut self.transformer, name, modules, weight, device)
+            } else {
+                let mut parts = self.text.components_mut();
+                let names: Vec<&str> = parts.iter().map(|(n, _)| *n).collect();
+                let names = names.join(", ");
+                match parts.iter_mut().find(|(n, _)| *n == component) {
+                    Some((_, encoder)) => {
+                        lora::attach(&mut **encoder, name, modules, weight, device)
+                    }
+                    None => Err(LoraError::NoSuchModule {
+                        adapter: name.to_string(),
+                        paths: vec![format!(
+                            "{component}.* (this pipeline has a transformer and {names})"
+                        )],
+                    }),
                 }
-                other => Err(LoraError::NoSuchModule {
-                    adapter: name.to_string(),
-                    paths: vec![format!(
-                        "{other}.* (this pipeline has a transformer and a text_encoder)"
-                    )],
-                }),
             };
-            match result {
+            match outcome {
                 Ok(n) => attached += n,
                 Err(e) => {
-                    lora::remove(&mut self.transformer, name);
-                    lora::remove(&mut self.text_encoder, name);
-                    return Err(e);
+                    result = Err(e);
+                    break;
                 }
             }
+        }
+        if let Err(e) = result {
+            lora::remove(&mut self.transformer, name);
+            for (_, encoder) in self.text.components_mut() {
+                lora::remove(&mut *encoder, name);
+            }
+            return Err(e);
         }
         Ok(attached)
     }
@@ -301,9 +443,20 @@ impl Pipeline {
     /// Writes the pipeline folder. Adapters must be merged first (`lora::merge`), or they would be
     /// silently left out.
     pub fn save_dir(&self, dir: &Path) -> Result<(), PipelineError> {
-        let live: Vec<String> = lora::unmerged(&self.transformer)
+        let (TextStack::Clip(clip), Transformer::Sd3(transformer)) =
+            (&self.text, &self.transformer)
+        else {
+            return Err(PipelineError::Folder {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "writing a whole `{}` folder is not supported; save adapters instead (`portaflow lora convert`)",
+                    self.index.class_name
+                ),
+            });
+        };
+        let live: Vec<String> = lora::unmerged(transformer)
             .into_iter()
-            .chain(lora::unmerged(&self.text_encoder))
+            .chain(lora::unmerged(&clip.model))
             .collect();
         if !live.is_empty() {
             return Err(PipelineError::Folder {
@@ -327,33 +480,86 @@ impl Pipeline {
             dir.join("scheduler/scheduler_config.json"),
             pretty(&self.scheduler),
         )?;
-        let tokenizer_json = self
+        let tokenizer_json = clip
             .tokenizer
             .tokenizer
             .to_string(true)
             .map_err(|e| TextError::Encode(e.to_string()))?;
         write(dir.join("tokenizer/tokenizer.json"), tokenizer_json)?;
-        self.text_encoder.save_dir(&dir.join("text_encoder"))?;
-        self.transformer.save_dir(&dir.join("transformer"))?;
+        clip.model.save_dir(&dir.join("text_encoder"))?;
+        transformer.save_dir(&dir.join("transformer"))?;
         Ok(())
     }
 
-    /// Image side in pixels (pixel-space models).
-    pub fn resolution(&self) -> usize {
-        self.index
-            .pixel_resolution
-            .unwrap_or(self.transformer.config.sample_size)
+    /// The bundled architecture's parts (a CLIP and an SD3 transformer in pixel space).
+    pub fn as_bundled(&self) -> Option<(&Encoder<ClipTextModel>, &Sd3Transformer)> {
+        match (&self.text, &self.transformer) {
+            (TextStack::Clip(clip), Transformer::Sd3(t)) if self.vae.is_none() => Some((clip, t)),
+            _ => None,
+        }
     }
 
-    /// SD3-style conditioning of `prompts`.
-    pub fn encode(&self, prompts: &[String], device: &Device) -> Result<Conditioning, TextError> {
-        let ids = self.tokenizer.encode(prompts)?;
-        let out = self.text_encoder.forward(&ids, device);
-        let penultimate = out.hidden_states[out.hidden_states.len() - 2].clone();
-        Ok(Conditioning {
-            sequence: penultimate,
-            pooled: Some(out.pooled),
-            guidance: None,
+    /// How many pixels one latent cell covers (1 in pixel space).
+    pub fn vae_scale(&self) -> usize {
+        self.vae.as_ref().map_or(1, |v| {
+            1 << v.config.block_out_channels.len().saturating_sub(1)
+        })
+    }
+
+    /// Default image side in pixels: the bundled model's resolution, else the transformer's
+    /// `sample_size` latent cells (SD3) or diffusers' 1024 (FLUX).
+    pub fn resolution(&self) -> usize {
+        if let Some(side) = self.index.pixel_resolution {
+            return side;
+        }
+        match &self.transformer {
+            Transformer::Sd3(t) => t.config.sample_size * self.vae_scale(),
+            _ => 1024,
+        }
+    }
+
+    /// Conditioning of `prompts` as the family's diffusers pipeline forms it.
+    pub fn encode(
+        &self,
+        prompts: &[String],
+        device: &Device,
+    ) -> Result<Conditioning, PipelineError> {
+        self.text.encode(prompts, device)
+    }
+
+    /// The sampler's latent shape `[c, h, w]` for an image of `height × width` pixels.
+    pub fn latent_shape(&self, height: usize, width: usize) -> Result<[usize; 3], PipelineError> {
+        let scale = self.vae_scale();
+        // FLUX packs 2×2 latent cells into a token; FLUX.2's sampler latent is already packed.
+        let (multiple, cell) = match &self.transformer {
+            Transformer::Sd3(t) => (scale * t.config.patch_size, scale),
+            Transformer::Flux1(_) => (2 * scale, scale),
+            Transformer::Flux2(_) => (2 * scale, 2 * scale),
+        };
+        if height == 0 || width == 0 || !height.is_multiple_of(multiple) || !width.is_multiple_of(multiple) {
+            return Err(SampleError::Invalid(format!(
+                "image size {height}×{width} must be a positive multiple of {multiple} for this model"
+            ))
+            .into());
+        }
+        Ok([
+            self.transformer.latent_channels(),
+            height / cell,
+            width / cell,
+        ])
+    }
+
+    /// The denoising schedule of `steps` steps for a latent of `shape`.
+    fn schedule(&self, steps: usize, shape: [usize; 3]) -> Result<Schedule, PipelineError> {
+        let tokens = |cells: usize| (shape[1] / cells) * (shape[2] / cells);
+        Ok(match &self.transformer {
+            Transformer::Flux1(_) if self.scheduler.use_dynamic_shifting => {
+                Schedule::dynamic(steps, flux_mu(tokens(2)))?
+            }
+            Transformer::Flux2(_) => {
+                Schedule::dynamic(steps, flux2_empirical_mu(tokens(1), steps))?
+            }
+            _ => Schedule::shifted(steps, self.scheduler.shift)?,
         })
     }
 
@@ -366,6 +572,27 @@ impl Pipeline {
         on_step: impl FnMut(Progress),
         cancel: Option<&AtomicBool>,
     ) -> Result<Vec<Image>, PipelineError> {
+        let x = self.generate_latents(prompts, options, device, on_step, cancel)?;
+        Ok(to_images(self.decode(x)))
+    }
+
+    /// Latents → RGB in [−1, 1] `[b, 3, H, W]` (the VAE's decode in latent space).
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        match &self.vae {
+            Some(vae) => vae.decode(latents),
+            None => latents,
+        }
+    }
+
+    /// Samples the final latents (before the VAE), one per seed.
+    pub fn generate_latents(
+        &self,
+        prompts: &[String],
+        options: &GenerateOptions,
+        device: &Device,
+        on_step: impl FnMut(Progress),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Tensor<4>, PipelineError> {
         if prompts.len() != options.seeds.len() {
             return Err(SampleError::Invalid(format!(
                 "{} prompts for {} seeds",
@@ -374,9 +601,17 @@ impl Pipeline {
             ))
             .into());
         }
-        let schedule = Schedule::shifted(options.steps, self.scheduler.shift)?;
-        let cond = self.encode(prompts, device)?;
-        let uncond = if options.guidance_scale != 1.0 {
+        let side = self.resolution();
+        let (height, width) = options.size.unwrap_or((side, side));
+        let shape = self.latent_shape(height, width)?;
+        let schedule = self.schedule(options.steps, shape)?;
+        let mut cond = self.encode(prompts, device)?;
+        // Guidance-distilled FLUX takes the scale as an input; every other model runs CFG.
+        let embedded_guidance = self.transformer.guidance_embeds();
+        if embedded_guidance {
+            cond.guidance = Some(options.guidance_scale);
+        }
+        let uncond = if options.guidance_scale > 1.0 && !embedded_guidance {
             Some(self.encode(
                 &vec![options.negative_prompt.clone(); prompts.len()],
                 device,
@@ -393,14 +628,31 @@ impl Pipeline {
             }
         }
         let noise = NoiseSource::new(options.seeds.clone());
-        let size = self.resolution();
-        let channels = self.transformer.config.in_channels;
-        let x = noise.initial([channels, size, size], device);
+        let x = match &options.initial_noise {
+            Some(x) => {
+                let [b, c, h, w] = x.dims();
+                if b != prompts.len() || [c, h, w] != shape {
+                    return Err(SampleError::Invalid(format!(
+                        "initial noise is {:?}; this model samples {:?} for {} prompt(s) at {height}×{width}",
+                        x.dims(),
+                        [prompts.len(), shape[0], shape[1], shape[2]],
+                        prompts.len()
+                    ))
+                    .into());
+                }
+                x.clone()
+            }
+            None => noise.initial(shape, device),
+        };
         let sample_options = SampleOptions {
             schedule: &schedule,
             kind: options.kind,
             plan,
-            guidance_scale: options.guidance_scale,
+            guidance_scale: if embedded_guidance {
+                1.0
+            } else {
+                options.guidance_scale
+            },
             shared_seeds: None,
             record: false,
         };
@@ -417,7 +669,7 @@ impl Pipeline {
             on_step,
             cancel,
         )?;
-        Ok(to_images(x))
+        Ok(x)
     }
 }
 

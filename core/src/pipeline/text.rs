@@ -17,6 +17,7 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 
 use super::PipelineError;
+use crate::lora::Linears;
 use crate::sample::pipeline::Conditioning;
 use crate::text::clip::{self, ClipTextModel};
 use crate::text::qwen3::{self, Qwen3TextEncoder};
@@ -31,6 +32,8 @@ pub struct Encoder<M> {
 
 /// The text encoders of a pipeline and their combination rule.
 pub enum TextStack {
+    /// The bundled Shapes model: one CLIP with projection (trained jointly by `pretrain`).
+    Clip(Encoder<ClipTextModel>),
     Sd3 {
         clip_l: Encoder<ClipTextModel>,
         clip_g: Encoder<ClipTextModel>,
@@ -99,9 +102,21 @@ impl TextStack {
         } else {
             None
         };
+        let clip_l = clip_encoder(dir, "tokenizer", "text_encoder", device)?;
+        let clip_g = clip_encoder(dir, "tokenizer_2", "text_encoder_2", device)?;
+        let clip_width = clip_l.model.config.hidden_size + clip_g.model.config.hidden_size;
+        let t5_width = t5.as_ref().map_or(joint_width, |t| t.model.config.d_model);
+        if clip_width > joint_width || t5_width != joint_width {
+            return Err(PipelineError::Folder {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "the transformer's joint_attention_dim is {joint_width}; the CLIP encoders give {clip_width} and T5 {t5_width} (CLIP widths must fit, T5 must equal it)"
+                ),
+            });
+        }
         Ok(Self::Sd3 {
-            clip_l: clip_encoder(dir, "tokenizer", "text_encoder", device)?,
-            clip_g: clip_encoder(dir, "tokenizer_2", "text_encoder_2", device)?,
+            clip_l,
+            clip_g,
             t5,
             joint_width,
         })
@@ -135,13 +150,127 @@ impl TextStack {
         })
     }
 
+    /// The text encoders by diffusers component name (`text_encoder`, `text_encoder_2`, …), for
+    /// LoRA adapters that target them.
+    pub fn components_mut(&mut self) -> Vec<(&'static str, &mut dyn Linears)> {
+        match self {
+            Self::Clip(clip) => vec![("text_encoder", &mut clip.model as &mut dyn Linears)],
+            Self::Sd3 {
+                clip_l, clip_g, t5, ..
+            } => {
+                let mut parts: Vec<(&'static str, &mut dyn Linears)> = vec![
+                    ("text_encoder", &mut clip_l.model),
+                    ("text_encoder_2", &mut clip_g.model),
+                ];
+                if let Some(t5) = t5 {
+                    parts.push(("text_encoder_3", &mut t5.model));
+                }
+                parts
+            }
+            Self::Flux1 { clip, t5 } => vec![
+                ("text_encoder", &mut clip.model as &mut dyn Linears),
+                ("text_encoder_2", &mut t5.model),
+            ],
+            Self::Flux2 { qwen, .. } => vec![("text_encoder", &mut qwen.model as &mut dyn Linears)],
+        }
+    }
+
+    /// Words of `prompt` a word-level tokenizer does not know (the bundled model); byte-level
+    /// tokenizers know every word.
+    pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
+        match self {
+            Self::Clip(clip) => clip.tokenizer.unknown_words(prompt),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Parameter count of every encoder.
+    pub fn parameters(&self) -> usize {
+        use burn::module::Module;
+        match self {
+            Self::Clip(clip) => clip.model.num_params(),
+            Self::Sd3 {
+                clip_l, clip_g, t5, ..
+            } => {
+                clip_l.model.num_params()
+                    + clip_g.model.num_params()
+                    + t5.as_ref().map_or(0, |t| t.model.num_params())
+            }
+            Self::Flux1 { clip, t5 } => clip.model.num_params() + t5.model.num_params(),
+            Self::Flux2 { qwen, .. } => qwen.model.num_params(),
+        }
+    }
+
+    /// The same encoders without autodiff (for sampling next to a model being trained).
+    pub fn valid(self) -> Self {
+        fn plain<M: burn::module::Module>(e: Encoder<M>) -> Encoder<M> {
+            Encoder {
+                model: e.model.valid(),
+                tokenizer: e.tokenizer,
+            }
+        }
+        match self {
+            Self::Clip(clip) => Self::Clip(plain(clip)),
+            Self::Sd3 {
+                clip_l,
+                clip_g,
+                t5,
+                joint_width,
+            } => Self::Sd3 {
+                clip_l: plain(clip_l),
+                clip_g: plain(clip_g),
+                t5: t5.map(plain),
+                joint_width,
+            },
+            Self::Flux1 { clip, t5 } => Self::Flux1 {
+                clip: plain(clip),
+                t5: plain(t5),
+            },
+            Self::Flux2 { qwen, layers } => Self::Flux2 {
+                qwen: plain(qwen),
+                layers,
+            },
+        }
+    }
+
+    /// FLUX.2-klein: which Qwen3 hidden states are stacked (`text_encoder_out_layers`).
+    pub fn set_text_layers(&mut self, asked: Vec<usize>) -> Result<(), PipelineError> {
+        let Self::Flux2 { qwen, layers } = self else {
+            return Err(PipelineError::Folder {
+                path: "text_encoder".into(),
+                message: "text_encoder_out_layers applies to FLUX.2-klein's Qwen3 only".into(),
+            });
+        };
+        let depth = qwen.model.config.num_hidden_layers;
+        if asked.is_empty() || asked.iter().any(|&l| l == 0 || l > depth) {
+            return Err(PipelineError::Folder {
+                path: "text_encoder".into(),
+                message: format!(
+                    "text_encoder_out_layers {asked:?}: the Qwen3 encoder has {depth} layers (valid: 1..={depth})"
+                ),
+            });
+        }
+        *layers = asked;
+        Ok(())
+    }
+
+    /// Width of the sequence `encode` produces.
+    pub fn sequence_width(&self) -> usize {
+        match self {
+            Self::Clip(clip) => clip.model.config.hidden_size,
+            Self::Sd3 { joint_width, .. } => *joint_width,
+            Self::Flux1 { t5, .. } => t5.model.config.d_model,
+            Self::Flux2 { qwen, layers } => layers.len() * qwen.model.config.hidden_size,
+        }
+    }
+
     /// Sets the long encoder's sequence length (diffusers' `max_sequence_length`).
     pub fn set_max_sequence_length(&mut self, length: usize) {
         match self {
             Self::Sd3 { t5: Some(t5), .. } | Self::Flux1 { t5, .. } => {
                 t5.tokenizer.max_length = length
             }
-            Self::Sd3 { .. } => {}
+            Self::Sd3 { .. } | Self::Clip(_) => {}
             Self::Flux2 { qwen, .. } => qwen.tokenizer.max_length = length,
         }
     }
@@ -164,6 +293,14 @@ impl TextStack {
             ))
         };
         Ok(match self {
+            Self::Clip(clip) => {
+                let (sequence, pooled) = clip_penultimate(clip)?;
+                Conditioning {
+                    sequence,
+                    pooled: Some(pooled),
+                    guidance: None,
+                }
+            }
             Self::Sd3 {
                 clip_l,
                 clip_g,
@@ -207,6 +344,15 @@ impl TextStack {
                 let templated: Vec<String> =
                     prompts.iter().map(|p| qwen3::chat_prompt(p)).collect();
                 let encoded = qwen.tokenizer.encode_with_mask(&templated)?;
+                let depth = qwen.model.config.num_hidden_layers;
+                if layers.is_empty() || layers.iter().any(|&l| l == 0 || l > depth) {
+                    return Err(PipelineError::Folder {
+                        path: "text_encoder".into(),
+                        message: format!(
+                            "text_encoder_out_layers {layers:?} do not fit a Qwen3 encoder of {depth} layers; set them (--text-encoder-out-layers)"
+                        ),
+                    });
+                }
                 let deepest = layers.iter().copied().max().unwrap_or(0);
                 let states = qwen
                     .model

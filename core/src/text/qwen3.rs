@@ -83,8 +83,8 @@ impl Qwen3Config {
             ));
         }
         if self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
-            || self.head_dim % 2 != 0
+            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+            || !self.head_dim.is_multiple_of(2)
         {
             return Err(format!(
                 "num_attention_heads {} must be a multiple of num_key_value_heads {} and head_dim {} even",

@@ -74,7 +74,15 @@ impl PromptTokenizer {
         let json = dir.join("tokenizer.json");
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let tokenizer = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| err(&json, e.to_string()))?
+            let mut tokenizer =
+                Tokenizer::from_file(&json).map_err(|e| err(&json, e.to_string()))?;
+            // A saved tokenizer.json may carry the padding / truncation of its last call;
+            // transformers sets both per call, and so does `encode_with_mask`.
+            tokenizer.with_padding(None);
+            tokenizer
+                .with_truncation(None)
+                .map_err(|e| err(&json, e.to_string()))?;
+            tokenizer
         } else if vocab.exists() && merges.exists() {
             clip_bpe(&vocab, &merges)?
         } else {

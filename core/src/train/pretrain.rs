@@ -24,7 +24,10 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::model::sd3::Sd3Transformer;
-use crate::pipeline::{MIN_SIGMA_DIVISOR, Pipeline, PipelineError, Prediction, from_images};
+use crate::pipeline::text::Encoder;
+use crate::pipeline::{
+    MIN_SIGMA_DIVISOR, Pipeline, PipelineError, Prediction, TextStack, Transformer, from_images,
+};
 use crate::text::clip::ClipTextModel;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::{Image, render};
@@ -181,12 +184,22 @@ pub fn pretrain(
     let optimizer_path = run_dir.join("optimizer.bin");
     let checkpoint_dir = run_dir.join("checkpoint");
     let Pipeline {
-        tokenizer,
-        text_encoder,
-        transformer,
+        text:
+            TextStack::Clip(Encoder {
+                tokenizer,
+                model: text_encoder,
+            }),
+        transformer: Transformer::Sd3(transformer),
+        vae: None,
         index,
         scheduler,
-    } = pipeline;
+    } = pipeline
+    else {
+        return Err(PipelineError::Folder {
+            path: run_dir.to_path_buf(),
+            message: "pretraining builds the bundled architecture (one CLIP and an SD3 transformer in pixel space)".into(),
+        });
+    };
     let mut network = Network {
         text_encoder,
         transformer,
@@ -303,9 +316,12 @@ pub fn pretrain(
         }
         if done % config.checkpoint_every == 0 || done == config.steps {
             let snapshot = Pipeline {
-                tokenizer: pipeline_parts.0.clone(),
-                text_encoder: network.text_encoder.valid(),
-                transformer: network.transformer.valid(),
+                text: TextStack::Clip(Encoder {
+                    tokenizer: pipeline_parts.0.clone(),
+                    model: network.text_encoder.valid(),
+                }),
+                transformer: Transformer::Sd3(network.transformer.valid()),
+                vae: None,
                 index: pipeline_parts.1.clone(),
                 scheduler: pipeline_parts.2.clone(),
             };
@@ -345,9 +361,12 @@ pub fn pretrain(
         }
     }
     Ok(Pipeline {
-        tokenizer: pipeline_parts.0,
-        text_encoder: network.text_encoder,
-        transformer: network.transformer,
+        text: TextStack::Clip(Encoder {
+            tokenizer: pipeline_parts.0,
+            model: network.text_encoder,
+        }),
+        transformer: Transformer::Sd3(network.transformer),
+        vae: None,
         index: pipeline_parts.1,
         scheduler: pipeline_parts.2,
     })

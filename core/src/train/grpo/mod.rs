@@ -32,9 +32,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{self, LoraWeights};
-use crate::model::sd3::Sd3Transformer;
 use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
-use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, to_images};
+use crate::pipeline::{
+    GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
+};
 use crate::reward::{OcrReward, Reward, Score, ShapesReward, Task};
 use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_velocity, sample};
 use crate::sample::schedule::{self, Schedule};
@@ -136,12 +137,12 @@ fn run_error(path: &Path, message: impl std::fmt::Display) -> GrpoError {
 pub struct GrpoTrainer {
     pub config: GrpoConfig,
     /// The transformer with the trainable adapter, on the autodiff device.
-    policy: Sd3Transformer,
+    policy: Transformer,
     /// Tokenizer, frozen text encoder, scheduler; its transformer slot holds the latest plain
     /// snapshot of the policy (rollouts and evaluation run there, without autodiff).
     plain: Pipeline,
     /// The base transformer (adapter off), plain device; only when β > 0.
-    reference: Option<Sd3Transformer>,
+    reference: Option<Transformer>,
     optimizer: ModuleOptimizer,
     ema: Option<Ema>,
     reward: Box<dyn Reward>,
@@ -205,9 +206,9 @@ impl GrpoTrainer {
 
         let plain_device = device.clone().inner();
         let Pipeline {
-            tokenizer,
-            text_encoder,
+            text,
             transformer,
+            vae,
             index,
             scheduler,
         } = pipeline;
@@ -253,9 +254,9 @@ impl GrpoTrainer {
         }
         let policy = lora::train_only(policy, POLICY);
         let plain = Pipeline {
-            tokenizer,
-            text_encoder: text_encoder.valid(),
+            text: text.valid(),
             transformer: policy.valid(),
+            vae: vae.map(|v| v.valid()),
             index,
             scheduler,
         };
@@ -292,7 +293,7 @@ impl GrpoTrainer {
     }
 
     /// The trained transformer (adapter attached).
-    pub fn policy(&self) -> &Sd3Transformer {
+    pub fn policy(&self) -> &Transformer {
         &self.policy
     }
 
@@ -533,8 +534,8 @@ impl GrpoTrainer {
             .transpose()
             .map_err(PipelineError::from)?;
         let size = self.plain.resolution();
-        let channels = self.plain.transformer.config.in_channels;
-        let x = NoiseSource::new(init_seeds.to_vec()).initial([channels, size, size], device);
+        let shape = self.plain.latent_shape(size, size)?;
+        let x = NoiseSource::new(init_seeds.to_vec()).initial(shape, device);
         let options = SampleOptions {
             schedule,
             kind,
@@ -570,7 +571,7 @@ impl GrpoTrainer {
             old_log_probs.insert(j, log_prob);
         }
         Ok((
-            to_images(x0),
+            to_images(self.plain.decode(x0)),
             EpochData {
                 latents,
                 old_log_probs,
@@ -597,14 +598,14 @@ impl GrpoTrainer {
         let scale = 1.0 / (t.grad_accum * trained.len()) as f64;
         let w_train = if t.cfg { c.sample.guidance_scale } else { 1.0 };
         let sigma_max = schedule.sigma_max();
-        let mut accumulator = GradientsAccumulator::<Sd3Transformer>::new();
+        let mut accumulator = GradientsAccumulator::<Transformer>::new();
         let mut all_stats = Vec::new();
         let mut first_ratio_error: f64 = 0.0;
         let mut pending = 0;
         let mut skipped = 0;
         for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
             // This micro-batch's gradients join the optimizer's only if every loss was finite.
-            let mut local = GradientsAccumulator::<Sd3Transformer>::new();
+            let mut local = GradientsAccumulator::<Transformer>::new();
             let mut finite = true;
             let mut local_stats = Vec::new();
             let index = Tensor::<1, Int>::from_data(
@@ -774,6 +775,8 @@ impl GrpoTrainer {
                 kind: StepKind::Euler,
                 seeds: vec![],
                 negative_prompt: String::new(),
+                size: None,
+                initial_noise: None,
             },
             seed: c.run.seed,
         };
