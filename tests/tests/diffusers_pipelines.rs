@@ -174,3 +174,62 @@ fn an_unsupported_pipeline_class_is_named() {
         "{err}"
     );
 }
+
+/// A copy of a fixture pipeline folder to break.
+fn copy_fixture(name: &str, tag: &str) -> std::path::PathBuf {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("pf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy(&golden("pipelines").join(name), &dir);
+    dir
+}
+
+#[test]
+fn a_missing_component_names_the_file() {
+    let dir = copy_fixture("sd35_pipeline_tiny", "missing");
+    std::fs::remove_file(dir.join("text_encoder_2/model.safetensors")).unwrap();
+    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("text_encoder_2") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tokenizer_of_another_model_is_refused() {
+    let dir = copy_fixture("flux1_pipeline_tiny", "tokenizer");
+    // FLUX.1's T5 tokenizer folder replaced by klein's Qwen3 one (a larger vocabulary).
+    std::fs::remove_dir_all(dir.join("tokenizer_2")).unwrap();
+    std::fs::create_dir_all(dir.join("tokenizer_2")).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            golden("pipelines")
+                .join("klein_pipeline_tiny/tokenizer")
+                .join(f),
+            dir.join("tokenizer_2").join(f),
+        )
+        .unwrap();
+    }
+    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokens but its text encoder embeds only"),
+        "{err}"
+    );
+}

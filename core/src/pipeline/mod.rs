@@ -536,7 +536,11 @@ impl Pipeline {
             Transformer::Flux1(_) => (2 * scale, scale),
             Transformer::Flux2(_) => (2 * scale, 2 * scale),
         };
-        if height == 0 || width == 0 || !height.is_multiple_of(multiple) || !width.is_multiple_of(multiple) {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(multiple)
+            || !width.is_multiple_of(multiple)
+        {
             return Err(SampleError::Invalid(format!(
                 "image size {height}×{width} must be a positive multiple of {multiple} for this model"
             ))

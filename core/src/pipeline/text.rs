@@ -30,6 +30,25 @@ pub struct Encoder<M> {
     pub model: M,
 }
 
+/// Fails when the tokenizer can emit ids the encoder has no embedding for (a tokenizer folder
+/// from another model).
+fn check_vocabulary(
+    dir: &Path,
+    tokenizer: &PromptTokenizer,
+    vocab_size: usize,
+) -> Result<(), PipelineError> {
+    let ids = tokenizer.tokenizer.get_vocab_size(true);
+    if ids > vocab_size {
+        return Err(PipelineError::Folder {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the tokenizer has {ids} tokens but its text encoder embeds only {vocab_size}: they belong to different models"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The text encoders of a pipeline and their combination rule.
 pub enum TextStack {
     /// The bundled Shapes model: one CLIP with projection (trained jointly by `pretrain`).
@@ -67,6 +86,7 @@ fn clip_encoder(
     let model = clip::load_dir(&dir.join(encoder), device)?;
     let tokenizer =
         PromptTokenizer::from_folder(&dir.join(tokenizer), model.config.max_position_embeddings)?;
+    check_vocabulary(dir, &tokenizer, model.config.vocab_size)?;
     Ok(Encoder { tokenizer, model })
 }
 
@@ -77,10 +97,12 @@ fn t5_encoder(
     max_sequence: usize,
     device: &Device,
 ) -> Result<Encoder<T5EncoderModel>, PipelineError> {
-    Ok(Encoder {
+    let encoder = Encoder {
         tokenizer: PromptTokenizer::from_folder(&dir.join(tokenizer), max_sequence)?,
         model: t5::load_dir(&dir.join(encoder), device)?,
-    })
+    };
+    check_vocabulary(dir, &encoder.tokenizer, encoder.model.config.vocab_size)?;
+    Ok(encoder)
 }
 
 impl TextStack {
@@ -138,14 +160,13 @@ impl TextStack {
 
     /// FLUX.2-klein: `text_encoder` (Qwen3) read at klein's default layers.
     pub fn load_flux2(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        let qwen = Encoder {
+            tokenizer: PromptTokenizer::from_folder(&dir.join("tokenizer"), FLUX2_MAX_SEQUENCE)?,
+            model: qwen3::load_dir(&dir.join("text_encoder"), device)?,
+        };
+        check_vocabulary(dir, &qwen.tokenizer, qwen.model.config.vocab_size)?;
         Ok(Self::Flux2 {
-            qwen: Encoder {
-                tokenizer: PromptTokenizer::from_folder(
-                    &dir.join("tokenizer"),
-                    FLUX2_MAX_SEQUENCE,
-                )?,
-                model: qwen3::load_dir(&dir.join("text_encoder"), device)?,
-            },
+            qwen,
             layers: KLEIN_LAYERS.to_vec(),
         })
     }

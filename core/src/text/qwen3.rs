@@ -83,7 +83,9 @@ impl Qwen3Config {
             ));
         }
         if self.num_key_value_heads == 0
-            || !self.num_attention_heads.is_multiple_of(self.num_key_value_heads)
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
             || !self.head_dim.is_multiple_of(2)
         {
             return Err(format!(
