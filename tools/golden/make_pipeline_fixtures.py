@@ -104,7 +104,8 @@ def t5(vocab: int, seed: int):
     return model
 
 
-def sd3_vae(seed: int):
+def autoencoder_kl(seed: int, scaling_factor: float, shift_factor: float):
+    """AutoencoderKL downsampling by 2 with 4 latent channels and the family's latent scaling."""
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
@@ -116,8 +117,8 @@ def sd3_vae(seed: int):
         latent_channels=4,
         norm_num_groups=4,
         sample_size=SIZE,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
     ).eval()
@@ -181,7 +182,7 @@ def make_sd35() -> None:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=sd3_vae(22),
+        vae=autoencoder_kl(22, 1.5305, 0.0609),  # SD3's latent scaling
         text_encoder=clip(len(tok), "quick_gelu", True, 23),
         tokenizer=tok,
         text_encoder_2=clip(len(tok_2), "gelu", True, 24),
@@ -225,23 +226,7 @@ def make_flux1() -> None:
         axes_dims_rope=(2, 2, 4),
     ).eval()
     randomize_for_parity(transformer)
-    torch.manual_seed(32)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SIZE,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-    randomize_for_parity(vae, adaln_gain=1.0, norm_noise=0.25)
+    vae = autoencoder_kl(32, 0.3611, 0.1159)  # FLUX.1's latent scaling
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,

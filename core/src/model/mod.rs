@@ -34,6 +34,9 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Loa
 pub trait Family: Sized {
     type Config: serde::de::DeserializeOwned;
 
+    /// The weights file's stem: diffusers' `diffusion_pytorch_model`, transformers' `model`.
+    const WEIGHTS: &'static str = "diffusion_pytorch_model";
+
     /// Checks a config before any weight is read; the message names the field at fault.
     fn validate(config: &Self::Config) -> Result<(), String>;
 
@@ -44,13 +47,13 @@ pub trait Family: Sized {
         device: &burn::tensor::Device,
     ) -> Result<Self, LoadError>;
 
-    /// Loads `config.json` + `diffusion_pytorch_model.safetensors` (or its shards listed in
-    /// `diffusion_pytorch_model.safetensors.index.json`) from a diffusers component folder.
+    /// Loads `config.json` + `<WEIGHTS>.safetensors` (or its shards listed in
+    /// `<WEIGHTS>.safetensors.index.json`) from a diffusers / transformers component folder.
     fn load_dir(dir: &Path, device: &burn::tensor::Device) -> Result<Self, LoadError> {
         let path = dir.join("config.json");
         let config = read_config::<Self::Config>(&path)?;
         Self::validate(&config).map_err(|message| LoadError::Config { path, message })?;
-        let weights = weights::Weights::open_dir(dir, "diffusion_pytorch_model")?;
+        let weights = weights::Weights::open_dir(dir, Self::WEIGHTS)?;
         Self::from_weights(config, weights, device)
     }
 }

@@ -346,12 +346,24 @@ impl ClipTextModel {
     }
 }
 
+impl crate::model::Family for ClipTextModel {
+    type Config = ClipTextConfig;
+    const WEIGHTS: &'static str = "model";
+
+    fn validate(config: &ClipTextConfig) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(
+        config: ClipTextConfig,
+        weights: Weights,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Self::load(config, weights, device)
+    }
+}
+
 /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors` or shards).
 pub fn load_dir(dir: &Path, device: &Device) -> Result<ClipTextModel, LoadError> {
-    let config = crate::model::read_config::<ClipTextConfig>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    ClipTextModel::load(config, Weights::open_dir(dir, "model")?, device)
+    <ClipTextModel as crate::model::Family>::load_dir(dir, device)
 }

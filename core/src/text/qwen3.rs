@@ -330,12 +330,24 @@ impl Qwen3TextEncoder {
     }
 }
 
-/// Loads a transformers Qwen3 folder (`config.json` + `model.safetensors` or shards).
+impl crate::model::Family for Qwen3TextEncoder {
+    type Config = Qwen3Config;
+    const WEIGHTS: &'static str = "model";
+
+    fn validate(config: &Qwen3Config) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(
+        config: Qwen3Config,
+        weights: Weights,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Self::load(config, weights, device)
+    }
+}
+
+/// Loads a transformers text-encoder folder (`config.json` + `model.safetensors` or shards).
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Qwen3TextEncoder, LoadError> {
-    let config = crate::model::read_config::<Qwen3Config>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    Qwen3TextEncoder::load(config, Weights::open_dir(dir, "model")?, device)
+    <Qwen3TextEncoder as crate::model::Family>::load_dir(dir, device)
 }

@@ -341,14 +341,26 @@ impl T5EncoderModel {
     }
 }
 
-/// Loads a transformers T5 encoder folder (`config.json` + `model.safetensors` or shards).
+impl crate::model::Family for T5EncoderModel {
+    type Config = T5Config;
+    const WEIGHTS: &'static str = "model";
+
+    fn validate(config: &T5Config) -> Result<(), String> {
+        config.validate()
+    }
+
+    fn from_weights(
+        config: T5Config,
+        weights: Weights,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        Self::load(config, weights, device)
+    }
+}
+
+/// Loads a transformers text-encoder folder (`config.json` + `model.safetensors` or shards).
 pub fn load_dir(dir: &Path, device: &Device) -> Result<T5EncoderModel, LoadError> {
-    let config = crate::model::read_config::<T5Config>(&dir.join("config.json"))?;
-    config.validate().map_err(|message| LoadError::Config {
-        path: dir.join("config.json"),
-        message,
-    })?;
-    T5EncoderModel::load(config, Weights::open_dir(dir, "model")?, device)
+    <T5EncoderModel as crate::model::Family>::load_dir(dir, device)
 }
 
 #[cfg(test)]
