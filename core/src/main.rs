@@ -132,6 +132,11 @@ struct GenerateArgs {
     /// FLUX.2-klein: the Qwen3 layers stacked as the prompt embedding (default 9,18,27).
     #[arg(long, value_delimiter = ',')]
     text_encoder_out_layers: Option<Vec<usize>>,
+    /// Load the text encoders, encode, free them, then load the transformer and VAE: peak
+    /// memory is the larger half instead of the sum (LoRA adapters then apply to the
+    /// transformer only).
+    #[arg(long)]
+    low_memory: bool,
     /// Output PNG (with several images: `<stem>-<k>.png`).
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
@@ -311,22 +316,41 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     let chosen = device::select(request)?;
     let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
     let start = Instant::now();
-    let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
-        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let loading = || format!("loading the model from {}", dir.display());
+    let configure = |text: &mut pipeline::TextStack| -> Result<()> {
+        if let Some(length) = args.max_sequence_length {
+            text.set_max_sequence_length(length);
+        }
+        if let Some(layers) = args.text_encoder_out_layers.clone() {
+            text.set_text_layers(layers)?;
+        }
+        let unknown = text.unknown_words(&args.prompt);
+        if !unknown.is_empty() {
+            eprintln!(
+                "warning: the model does not know {}; they are read as <unk>",
+                unknown.join(", ")
+            );
+        }
+        Ok(())
+    };
+    let prompts = vec![args.prompt.clone(); args.num_images];
+    let negatives = vec![args.negative_prompt.clone(); args.num_images];
+    // --low-memory: both branches are encoded before the encoders are dropped; the sampler
+    // uses the negative one only if the model runs CFG.
+    let (mut pipe, encoded) = if args.low_memory {
+        let mut text = Pipeline::load_text(&dir, &chosen.device).with_context(loading)?;
+        configure(&mut text)?;
+        let cond = text.encode(&prompts, &chosen.device)?;
+        let uncond = text.encode(&negatives, &chosen.device)?;
+        drop(text);
+        let pipe = Pipeline::without_text(&dir, &chosen.device).with_context(loading)?;
+        (pipe, Some((cond, uncond)))
+    } else {
+        let mut pipe = Pipeline::from_dir(&dir, &chosen.device).with_context(loading)?;
+        configure(&mut pipe.text)?;
+        (pipe, None)
+    };
     cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    if let Some(length) = args.max_sequence_length {
-        pipe.text.set_max_sequence_length(length);
-    }
-    if let Some(layers) = args.text_encoder_out_layers.clone() {
-        pipe.text.set_text_layers(layers)?;
-    }
-    let unknown = pipe.text.unknown_words(&args.prompt);
-    if !unknown.is_empty() {
-        eprintln!(
-            "warning: the model does not know {}; they are read as <unk>",
-            unknown.join(", ")
-        );
-    }
     let kind = match args.sampler.as_str() {
         "euler" => StepKind::Euler,
         "sde" => StepKind::FlowSde { noise_level: 0.7 },
@@ -350,15 +374,18 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             .map(|path| read_latents(path, &chosen.device))
             .transpose()?,
     };
-    let prompts = vec![args.prompt.clone(); args.num_images];
     let loaded = start.elapsed();
-    let images = pipe.generate(
-        &prompts,
-        &options,
-        &chosen.device,
-        |p| eprint!("\rstep {}/{}", p.step, p.steps),
-        None,
-    )?;
+    let progress =
+        |p: portaflow::sample::pipeline::Progress| eprint!("\rstep {}/{}", p.step, p.steps);
+    let images = match encoded {
+        Some((cond, uncond)) => {
+            let uncond = pipe.runs_cfg(options.guidance_scale).then_some(uncond);
+            let latents =
+                pipe.sample_conditioned(cond, uncond, &options, &chosen.device, progress, None)?;
+            pipeline::to_images(pipe.decode(latents))
+        }
+        None => pipe.generate(&prompts, &options, &chosen.device, progress, None)?,
+    };
     eprintln!();
     for (k, (image, seed)) in images.iter().zip(&seeds).enumerate() {
         let path = if images.len() == 1 {

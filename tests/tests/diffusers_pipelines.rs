@@ -233,3 +233,31 @@ fn a_tokenizer_of_another_model_is_refused() {
         "{err}"
     );
 }
+
+/// `--low-memory`: encoding with the text side alone, freeing it, then sampling with the
+/// transformer alone gives the same latents as the whole pipeline.
+#[test]
+fn text_first_loading_gives_the_same_latents() {
+    let device = ChosenDevice::cpu().device;
+    let dir = golden("pipelines").join("sd35_pipeline_tiny");
+    let prompts = vec!["a red circle".to_string()];
+    let mut options = GenerateOptions::euler(3, 4.0, vec![5]);
+    options.negative_prompt = "blurry".into();
+    options.size = Some((32, 32));
+    let whole = Pipeline::from_dir(&dir, &device).unwrap();
+    let expected = values(
+        whole
+            .generate_latents(&prompts, &options, &device, |_| {}, None)
+            .unwrap(),
+    );
+    let text = Pipeline::load_text(&dir, &device).unwrap();
+    let cond = text.encode(&prompts, &device).unwrap();
+    let uncond = text.encode(&["blurry".to_string()], &device).unwrap();
+    drop(text);
+    let denoiser = Pipeline::without_text(&dir, &device).unwrap();
+    assert!(denoiser.encode(&prompts, &device).is_err());
+    let got = denoiser
+        .sample_conditioned(cond, Some(uncond), &options, &device, |_| {}, None)
+        .unwrap();
+    assert_eq!(values(got), expected);
+}

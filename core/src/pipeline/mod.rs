@@ -251,62 +251,51 @@ impl Pipeline {
     /// Loads a pipeline folder: the bundled layout (see the module docs) or a diffusers
     /// SD3 / SD3.5, FLUX.1 or FLUX.2-klein folder.
     pub fn from_dir(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        Self::load(dir, device, true)
+    }
+
+    /// The transformer and VAE of a folder without its text encoders (`TextStack::Freed`),
+    /// for sampling from conditioning computed by [`Pipeline::load_text`] beforehand.
+    pub fn without_text(dir: &Path, device: &Device) -> Result<Self, PipelineError> {
+        Self::load(dir, device, false)
+    }
+
+    /// The tokenizers and text encoders of a folder alone.
+    pub fn load_text(dir: &Path, device: &Device) -> Result<TextStack, PipelineError> {
+        let (index, _) = read_index(dir)?;
+        load_text_stack(dir, &index, device)
+    }
+
+    fn load(dir: &Path, device: &Device, with_text: bool) -> Result<Self, PipelineError> {
         let folder_error = |message: String| PipelineError::Folder {
             path: dir.to_path_buf(),
             message,
         };
-        if !dir.join("model_index.json").exists() {
-            return Err(folder_error(
-                "no model_index.json: not a pipeline folder".into(),
-            ));
-        }
-        let index: ModelIndex = crate::model::read_config(&dir.join("model_index.json"))?;
-        let scheduler: SchedulerConfig =
-            crate::model::read_config(&dir.join("scheduler/scheduler_config.json"))?;
+        let (index, scheduler) = read_index(dir)?;
+        let text = if with_text {
+            load_text_stack(dir, &index, device)?
+        } else {
+            TextStack::Freed
+        };
         let vae = || vae::load_dir(&dir.join("vae"), device);
-        let (text, transformer, vae) = match index.class_name.as_str() {
-            BUNDLED_CLASS => {
-                let model = clip::load_dir(&dir.join("text_encoder"), device)?;
-                let tokenizer = PromptTokenizer::from_file(
-                    &dir.join("tokenizer/tokenizer.json"),
-                    model.config.max_position_embeddings,
-                    tokenizer::PAD,
-                )?;
-                let transformer = sd3::load_dir(&dir.join("transformer"), device)?;
-                (
-                    TextStack::Clip(Encoder { tokenizer, model }),
-                    Transformer::Sd3(transformer),
-                    None,
-                )
-            }
-            "StableDiffusion3Pipeline" => {
-                let transformer = sd3::load_dir(&dir.join("transformer"), device)?;
-                let text =
-                    TextStack::load_sd3(dir, transformer.config.joint_attention_dim, device)?;
-                (text, Transformer::Sd3(transformer), Some(vae()?))
-            }
-            "FluxPipeline" => {
-                let transformer = flux1::load_dir(&dir.join("transformer"), device)?;
-                (
-                    TextStack::load_flux1(dir, device)?,
-                    Transformer::Flux1(transformer),
-                    Some(vae()?),
-                )
-            }
-            "Flux2KleinPipeline" => {
-                let transformer = flux2::load_dir(&dir.join("transformer"), device)?;
-                (
-                    TextStack::load_flux2(dir, device)?,
-                    Transformer::Flux2(transformer),
-                    Some(vae()?),
-                )
-            }
-            other => {
-                return Err(folder_error(format!(
-                    "model_index.json names `{other}`; supported pipelines: {}",
-                    SUPPORTED_CLASSES.join(", ")
-                )));
-            }
+        let transformer_dir = dir.join("transformer");
+        let (transformer, vae) = match index.class_name.as_str() {
+            BUNDLED_CLASS => (
+                Transformer::Sd3(sd3::load_dir(&transformer_dir, device)?),
+                None,
+            ),
+            "StableDiffusion3Pipeline" => (
+                Transformer::Sd3(sd3::load_dir(&transformer_dir, device)?),
+                Some(vae()?),
+            ),
+            "FluxPipeline" => (
+                Transformer::Flux1(flux1::load_dir(&transformer_dir, device)?),
+                Some(vae()?),
+            ),
+            _ => (
+                Transformer::Flux2(flux2::load_dir(&transformer_dir, device)?),
+                Some(vae()?),
+            ),
         };
         let expected = match &transformer {
             Transformer::Sd3(t) => t.config.joint_attention_dim,
@@ -323,7 +312,9 @@ impl Pipeline {
                 qwen.model.config.hidden_size
             )));
         }
-        if !matches!(text, TextStack::Flux2 { .. }) && text.sequence_width() != expected {
+        if !matches!(text, TextStack::Flux2 { .. } | TextStack::Freed)
+            && text.sequence_width() != expected
+        {
             return Err(folder_error(format!(
                 "the text encoders give sequences of width {}; the transformer's joint_attention_dim is {expected}",
                 text.sequence_width()
@@ -597,10 +588,47 @@ impl Pipeline {
         on_step: impl FnMut(Progress),
         cancel: Option<&AtomicBool>,
     ) -> Result<Tensor<4>, PipelineError> {
-        if prompts.len() != options.seeds.len() {
+        let (cond, uncond) = self.conditioning(prompts, options, device)?;
+        self.sample_conditioned(cond, uncond, options, device, on_step, cancel)
+    }
+
+    /// The prompts' conditioning and, when the model runs CFG, the negative prompt's.
+    pub fn conditioning(
+        &self,
+        prompts: &[String],
+        options: &GenerateOptions,
+        device: &Device,
+    ) -> Result<(Conditioning, Option<Conditioning>), PipelineError> {
+        let cond = self.encode(prompts, device)?;
+        let uncond = if self.runs_cfg(options.guidance_scale) {
+            let negatives = vec![options.negative_prompt.clone(); prompts.len()];
+            Some(self.encode(&negatives, device)?)
+        } else {
+            None
+        };
+        Ok((cond, uncond))
+    }
+
+    /// Guidance-distilled FLUX takes the scale as an input; every other model runs CFG.
+    pub fn runs_cfg(&self, guidance_scale: f64) -> bool {
+        guidance_scale > 1.0 && !self.transformer.guidance_embeds()
+    }
+
+    /// Samples from conditioning computed beforehand (by this pipeline, or by its text
+    /// encoders alone before they were freed: `--low-memory`).
+    pub fn sample_conditioned(
+        &self,
+        mut cond: Conditioning,
+        uncond: Option<Conditioning>,
+        options: &GenerateOptions,
+        device: &Device,
+        on_step: impl FnMut(Progress),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Tensor<4>, PipelineError> {
+        let prompts = cond.batch();
+        if prompts != options.seeds.len() {
             return Err(SampleError::Invalid(format!(
-                "{} prompts for {} seeds",
-                prompts.len(),
+                "{prompts} prompts for {} seeds",
                 options.seeds.len()
             ))
             .into());
@@ -609,20 +637,10 @@ impl Pipeline {
         let (height, width) = options.size.unwrap_or((side, side));
         let shape = self.latent_shape(height, width)?;
         let schedule = self.schedule(options.steps, shape)?;
-        let mut cond = self.encode(prompts, device)?;
-        // Guidance-distilled FLUX takes the scale as an input; every other model runs CFG.
         let embedded_guidance = self.transformer.guidance_embeds();
         if embedded_guidance {
             cond.guidance = Some(options.guidance_scale);
         }
-        let uncond = if options.guidance_scale > 1.0 && !embedded_guidance {
-            Some(self.encode(
-                &vec![options.negative_prompt.clone(); prompts.len()],
-                device,
-            )?)
-        } else {
-            None
-        };
         let steps = schedule.steps();
         let mut plan = StepPlan::ode(steps);
         if options.kind != StepKind::Euler {
@@ -635,12 +653,11 @@ impl Pipeline {
         let x = match &options.initial_noise {
             Some(x) => {
                 let [b, c, h, w] = x.dims();
-                if b != prompts.len() || [c, h, w] != shape {
+                if b != prompts || [c, h, w] != shape {
                     return Err(SampleError::Invalid(format!(
-                        "initial noise is {:?}; this model samples {:?} for {} prompt(s) at {height}×{width}",
+                        "initial noise is {:?}; this model samples {:?} for {prompts} prompt(s) at {height}×{width}",
                         x.dims(),
-                        [prompts.len(), shape[0], shape[1], shape[2]],
-                        prompts.len()
+                        [prompts, shape[0], shape[1], shape[2]],
                     ))
                     .into());
                 }
@@ -675,6 +692,55 @@ impl Pipeline {
         )?;
         Ok(x)
     }
+}
+
+/// `model_index.json` (its class checked) and the scheduler settings of a folder.
+fn read_index(dir: &Path) -> Result<(ModelIndex, SchedulerConfig), PipelineError> {
+    if !dir.join("model_index.json").exists() {
+        return Err(PipelineError::Folder {
+            path: dir.to_path_buf(),
+            message: "no model_index.json: not a pipeline folder".into(),
+        });
+    }
+    let index: ModelIndex = crate::model::read_config(&dir.join("model_index.json"))?;
+    if !SUPPORTED_CLASSES.contains(&index.class_name.as_str()) {
+        return Err(PipelineError::Folder {
+            path: dir.to_path_buf(),
+            message: format!(
+                "model_index.json names `{}`; supported pipelines: {}",
+                index.class_name,
+                SUPPORTED_CLASSES.join(", ")
+            ),
+        });
+    }
+    let scheduler = crate::model::read_config(&dir.join("scheduler/scheduler_config.json"))?;
+    Ok((index, scheduler))
+}
+
+/// The text side of a folder of a supported class.
+fn load_text_stack(
+    dir: &Path,
+    index: &ModelIndex,
+    device: &Device,
+) -> Result<TextStack, PipelineError> {
+    Ok(match index.class_name.as_str() {
+        BUNDLED_CLASS => {
+            let model = clip::load_dir(&dir.join("text_encoder"), device)?;
+            let tokenizer = PromptTokenizer::from_file(
+                &dir.join("tokenizer/tokenizer.json"),
+                model.config.max_position_embeddings,
+                tokenizer::PAD,
+            )?;
+            TextStack::Clip(Encoder { tokenizer, model })
+        }
+        "StableDiffusion3Pipeline" => {
+            let config: Sd3Config =
+                crate::model::read_config(&dir.join("transformer/config.json"))?;
+            TextStack::load_sd3(dir, config.joint_attention_dim, device)?
+        }
+        "FluxPipeline" => TextStack::load_flux1(dir, device)?,
+        _ => TextStack::load_flux2(dir, device)?,
+    })
 }
 
 fn pretty(value: &impl Serialize) -> String {

@@ -68,6 +68,8 @@ pub enum TextStack {
         qwen: Encoder<Qwen3TextEncoder>,
         layers: Vec<usize>,
     },
+    /// Not loaded, or freed after encoding (`--low-memory`).
+    Freed,
 }
 
 /// diffusers' default `max_sequence_length` of T5 (SD3: 256, FLUX.1: 512) and Qwen3 (klein: 512).
@@ -175,6 +177,7 @@ impl TextStack {
     /// LoRA adapters that target them.
     pub fn components_mut(&mut self) -> Vec<(&'static str, &mut dyn Linears)> {
         match self {
+            Self::Freed => Vec::new(),
             Self::Clip(clip) => vec![("text_encoder", &mut clip.model as &mut dyn Linears)],
             Self::Sd3 {
                 clip_l, clip_g, t5, ..
@@ -209,6 +212,7 @@ impl TextStack {
     pub fn parameters(&self) -> usize {
         use burn::module::Module;
         match self {
+            Self::Freed => 0,
             Self::Clip(clip) => clip.model.num_params(),
             Self::Sd3 {
                 clip_l, clip_g, t5, ..
@@ -231,6 +235,7 @@ impl TextStack {
             }
         }
         match self {
+            Self::Freed => Self::Freed,
             Self::Clip(clip) => Self::Clip(plain(clip)),
             Self::Sd3 {
                 clip_l,
@@ -278,6 +283,7 @@ impl TextStack {
     /// Width of the sequence `encode` produces.
     pub fn sequence_width(&self) -> usize {
         match self {
+            Self::Freed => 0,
             Self::Clip(clip) => clip.model.config.hidden_size,
             Self::Sd3 { joint_width, .. } => *joint_width,
             Self::Flux1 { t5, .. } => t5.model.config.d_model,
@@ -291,7 +297,7 @@ impl TextStack {
             Self::Sd3 { t5: Some(t5), .. } | Self::Flux1 { t5, .. } => {
                 t5.tokenizer.max_length = length
             }
-            Self::Sd3 { .. } | Self::Clip(_) => {}
+            Self::Sd3 { .. } | Self::Clip(_) | Self::Freed => {}
             Self::Flux2 { qwen, .. } => qwen.tokenizer.max_length = length,
         }
     }
@@ -314,6 +320,14 @@ impl TextStack {
             ))
         };
         Ok(match self {
+            Self::Freed => {
+                return Err(PipelineError::Folder {
+                    path: "text_encoder".into(),
+                    message:
+                        "the text encoders are not loaded (--low-memory frees them after encoding)"
+                            .into(),
+                });
+            }
             Self::Clip(clip) => {
                 let (sequence, pooled) = clip_penultimate(clip)?;
                 Conditioning {
