@@ -609,9 +609,14 @@ impl Pipeline {
         Ok((cond, uncond))
     }
 
-    /// Guidance-distilled FLUX takes the scale as an input; every other model runs CFG.
+    /// Whether sampling runs classifier-free guidance, as the family's diffusers pipeline does
+    /// by default: guidance-distilled FLUX takes the scale as an input instead, and
+    /// `FluxPipeline` never runs CFG (its `true_cfg_scale` defaults to 1; schnell ignores the
+    /// scale altogether).
     pub fn runs_cfg(&self, guidance_scale: f64) -> bool {
-        guidance_scale > 1.0 && !self.transformer.guidance_embeds()
+        guidance_scale > 1.0
+            && !self.transformer.guidance_embeds()
+            && !matches!(self.transformer, Transformer::Flux1(_))
     }
 
     /// Samples from conditioning computed beforehand (by this pipeline, or by its text
@@ -669,10 +674,10 @@ impl Pipeline {
             schedule: &schedule,
             kind: options.kind,
             plan,
-            guidance_scale: if embedded_guidance {
-                1.0
-            } else {
+            guidance_scale: if uncond.is_some() {
                 options.guidance_scale
+            } else {
+                1.0
             },
             shared_seeds: None,
             record: false,
