@@ -1,30 +1,25 @@
-//! portaflow desktop app. For now: a window that shows the device portaflow would use.
-//! The prompt box, gallery and training tab follow (issue "Desktop app").
+//! portaflow desktop app: a Generate tab (prompt, sampler settings, live preview, gallery, PNG
+//! with metadata) and a Models tab (device, bundled model or a diffusers folder). A worker
+//! thread owns the device and the model (`worker.rs`); the UI holds plain data (`app.rs`).
+//! The training tab follows (issue "Desktop app").
 
-use portaflow::device::{self, DeviceRequest};
+mod app;
+mod worker;
 
-struct App {
-    device_line: String,
-}
-
-impl eframe::App for App {
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        egui::Frame::central_panel(ui.style()).show(ui, |ui| {
-            ui.heading("portaflow");
-            ui.label(&self.device_line);
-        });
-    }
-}
+use portaflow::device::DeviceRequest;
 
 fn main() -> anyhow::Result<()> {
-    let device_line = match DeviceRequest::from_arg_or_env(None).and_then(device::select) {
-        Ok(chosen) => format!("Device: {chosen}"),
-        Err(err) => format!("No device: {err}"),
-    };
+    let request = DeviceRequest::from_arg_or_env(None)?;
     eframe::run_native(
         "portaflow",
         eframe::NativeOptions::default(),
-        Box::new(|_cc| Ok(Box::new(App { device_line }))),
+        Box::new(move |cc| {
+            let app = app::PortaflowApp::new(cc.egui_ctx.clone(), request);
+            Ok(Box::new(app::Shell {
+                app,
+                tab: app::Tab::Generate,
+            }))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }
