@@ -138,7 +138,7 @@ struct GenerateArgs {
     #[arg(long)]
     low_memory: bool,
     /// Output PNG (with several images: `<stem>-<k>.png`).
-    #[arg(long, default_value = "out.png")]
+    #[arg(short = 'o', long, default_value = "out.png")]
     out: PathBuf,
 }
 
@@ -285,31 +285,6 @@ fn check_computation(chosen: &ChosenDevice) -> Result<()> {
     Ok(())
 }
 
-/// The one tensor of a safetensors file, `[n, c, h, w]`.
-fn read_latents(
-    path: &std::path::Path,
-    device: &burn::tensor::Device,
-) -> Result<burn::tensor::Tensor<4>> {
-    let mut weights = portaflow::model::weights::Weights::open_file(path)?;
-    let keys = weights.keys();
-    let [key] = keys.as_slice() else {
-        anyhow::bail!(
-            "{}: expected one tensor, found {}: {:?}",
-            path.display(),
-            keys.len(),
-            keys
-        );
-    };
-    let shape = weights.shape(key).unwrap_or_default();
-    let [n, c, h, w] = shape[..] else {
-        anyhow::bail!(
-            "{}: `{key}` is {shape:?}, expected [n, c, h, w]",
-            path.display()
-        );
-    };
-    Ok(weights.tensor(key, [n, c, h, w], device)?)
-}
-
 fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     anyhow::ensure!(!args.prompt.trim().is_empty(), "--prompt is empty");
     anyhow::ensure!(args.num_images > 0, "--num-images must be at least 1");
@@ -371,7 +346,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         initial_noise: args
             .latents
             .as_deref()
-            .map(|path| read_latents(path, &chosen.device))
+            .map(|path| pipeline::read_noise(path, &chosen.device))
             .transpose()?,
     };
     let loaded = start.elapsed();

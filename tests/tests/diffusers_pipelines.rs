@@ -165,14 +165,19 @@ fn an_unsupported_pipeline_class_is_named() {
         r#"{"_class_name": "EulerDiscreteScheduler"}"#,
     )
     .unwrap();
-    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&dir);
     assert!(
         err.contains("StableDiffusionXLPipeline") && err.contains("FluxPipeline"),
         "{err}"
     );
+}
+
+/// The message of a folder that must not load.
+fn load_error(dir: &std::path::Path) -> String {
+    match Pipeline::from_dir(dir, &ChosenDevice::cpu().device) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// A copy of a fixture pipeline folder to break.
@@ -199,10 +204,7 @@ fn copy_fixture(name: &str, tag: &str) -> std::path::PathBuf {
 fn a_missing_component_names_the_file() {
     let dir = copy_fixture("sd35_pipeline_tiny", "missing");
     std::fs::remove_file(dir.join("text_encoder_2/model.safetensors")).unwrap();
-    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&dir);
     assert!(
         err.contains("text_encoder_2") && err.contains("model.safetensors"),
         "{err}"
@@ -224,10 +226,7 @@ fn a_tokenizer_of_another_model_is_refused() {
         )
         .unwrap();
     }
-    let err = Pipeline::from_dir(&dir, &ChosenDevice::cpu().device)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_error(&dir);
     assert!(
         err.contains("tokens but its text encoder embeds only"),
         "{err}"
@@ -260,4 +259,25 @@ fn text_first_loading_gives_the_same_latents() {
         .sample_conditioned(cond, Some(uncond), &options, &device, |_| {}, None)
         .unwrap();
     assert_eq!(values(got), expected);
+}
+
+/// `generate --latents`: one tensor `[n, c, h, w]` read back exactly; anything else named.
+#[test]
+fn initial_noise_files_are_read_or_refused_by_name() {
+    let device = ChosenDevice::cpu().device;
+    let golden_io = golden("pipelines").join("sd35_pipeline_tiny/golden/io.safetensors");
+    let err = portaflow::pipeline::read_noise(&golden_io, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected one tensor"), "{err}");
+    let mut io = Weights::open_file(&golden_io).unwrap();
+    let noise = io.read("noise", &[1, 4, 16, 16]).unwrap().unwrap();
+    let bytes: Vec<u8> = noise.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 4, 16, 16], &bytes)
+            .unwrap();
+    let path = std::env::temp_dir().join(format!("pf-noise-{}.safetensors", std::process::id()));
+    safetensors::serialize_to_file([("latents", view)], None, &path).unwrap();
+    let read = portaflow::pipeline::read_noise(&path, &device).unwrap();
+    assert_eq!(values(read), noise);
 }

@@ -699,6 +699,30 @@ impl Pipeline {
     }
 }
 
+/// Initial noise from a safetensors file holding one tensor `[n, c, h, w]` (`generate
+/// --latents`: e.g. the `latents` a diffusers pipeline was called with).
+pub fn read_noise(path: &Path, device: &Device) -> Result<Tensor<4>, PipelineError> {
+    let mut weights = crate::model::weights::Weights::open_file(path)?;
+    let problem = |message: String| PipelineError::Folder {
+        path: path.to_path_buf(),
+        message,
+    };
+    let keys = weights.keys();
+    let [key] = keys.as_slice() else {
+        return Err(problem(format!(
+            "expected one tensor (the initial noise), found {}: {keys:?}",
+            keys.len()
+        )));
+    };
+    let shape = weights.shape(key).unwrap_or_default();
+    let [n, c, h, w] = shape[..] else {
+        return Err(problem(format!(
+            "`{key}` is {shape:?}, expected [n, c, h, w]"
+        )));
+    };
+    Ok(weights.tensor(key, [n, c, h, w], device)?)
+}
+
 /// `model_index.json` (its class checked) and the scheduler settings of a folder.
 fn read_index(dir: &Path) -> Result<(ModelIndex, SchedulerConfig), PipelineError> {
     if !dir.join("model_index.json").exists() {
