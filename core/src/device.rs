@@ -402,7 +402,13 @@ mod native {
         if let Some(found) = chosen.get(&request) {
             return Ok(found.clone());
         }
-        let result = match pick(request, &adapters())? {
+        // The CPU needs no adapter probe (which on a headless machine also logs EGL noise).
+        let adapter = if request == DeviceRequest::Cpu {
+            None
+        } else {
+            pick(request, &adapters())?
+        };
+        let result = match adapter {
             None => ChosenDevice {
                 request,
                 ..ChosenDevice::cpu()
