@@ -338,7 +338,10 @@ mod tests {
             .chain((0..10).map(|d| d.to_string()))
             .collect();
         let tokenizer = word_level(&words).unwrap();
-        let dir = std::env::temp_dir().join(format!("pf-tok-{}", std::process::id()));
+        // One folder per call: tests run in parallel and would read each other's half-written file.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pf-tok-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tokenizer.json");
         tokenizer.save(&path, false).unwrap();
