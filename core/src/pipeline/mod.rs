@@ -302,8 +302,8 @@ impl Pipeline {
             Transformer::Flux1(t) => t.config.joint_attention_dim,
             Transformer::Flux2(t) => t.config.joint_attention_dim,
         };
-        // klein's default layers are checked when the encoder is too shallow for them only at
-        // `set_text_layers`; the width must agree here already.
+        // klein's layer choice is checked by `set_text_layers` and `encode`; the width must
+        // divide into whole Qwen3 layers here already.
         if let TextStack::Flux2 { qwen, .. } = &text
             && expected % qwen.model.config.hidden_size != 0
         {
