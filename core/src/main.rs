@@ -173,6 +173,18 @@ struct PretrainArgs {
     /// The step the `--init` weights reached; the new run continues the schedule and data from it.
     #[arg(long, requires = "init")]
     init_step: Option<usize>,
+    /// Decay of the weight average saved as the checkpoint (0: raw weights).
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// A new model's patch side in pixels (a divisor of 64).
+    #[arg(long)]
+    patch_size: Option<usize>,
+    /// A new model's width (a multiple of 32).
+    #[arg(long)]
+    width: Option<usize>,
+    /// A new model's number of MMDiT blocks.
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 fn main() {
@@ -415,8 +427,11 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             // A resumed run keeps its data, batch and optimiser settings, or it would not
             // continue exactly; only its length and checkpoint interval may change.
             anyhow::ensure!(
-                args.batch_size.is_none() && args.lr.is_none() && args.seed.is_none(),
-                "{} is resumed with its stored settings; --batch-size, --lr and --seed cannot change",
+                args.batch_size.is_none()
+                    && args.lr.is_none()
+                    && args.seed.is_none()
+                    && args.ema_decay.is_none(),
+                "{} is resumed with its stored settings; --batch-size, --lr, --seed and --ema-decay cannot change",
                 args.out.display()
             );
             stored.clone()
@@ -448,6 +463,40 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         );
         config.loss_sigma_floor = v;
     }
+    if let Some(v) = args.ema_decay {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&v),
+            "--ema-decay must be in [0, 1), got {v}"
+        );
+        config.ema_decay = v;
+    }
+    let defaults = pipeline::ShapesArchitecture::default();
+    let arch = pipeline::ShapesArchitecture {
+        patch_size: args.patch_size.unwrap_or(defaults.patch_size),
+        width: args.width.unwrap_or(defaults.width),
+        layers: args.layers.unwrap_or(defaults.layers),
+    };
+    anyhow::ensure!(
+        arch == defaults || (resumed.is_none() && args.init.is_none()),
+        "--patch-size, --width and --layers shape a new model; {} keeps its own",
+        if resumed.is_some() {
+            "a resumed run"
+        } else {
+            "an --init model"
+        }
+    );
+    anyhow::ensure!(
+        arch.patch_size > 0 && pipeline::SHAPES_RESOLUTION % arch.patch_size == 0,
+        "--patch-size must divide {}, got {}",
+        pipeline::SHAPES_RESOLUTION,
+        arch.patch_size
+    );
+    anyhow::ensure!(
+        arch.width >= 32 && arch.width % 32 == 0 && arch.layers > 0,
+        "--width must be a positive multiple of 32 and --layers positive, got {} and {}",
+        arch.width,
+        arch.layers
+    );
     let first_step = args.init_step.unwrap_or(0);
     anyhow::ensure!(
         first_step < config.steps,
@@ -473,7 +522,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             .expect("start token");
         let end_id = word_level.token_to_id(tokenizer::END).expect("end token");
         let (text, transformer) =
-            pipeline::shapes_configs(word_level.get_vocab_size(true), start_id, end_id);
+            pipeline::shapes_configs(word_level.get_vocab_size(true), start_id, end_id, arch);
         let tok = tokenizer::PromptTokenizer {
             tokenizer: word_level,
             max_length: text.max_position_embeddings,

@@ -185,29 +185,54 @@ impl GenerateOptions {
     }
 }
 
+/// The size knobs of a Shapes model (the rest of [`shapes_configs`] is fixed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ShapesArchitecture {
+    pub patch_size: usize,
+    /// Transformer and text-encoder width (heads of 32).
+    pub width: usize,
+    /// MMDiT blocks.
+    pub layers: usize,
+}
+
+impl Default for ShapesArchitecture {
+    fn default() -> Self {
+        Self {
+            patch_size: SHAPES_PATCH,
+            width: 128,
+            layers: 6,
+        }
+    }
+}
+
 /// The bundled Shapes model's architecture, for pretraining from scratch.
 ///
 /// 64×64 RGB in pixel space (no VAE to train), patch 8 → 8×8 = 64 image tokens. At 64 px the
 /// smallest object (half-size 0.08 → ~10 px across) covers ~80 pixels, enough for the detector
-/// to tell a circle from a square; an 8-px patch of flat colour with one or two edges is well
-/// within what a width-128 token can emit through `proj_out` (rank 128 for 192 values). Width
-/// 128 (4 heads × 32) with SD3.5's qk-norm, 6 MMDiT blocks; a 2-layer CLIP-style text encoder of
-/// width 128 over a word-level vocabulary: 3.9 M parameters, about 0.2 GFLOP per image per
-/// denoising step. Measured on this 2-core machine: patch 4 (256 tokens) at width 96 cost
-/// 6.5 s per training step of 32 images, too slow to pretrain here; patch 8 is ~3× cheaper.
+/// to tell a circle from a square. Width 128 (4 heads × 32) with SD3.5's qk-norm, 6 MMDiT
+/// blocks; a 2-layer CLIP-style text encoder of width 128 over a word-level vocabulary: 3.9 M
+/// parameters, about 0.2 GFLOP per image per denoising step. Measured on this 2-core machine:
+/// patch 4 (256 tokens) at width 96 cost 6.5 s per training step of 32 images, too slow to
+/// pretrain here; patch 8 is ~3× cheaper.
 pub fn shapes_configs(
     vocab_size: usize,
     start_id: u32,
     end_id: u32,
+    arch: ShapesArchitecture,
 ) -> (ClipTextConfig, Sd3Config) {
-    let width = 128;
+    let ShapesArchitecture {
+        patch_size,
+        width,
+        layers,
+    } = arch;
+    let heads = width / 32;
     let text = ClipTextConfig {
         vocab_size,
         hidden_size: width,
         intermediate_size: 2 * width,
         projection_dim: width,
         num_hidden_layers: 2,
-        num_attention_heads: 4,
+        num_attention_heads: heads,
         max_position_embeddings: 16,
         hidden_act: "quick_gelu".into(),
         layer_norm_eps: 1e-5,
@@ -217,16 +242,16 @@ pub fn shapes_configs(
     };
     let transformer = Sd3Config {
         sample_size: SHAPES_RESOLUTION,
-        patch_size: SHAPES_PATCH,
+        patch_size,
         in_channels: 3,
-        num_layers: 6,
+        num_layers: layers,
         attention_head_dim: 32,
-        num_attention_heads: 4,
+        num_attention_heads: heads,
         joint_attention_dim: width,
         caption_projection_dim: width,
         pooled_projection_dim: width,
         out_channels: 3,
-        pos_embed_max_size: SHAPES_RESOLUTION / SHAPES_PATCH,
+        pos_embed_max_size: SHAPES_RESOLUTION / patch_size,
         dual_attention_layers: vec![],
         qk_norm: Some("rms_norm".into()),
     };

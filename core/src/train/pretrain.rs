@@ -6,16 +6,17 @@
 //! The text encoder trains jointly (there is no pretrained one to borrow); captions are dropped
 //! to "" with probability `caption_dropout` so classifier-free guidance works.
 //!
-//! Resumable: a run directory holds `checkpoint/` (the pipeline folder users load),
-//! `network.bpk` (the same weights in burn's format, which keeps parameter ids so the optimizer
-//! state matches them), `optimizer.bin`, `state.json` (step) and `metrics.jsonl`; each step's data and noise come from an RNG seeded by
+//! Resumable: a run directory holds `checkpoint/` (the pipeline folder users load: the EMA of
+//! the weights when `ema_decay` > 0, as diffusion models are sampled), `network.bpk` (the raw
+//! weights in burn's format, which keeps parameter ids so the optimizer state matches them),
+//! `ema.bpk` (the average), `optimizer.bin`, `state.json` (step) and `metrics.jsonl`; each step's data and noise come from an RNG seeded by
 //! (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -60,6 +61,10 @@ pub struct PretrainConfig {
     /// larger floor moves it to the noisy levels where layout is decided.
     #[serde(default = "default_loss_sigma_floor")]
     pub loss_sigma_floor: f64,
+    /// Decay of the weight average the checkpoint holds (0: the raw weights). The average warms
+    /// up as min(decay, (1 + n)/(10 + n)) over the run's steps n.
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn default_loss_sigma_floor() -> f64 {
@@ -84,6 +89,7 @@ impl Default for PretrainConfig {
             checkpoint_every: 250,
             decay_steps: 0,
             loss_sigma_floor: MIN_SIGMA_DIVISOR,
+            ema_decay: 0.999,
         }
     }
 }
@@ -96,6 +102,49 @@ pub struct Network {
 }
 
 crate::linears!(Network: text_encoder, transformer);
+
+/// Every float parameter of a module flattened, in visit order.
+struct CollectParams(Vec<Tensor<1>>);
+
+impl ModuleVisitor for CollectParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let n = value.shape().num_elements();
+        self.0.push(value.reshape([n]));
+    }
+}
+
+/// θ_avg ← d·θ_avg + (1 − d)·θ, parameter by parameter in visit order.
+struct AverageInto {
+    current: std::vec::IntoIter<Tensor<1>>,
+    decay: f32,
+}
+
+impl ModuleMapper for AverageInto {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let now = self.current.next().expect("same module structure");
+        let decay = self.decay;
+        param.map(|avg| {
+            let shape = avg.shape();
+            avg.mul_scalar(decay) + now.reshape(shape).mul_scalar(1.0 - decay)
+        })
+    }
+}
+
+/// Moves `average` (a module without autodiff) towards `network`'s weights.
+fn update_average(average: Network, network: &Network, decay: f64) -> Network {
+    let mut collect = CollectParams(Vec::new());
+    network.valid().visit(&mut collect);
+    average.map(&mut AverageInto {
+        current: collect.0.into_iter(),
+        decay: decay as f32,
+    })
+}
+
+/// EMA decay warm-up after `n` steps of this run (n ≥ 1).
+fn ema_decay(cap: f64, n: usize) -> f64 {
+    ((1 + n) as f64 / (10 + n) as f64).min(cap)
+}
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -211,6 +260,7 @@ pub fn pretrain(
         )))
         .init();
     let network_path = run_dir.join("network.bpk");
+    let average_path = run_dir.join("ema.bpk");
     let mut start = first_step;
     let mut first_step = first_step;
     if state_path.exists() {
@@ -228,6 +278,16 @@ pub fn pretrain(
             .map_err(|e| PipelineError::Folder {
                 path: optimizer_path.clone(),
                 message: format!("cannot resume the optimizer: {e}"),
+            })?;
+    }
+    let use_average = config.ema_decay > 0.0;
+    let mut average = network.valid();
+    if use_average && state_path.exists() {
+        average = average
+            .try_load_file(&average_path)
+            .map_err(|e| PipelineError::Folder {
+                path: average_path.clone(),
+                message: format!("cannot resume the weight average: {e}"),
             })?;
     }
     let mut metrics = std::fs::OpenOptions::new()
@@ -297,6 +357,10 @@ pub fn pretrain(
         let grads = GradientsParams::from_grads(loss.backward(), &network);
         let lr = learning_rate(config, first_step, step);
         network = optimizer.step(lr, network, grads);
+        if use_average {
+            let decay = ema_decay(config.ema_decay, step + 1 - first_step);
+            average = update_average(average, &network, decay);
+        }
         loss_sum += loss_value;
 
         let done = step + 1;
@@ -315,12 +379,17 @@ pub fn pretrain(
             timer = Instant::now();
         }
         if done % config.checkpoint_every == 0 || done == config.steps {
+            let weights = if use_average {
+                average.clone()
+            } else {
+                network.valid()
+            };
             let snapshot = Pipeline {
                 text: TextStack::Clip(Encoder {
                     tokenizer: pipeline_parts.0.clone(),
-                    model: network.text_encoder.valid(),
+                    model: weights.text_encoder,
                 }),
-                transformer: Transformer::Sd3(network.transformer.valid()),
+                transformer: Transformer::Sd3(weights.transformer),
                 vae: None,
                 index: pipeline_parts.1.clone(),
                 scheduler: pipeline_parts.2.clone(),
@@ -342,12 +411,25 @@ pub fn pretrain(
                     path: network_path.clone(),
                     message: e.to_string(),
                 })?;
+            if use_average {
+                average
+                    .clone()
+                    .save_file(run_dir.join("ema.tmp"))
+                    .map_err(|e| PipelineError::Folder {
+                        path: average_path.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
             let _ = std::fs::remove_dir_all(&checkpoint_dir);
             std::fs::rename(&tmp, &checkpoint_dir).map_err(io(checkpoint_dir.clone()))?;
             std::fs::rename(run_dir.join("optimizer.tmp"), &optimizer_path)
                 .map_err(io(optimizer_path.clone()))?;
             std::fs::rename(run_dir.join("network.tmp"), &network_path)
                 .map_err(io(network_path.clone()))?;
+            if use_average {
+                std::fs::rename(run_dir.join("ema.tmp"), &average_path)
+                    .map_err(io(average_path.clone()))?;
+            }
             let state = RunState {
                 step: done,
                 first_step,
