@@ -7,7 +7,8 @@ use egui::{ColorImage, TextureHandle, TextureOptions};
 use portaflow::device::DeviceRequest;
 use portaflow::world::render::Image;
 
-use crate::worker::{Command, Event, GenerateRequest, Sampler, Worker};
+use crate::train::TrainTab;
+use crate::worker::{Adapter, Command, Event, GenerateRequest, Sampler, Worker};
 
 /// The Generate form as typed: numbers stay text until Generate, so nonsense is shown next to
 /// its field instead of being silently replaced.
@@ -95,6 +96,7 @@ impl Form {
             sampler: self.sampler,
             seed,
             count,
+            adapters: Vec::new(),
         })
     }
 
@@ -129,7 +131,8 @@ pub enum Status {
 }
 
 pub struct PortaflowApp {
-    worker: Worker,
+    pub worker: Worker,
+    pub train: TrainTab,
     pub form: Form,
     pub errors: FormErrors,
     pub status: Status,
@@ -140,15 +143,26 @@ pub struct PortaflowApp {
     preview: Option<(Image, Option<TextureHandle>)>,
     seconds_per_step: f64,
     pub save_dir: String,
-    model_dir: String,
+    pub model_dir: String,
+    pub adapters: Vec<Adapter>,
+    pub adapter_path: String,
+    pub adapter_weight: String,
+    pub adapter_error: Option<String>,
 }
 
 impl PortaflowApp {
     pub fn new(ctx: egui::Context, request: DeviceRequest) -> Self {
-        let worker = Worker::spawn(request, move || ctx.request_repaint());
+        Self::with_wake(request, move || ctx.request_repaint())
+    }
+
+    /// Starts the worker on `request`'s device and loads the bundled model; `wake` is called
+    /// after every worker event (the window's `request_repaint`; tests poll instead).
+    pub fn with_wake(request: DeviceRequest, wake: impl Fn() + Send + 'static) -> Self {
+        let worker = Worker::spawn(request, wake);
         worker.send(Command::Load(None));
         Self {
             worker,
+            train: TrainTab::default(),
             form: Form::default(),
             errors: FormErrors::default(),
             status: Status::Starting,
@@ -160,12 +174,19 @@ impl PortaflowApp {
             seconds_per_step: 0.0,
             save_dir: "portaflow-images".into(),
             model_dir: String::new(),
+            adapters: Vec::new(),
+            adapter_path: String::new(),
+            adapter_weight: "1.0".into(),
+            adapter_error: None,
         }
     }
 
     /// Drains the worker's events into plain state.
     pub fn drain_events(&mut self) {
         while let Ok(event) = self.worker.events.try_recv() {
+            let Some(event) = self.train.on_event(event) else {
+                continue;
+            };
             match event {
                 Event::Device(d) => {
                     self.device = d;
@@ -208,6 +229,10 @@ impl PortaflowApp {
                     self.status = Status::Ready;
                     self.preview = None;
                 }
+                Event::Adapters(list) => {
+                    self.adapters = list;
+                    self.adapter_error = None;
+                }
                 Event::Cancelled => {
                     self.status = Status::Ready;
                     self.message = Some("cancelled".into());
@@ -219,6 +244,7 @@ impl PortaflowApp {
                     }
                     self.message = Some(e);
                 }
+                _ => unreachable!("training events are taken by the Train tab"),
             }
         }
     }
@@ -226,7 +252,12 @@ impl PortaflowApp {
     /// Validates the form and starts a generation.
     pub fn start_generation(&mut self) {
         match self.form.parse(rand_seed()) {
-            Ok(request) => {
+            Ok(mut request) => {
+                request.adapters = self
+                    .adapters
+                    .iter()
+                    .map(|a| format!("{}:{}", a.path.display(), a.weight))
+                    .collect();
                 self.errors = FormErrors::default();
                 self.message = None;
                 self.status = Status::Generating {
@@ -239,7 +270,7 @@ impl PortaflowApp {
         }
     }
 
-    fn generate_tab(&mut self, ui: &mut egui::Ui) {
+    pub fn generate_tab(&mut self, ui: &mut egui::Ui) {
         let busy = matches!(
             self.status,
             Status::Generating { .. } | Status::Loading | Status::Starting
@@ -283,6 +314,7 @@ impl PortaflowApp {
                 field_error(ui, "Seed", &mut self.form.seed, &self.errors.seed, false);
             }
         });
+        self.adapter_list(ui);
         ui.horizontal(|ui| {
             if ui
                 .add_enabled(!busy, egui::Button::new("Generate"))
@@ -368,6 +400,7 @@ impl PortaflowApp {
             ("steps", r.steps.to_string()),
             ("cfg", r.cfg.to_string()),
             ("model", self.model.clone()),
+            ("loras", r.adapters.join(" ")),
             (
                 "software",
                 format!("portaflow-desktop {}", env!("CARGO_PKG_VERSION")),
@@ -377,7 +410,7 @@ impl PortaflowApp {
         Ok(path)
     }
 
-    fn models_tab(&mut self, ui: &mut egui::Ui) {
+    pub fn models_tab(&mut self, ui: &mut egui::Ui) {
         ui.label(format!("Device: {}", self.device));
         ui.label(format!(
             "Model: {}",
@@ -388,27 +421,91 @@ impl PortaflowApp {
             }
         ));
         ui.horizontal(|ui| {
-            ui.label("Model folder");
-            ui.text_edit_singleline(&mut self.model_dir);
+            field_error(ui, "Model folder", &mut self.model_dir, &None, true);
             if ui.button("Load").clicked() {
                 self.status = Status::Loading;
+                self.message = Some("loading…".into());
                 let dir = self.model_dir.trim();
                 let dir = (!dir.is_empty()).then(|| PathBuf::from(dir));
                 self.worker.send(Command::Load(dir));
             }
             if ui.button("Bundled model").clicked() {
                 self.status = Status::Loading;
+                self.message = Some("loading…".into());
                 self.worker.send(Command::Load(None));
             }
         });
+        ui.horizontal(|ui| {
+            field_error(
+                ui,
+                "Adapter",
+                &mut self.adapter_path,
+                &self.adapter_error,
+                true,
+            );
+            ui.label("weight");
+            ui.add(egui::TextEdit::singleline(&mut self.adapter_weight).desired_width(40.0));
+            if ui.button("Add adapter").clicked() {
+                self.add_adapter();
+            }
+        });
+        ui.label("PEFT folder, diffusers / kohya .safetensors or torch .pt; weight −2 to 2.");
+        self.adapter_list(ui);
         if let Some(message) = &self.message {
             ui.label(message);
+        }
+    }
+
+    /// Validates the adapter fields and asks the worker to attach it.
+    pub fn add_adapter(&mut self) {
+        let path = self.adapter_path.trim();
+        let weight = self.adapter_weight.trim().parse::<f64>();
+        self.adapter_error = match (path.is_empty(), weight) {
+            (true, _) => Some("type the adapter's path".into()),
+            (false, Ok(w)) if w.is_finite() && (-2.0..=2.0).contains(&w) => {
+                self.worker.send(Command::AddAdapter {
+                    path: PathBuf::from(path),
+                    weight: w,
+                });
+                None
+            }
+            (false, _) => Some("the weight must be a number from −2 to 2".into()),
+        };
+    }
+
+    /// The attached adapters with a weight slider and a remove button each.
+    fn adapter_list(&mut self, ui: &mut egui::Ui) {
+        let mut changed = None;
+        let mut removed = None;
+        for adapter in &mut self.adapters {
+            ui.horizontal(|ui| {
+                ui.label(format!(
+                    "LoRA {} ({} linears)",
+                    adapter.path.display(),
+                    adapter.linears
+                ));
+                let slider =
+                    ui.add(egui::Slider::new(&mut adapter.weight, -2.0..=2.0).text("weight"));
+                // While dragging only the slider moves; the model follows on release.
+                if slider.drag_stopped() || (slider.changed() && !slider.dragged()) {
+                    changed = Some((adapter.name.clone(), adapter.weight));
+                }
+                if ui.small_button("Remove").clicked() {
+                    removed = Some(adapter.name.clone());
+                }
+            });
+        }
+        if let Some((name, weight)) = changed {
+            self.worker.send(Command::SetAdapterWeight { name, weight });
+        }
+        if let Some(name) = removed {
+            self.worker.send(Command::RemoveAdapter(name));
         }
     }
 }
 
 /// A text field with its error shown next to it in red.
-fn field_error(
+pub(crate) fn field_error(
     ui: &mut egui::Ui,
     label: &str,
     value: &mut String,
@@ -416,16 +513,16 @@ fn field_error(
     wide: bool,
 ) {
     ui.horizontal(|ui| {
-        ui.label(label);
+        let name = ui.label(label);
         let edit = egui::TextEdit::singleline(value).desired_width(if wide { 420.0 } else { 60.0 });
-        ui.add(edit);
+        ui.add(edit).labelled_by(name.id);
         if let Some(error) = error {
             ui.colored_label(egui::Color32::RED, error);
         }
     });
 }
 
-fn to_texture(ctx: &egui::Context, name: &str, image: &Image) -> TextureHandle {
+pub(crate) fn to_texture(ctx: &egui::Context, name: &str, image: &Image) -> TextureHandle {
     let rgb: Vec<u8> = image.pixels.iter().flatten().copied().collect();
     let color = ColorImage::from_rgb([image.width, image.height], &rgb);
     ctx.load_texture(name, color, TextureOptions::NEAREST)
@@ -442,6 +539,7 @@ fn rand_seed() -> u64 {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
     Generate,
+    Train,
     Models,
 }
 
@@ -457,17 +555,33 @@ impl eframe::App for Shell {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+    }
+}
+
+impl Shell {
+    pub fn new(app: PortaflowApp) -> Self {
+        Self {
+            app,
+            tab: Tab::Generate,
+        }
+    }
+
+    /// Draws the tab bar and the current tab.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
         egui::Frame::central_panel(ui.style()).show(ui, |ui| {
             ui.set_min_size(ui.available_size());
             ui.horizontal(|ui| {
                 ui.heading("portaflow");
                 ui.selectable_value(&mut self.tab, Tab::Generate, "Generate");
+                ui.selectable_value(&mut self.tab, Tab::Train, "Train");
                 ui.selectable_value(&mut self.tab, Tab::Models, "Models");
                 ui.label(format!("· {}", self.app.device));
             });
             ui.separator();
             match self.tab {
                 Tab::Generate => self.app.generate_tab(ui),
+                Tab::Train => self.app.train.ui(ui, &self.app.worker),
                 Tab::Models => self.app.models_tab(ui),
             }
         });

@@ -1,12 +1,7 @@
-//! portaflow desktop app: a Generate tab (prompt, sampler settings, live preview, gallery, PNG
-//! with metadata) and a Models tab (device, bundled model or a diffusers folder). A worker
-//! thread owns the device and the model (`worker.rs`); the UI holds plain data (`app.rs`).
-//! The training tab follows (issue "Desktop app").
-
-mod app;
-mod worker;
+//! `portaflow-desktop`: opens the app's window (see the library's doc for what is inside).
 
 use portaflow::device::DeviceRequest;
+use portaflow_desktop::app;
 
 fn main() -> anyhow::Result<()> {
     let request = DeviceRequest::from_arg_or_env(None)?;
@@ -15,10 +10,7 @@ fn main() -> anyhow::Result<()> {
         eframe::NativeOptions::default(),
         Box::new(move |cc| {
             let app = app::PortaflowApp::new(cc.egui_ctx.clone(), request);
-            Ok(Box::new(app::Shell {
-                app,
-                tab: app::Tab::Generate,
-            }))
+            Ok(Box::new(app::Shell::new(app)))
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))

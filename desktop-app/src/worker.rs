@@ -1,16 +1,20 @@
-//! The worker thread: it owns the device and the loaded pipeline; the UI talks to it through two
-//! channels and is woken with `request_repaint` after every event. Cancellation is an
-//! `AtomicBool` checked by the sampler between steps.
+//! The worker thread: it owns the device, the loaded pipeline and a training run; the UI talks
+//! to it through two channels and is woken with `request_repaint` after every event.
+//! Cancellation is an `AtomicBool` checked by the sampler between steps. A training run advances
+//! one epoch at a time; commands (pause, stop, save, generate) are taken between epochs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 use portaflow::device::{self, ChosenDevice, DeviceRequest};
+use portaflow::lora::LoraWeights;
 use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
+use portaflow::train::grpo::config::GrpoConfig;
+use portaflow::train::grpo::{EpochMetrics, EvalMetrics, GrpoEvent, GrpoTrainer};
 use portaflow::world::render::Image;
 
 /// What the UI asks for.
@@ -18,6 +22,28 @@ pub enum Command {
     /// Load a pipeline folder (`None`: the bundled model).
     Load(Option<PathBuf>),
     Generate(GenerateRequest),
+    /// Attach a LoRA file or PEFT folder to the loaded model with a multiplier.
+    AddAdapter {
+        path: PathBuf,
+        weight: f64,
+    },
+    SetAdapterWeight {
+        name: String,
+        weight: f64,
+    },
+    RemoveAdapter(String),
+    /// Start a GRPO run in `run_dir` (resumed when it holds a checkpoint).
+    Train {
+        config: Box<GrpoConfig>,
+        run_dir: PathBuf,
+    },
+    /// Hold the run after the current epoch (it stays in memory).
+    PauseTraining,
+    ResumeTraining,
+    /// Save a checkpoint after the current epoch and end the run (resumable later).
+    StopTraining,
+    /// Write the run's adapter (the EMA when kept) as a PEFT folder.
+    SaveAdapter(PathBuf),
 }
 
 /// One generation: every field is plain data from the form.
@@ -30,6 +56,8 @@ pub struct GenerateRequest {
     pub sampler: Sampler,
     pub seed: u64,
     pub count: usize,
+    /// The adapters attached when it was asked for, `PATH:WEIGHT` (recorded in saved PNGs).
+    pub adapters: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +87,16 @@ impl Sampler {
     }
 }
 
+/// An adapter attached to the loaded model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapter {
+    pub name: String,
+    pub path: PathBuf,
+    pub weight: f64,
+    /// Linears it wraps.
+    pub linears: usize,
+}
+
 /// What the worker reports.
 pub enum Event {
     Device(String),
@@ -80,6 +118,26 @@ pub enum Event {
     },
     Cancelled,
     Error(String),
+    /// The adapters on the loaded model now (after a load or an adapter command).
+    Adapters(Vec<Adapter>),
+    TrainStarted {
+        run_dir: PathBuf,
+        /// Epochs already done (a resumed run) and planned.
+        epoch: usize,
+        epochs: usize,
+        seconds: f64,
+    },
+    TrainEpoch(EpochMetrics),
+    TrainEval(EvalMetrics),
+    TrainGrid(Image),
+    TrainSaved(PathBuf),
+    TrainPaused,
+    TrainResumed,
+    /// The run ended: stopped with a checkpoint, or finished with its final adapter.
+    TrainEnded {
+        message: String,
+    },
+    TrainError(String),
 }
 
 /// The UI's handle on the worker.
@@ -110,15 +168,103 @@ impl Worker {
             };
             send(Event::Device(chosen.to_string()));
             let mut pipe: Option<Pipeline> = None;
-            for command in inbox {
+            let mut run: Option<GrpoTrainer> = None;
+            let mut adapters: Vec<Adapter> = Vec::new();
+            let mut next_adapter = 0;
+            let mut paused = false;
+            loop {
+                // While a run trains, commands are taken between epochs; otherwise wait for one.
+                let command = if run.is_some() && !paused {
+                    match inbox.try_recv() {
+                        Ok(command) => Some(command),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) => return,
+                    }
+                } else {
+                    match inbox.recv() {
+                        Ok(command) => Some(command),
+                        Err(_) => return,
+                    }
+                };
+                let Some(command) = command else {
+                    let trainer = run.as_mut().expect("a run is active");
+                    if let Err(e) = train_epoch(trainer, &send) {
+                        send(Event::TrainError(format!(
+                            "epoch {} failed, the run is stopped (the last checkpoint is kept): {e}",
+                            trainer.epoch
+                        )));
+                        run = None;
+                    } else if trainer.done() {
+                        send(Event::TrainEnded {
+                            message: format!(
+                                "done after epoch {}; adapter {}",
+                                trainer.epoch,
+                                trainer.run_dir().join("adapter_final").display()
+                            ),
+                        });
+                        run = None;
+                    }
+                    continue;
+                };
                 match command {
                     Command::Load(dir) => match load(dir, &chosen) {
                         Ok((loaded, event)) => {
                             pipe = Some(loaded);
+                            adapters.clear();
                             send(event);
+                            send(Event::Adapters(Vec::new()));
                         }
                         Err(e) => send(Event::Error(e)),
                     },
+                    Command::AddAdapter { path, weight } => {
+                        let Some(p) = pipe.as_mut() else {
+                            send(Event::Error("load a model before adding adapters".into()));
+                            continue;
+                        };
+                        let name = format!("adapter{next_adapter}");
+                        next_adapter += 1;
+                        let added = LoraWeights::read(&path)
+                            .map_err(|e| e.to_string())
+                            .and_then(|w| {
+                                p.add_lora(&w, &name, weight, &chosen.device)
+                                    .map_err(|e| e.to_string())
+                            });
+                        match added {
+                            Ok(linears) => {
+                                adapters.push(Adapter {
+                                    name,
+                                    path,
+                                    weight,
+                                    linears,
+                                });
+                                send(Event::Adapters(adapters.clone()));
+                            }
+                            Err(e) => {
+                                send(Event::Error(format!("cannot add {}: {e}", path.display())))
+                            }
+                        }
+                    }
+                    Command::SetAdapterWeight { name, weight } => {
+                        let (Some(p), Some(a)) =
+                            (pipe.as_mut(), adapters.iter_mut().find(|a| a.name == name))
+                        else {
+                            continue;
+                        };
+                        match p.set_lora_weight(&name, weight) {
+                            Ok(_) => {
+                                a.weight = weight;
+                                send(Event::Adapters(adapters.clone()));
+                            }
+                            Err(e) => send(Event::Error(e.to_string())),
+                        }
+                    }
+                    Command::RemoveAdapter(name) => {
+                        if let Some(p) = pipe.as_mut() {
+                            p.remove_lora(&name);
+                        }
+                        adapters.retain(|a| a.name != name);
+                        send(Event::Adapters(adapters.clone()));
+                    }
                     Command::Generate(request) => {
                         flag.store(false, Ordering::Relaxed);
                         let Some(p) = pipe.as_ref() else {
@@ -126,6 +272,61 @@ impl Worker {
                             continue;
                         };
                         send(generate(p, request, &chosen, &flag, &send));
+                    }
+                    Command::Train { config, run_dir } => {
+                        if run.is_some() {
+                            send(Event::TrainError(
+                                "a run is active: stop it before starting another".into(),
+                            ));
+                            continue;
+                        }
+                        let start = Instant::now();
+                        let device = chosen.device.clone().autodiff();
+                        match GrpoTrainer::open(*config, &run_dir, &device) {
+                            Ok(trainer) => {
+                                send(Event::TrainStarted {
+                                    run_dir,
+                                    epoch: trainer.epoch,
+                                    epochs: trainer.config.run.epochs,
+                                    seconds: start.elapsed().as_secs_f64(),
+                                });
+                                paused = false;
+                                run = Some(trainer);
+                            }
+                            Err(e) => send(Event::TrainError(format!("cannot start: {e}"))),
+                        }
+                    }
+                    Command::PauseTraining if run.is_some() => {
+                        paused = true;
+                        send(Event::TrainPaused);
+                    }
+                    Command::ResumeTraining if run.is_some() => {
+                        paused = false;
+                        send(Event::TrainResumed);
+                    }
+                    Command::StopTraining => {
+                        if let Some(trainer) = run.take() {
+                            send(match trainer.save_checkpoint() {
+                                Ok(path) => Event::TrainEnded {
+                                    message: format!(
+                                        "stopped after epoch {}; checkpoint {} (Start resumes it)",
+                                        trainer.epoch,
+                                        path.display()
+                                    ),
+                                },
+                                Err(e) => Event::TrainError(format!("stopped, but {e}")),
+                            });
+                        }
+                    }
+                    Command::SaveAdapter(dir) => match run.as_ref() {
+                        Some(trainer) => send(match trainer.save_adapter(&dir) {
+                            Ok(()) => Event::TrainSaved(dir),
+                            Err(e) => Event::TrainError(format!("cannot save the adapter: {e}")),
+                        }),
+                        None => send(Event::TrainError("no run to save an adapter from".into())),
+                    },
+                    Command::PauseTraining | Command::ResumeTraining => {
+                        send(Event::TrainError("no run is active".into()))
                     }
                 }
             }
@@ -201,4 +402,20 @@ fn generate(
         Err(_) if cancel.load(Ordering::Relaxed) => Event::Cancelled,
         Err(e) => Event::Error(e.to_string()),
     }
+}
+
+/// One epoch of the run, its metrics, evaluation and grid forwarded as events.
+fn train_epoch(trainer: &mut GrpoTrainer, send: &impl Fn(Event)) -> Result<(), String> {
+    trainer
+        .epoch(|event| match event {
+            GrpoEvent::Epoch(m) => send(Event::TrainEpoch(m.clone())),
+            GrpoEvent::Eval(e) => send(Event::TrainEval(e.clone())),
+            GrpoEvent::Grid(path) => match portaflow::image_io::load_png(path) {
+                Ok(image) => send(Event::TrainGrid(image)),
+                Err(e) => send(Event::TrainError(format!("grid {}: {e}", path.display()))),
+            },
+            GrpoEvent::Checkpoint(_) => {}
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

@@ -6,11 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use portaflow::device::{self, DeviceRequest};
-use portaflow::pipeline::{self, Pipeline};
-use portaflow::reward::Task;
-use portaflow::train::grpo::config::{GrpoConfig, RewardKind};
+use portaflow::pipeline;
+use portaflow::train::grpo::config::GrpoConfig;
 use portaflow::train::grpo::{GrpoEvent, GrpoTrainer};
-use portaflow::world::{digits, prompt};
 
 #[derive(clap::Subcommand)]
 pub enum TrainCommand {
@@ -42,7 +40,7 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
         } => {
             let mut config = match &config {
                 Some(path) => GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?,
-                None => toml::from_str("").expect("defaults"),
+                None => GrpoConfig::default(),
             };
             if let Some(e) = epochs {
                 config.run.epochs = e;
@@ -56,12 +54,6 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
     }
 }
 
-fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
-}
-
 fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
     let chosen = device::select(request)?;
     let device = chosen.device.clone().autodiff();
@@ -70,39 +62,15 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
         .path
         .clone()
         .unwrap_or_else(pipeline::bundled_dir);
-    let pipe = Pipeline::from_dir(&model, &device)
-        .with_context(|| format!("loading the model from {}", model.display()))?;
-    let train_path = config
-        .data
-        .train_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
-    let test_path = config
-        .data
-        .test_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
-    let train: Vec<Task> = match config.data.reward {
-        RewardKind::Geneval => prompt::read_jsonl(&train_path)?
-            .into_iter()
-            .map(Task::Shapes)
-            .collect(),
-        RewardKind::Ocr => (0..1000u64)
-            .map(|n| Task::Digits {
-                prompt: digits::prompt_for(&n.to_string()),
-            })
-            .collect(),
-    };
-    let test = prompt::read_jsonl(&test_path)?;
+    let reward = config.data.reward_name();
+    let mut trainer = GrpoTrainer::open(config, out, &device)
+        .with_context(|| format!("starting the run with the model {}", model.display()))?;
+    let (train, test) = trainer.prompt_counts();
     println!(
-        "flow-grpo on {chosen}: {} from {}, {} training prompts, {} held-out, run dir {}",
-        config.data.reward_name(),
+        "flow-grpo on {chosen}: {reward} from {}, {train} training prompts, {test} held-out, run dir {}",
         model.display(),
-        train.len(),
-        test.len(),
         out.display()
     );
-    let mut trainer = GrpoTrainer::new(config, pipe, train, test, out, &device)?;
     if trainer.epoch > 0 {
         println!("resumed at epoch {}", trainer.epoch);
     }

@@ -456,6 +456,33 @@ impl Pipeline {
         Ok(attached)
     }
 
+    /// Sets the multiplier of adapter `name` wherever it is attached; returns how many linears.
+    pub fn set_lora_weight(&mut self, name: &str, weight: f64) -> Result<usize, LoraError> {
+        let has = |model: &dyn lora::Linears| lora::adapters(model).iter().any(|(n, _)| n == name);
+        let mut count = 0;
+        if has(&self.transformer) {
+            count += lora::set_weight(&mut self.transformer, name, weight)?;
+        }
+        for (_, encoder) in self.text.components_mut() {
+            if has(&*encoder) {
+                count += lora::set_weight(&mut *encoder, name, weight)?;
+            }
+        }
+        if count == 0 {
+            return Err(LoraError::Unknown(name.to_string()));
+        }
+        Ok(count)
+    }
+
+    /// Detaches adapter `name` from every component; returns how many linears had it.
+    pub fn remove_lora(&mut self, name: &str) -> usize {
+        let mut count = lora::remove(&mut self.transformer, name);
+        for (_, encoder) in self.text.components_mut() {
+            count += lora::remove(&mut *encoder, name);
+        }
+        count
+    }
+
     /// Writes the pipeline folder. Adapters must be merged first (`lora::merge`), or they would be
     /// silently left out.
     pub fn save_dir(&self, dir: &Path) -> Result<(), PipelineError> {

@@ -10,8 +10,8 @@ use crate::lora::LoraConfig;
 use crate::sample::select::{OffSelection, StepSelection};
 use crate::sample::step::StepKind;
 
-/// The whole run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The whole run (`Default`: every section's defaults, as an empty TOML file gives).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpoConfig {
     #[serde(default)]

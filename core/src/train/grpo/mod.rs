@@ -282,6 +282,38 @@ impl GrpoTrainer {
         })
     }
 
+    /// Opens the run `config` describes in `run_dir` (resumed when it holds a checkpoint): loads
+    /// its model (the bundled one unless `model.path`) onto `device` (an autodiff device) and its
+    /// prompts (the repository's Shapes prompt files unless `data.*_prompts`). The CLI and the
+    /// desktop app both start runs here.
+    pub fn open(config: GrpoConfig, run_dir: &Path, device: &Device) -> Result<Self, GrpoError> {
+        config.validate().map_err(GrpoError::Config)?;
+        let (train, test) = run_prompts(&config)?;
+        let model = config
+            .model
+            .path
+            .clone()
+            .unwrap_or_else(crate::pipeline::bundled_dir);
+        let pipeline = Pipeline::from_dir(&model, device)?;
+        Self::new(config, pipeline, train, test, run_dir, device)
+    }
+
+    /// The number of training tasks and held-out prompts.
+    pub fn prompt_counts(&self) -> (usize, usize) {
+        (self.train.len(), self.test.len())
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Writes the adapter as it would be saved at the end (the EMA when kept) as a PEFT folder.
+    pub fn save_adapter(&self, dir: &Path) -> Result<(), GrpoError> {
+        self.final_adapter().write_peft(dir, "transformer")?;
+        Ok(())
+    }
+
     /// Replaces the reward the config names (custom rewards, remote scorers, tests).
     pub fn with_reward(mut self, reward: Box<dyn Reward>) -> Self {
         self.reward = reward;
@@ -875,6 +907,38 @@ impl EpochData {
             uncond,
         }
     }
+}
+
+/// The repository's prompt files, where a config names none.
+fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// Training tasks and held-out prompts of a config: GenEval-style prompt files, or for the OCR
+/// reward the numbers 0–999.
+pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<PromptSpec>), GrpoError> {
+    let read = |path: &Path| crate::world::prompt::read_jsonl(path).map_err(|e| run_error(path, e));
+    let train_path = config
+        .data
+        .train_prompts
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
+    let test_path = config
+        .data
+        .test_prompts
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
+    let train = match config.data.reward {
+        RewardKind::Geneval => read(&train_path)?.into_iter().map(Task::Shapes).collect(),
+        RewardKind::Ocr => (0..1000u64)
+            .map(|n| Task::Digits {
+                prompt: crate::world::digits::prompt_for(&n.to_string()),
+            })
+            .collect(),
+    };
+    Ok((train, read(&test_path)?))
 }
 
 /// The Gaussian's un-scaled std g that Flow-GRPO's KL divides by (§1.6).

@@ -1,0 +1,186 @@
+//! The desktop app driven through its accessibility tree (egui_kittest), headless: the same
+//! `Shell` the window shows, a real worker thread and real models.
+
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use portaflow::device::DeviceRequest;
+use portaflow_desktop::app::{PortaflowApp, Shell, Status, Tab};
+use portaflow_desktop::train::RunStatus;
+
+fn harness(request: DeviceRequest) -> Harness<'static, Shell> {
+    let app = PortaflowApp::with_wake(request, || {});
+    Harness::builder()
+        .with_size(egui::vec2(1200.0, 900.0))
+        .build_ui_state(
+            |ui, shell: &mut Shell| {
+                shell.app.drain_events();
+                shell.show(ui);
+            },
+            Shell::new(app),
+        )
+}
+
+/// Steps the UI until `done` holds; fails with the app's last message after `limit`.
+fn wait_until(
+    h: &mut Harness<'static, Shell>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Shell) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        h.step();
+        if done(h.state()) {
+            return;
+        }
+        let app = &h.state().app;
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}; message {:?}, train message {:?}",
+            app.message,
+            app.train.message
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn type_into(h: &mut Harness<'static, Shell>, field: &str, text: &str) {
+    h.get_by_label(field).focus();
+    h.step();
+    h.key_combination_modifiers(egui::Modifiers::COMMAND, &[egui::Key::A]);
+    h.get_by_label(field).type_text(text);
+    h.step();
+}
+
+fn click_button(h: &mut Harness<'static, Shell>, label: &str) {
+    // The last match: a tab and an action can share a name ("Generate"); actions come after the
+    // tab bar.
+    h.get_all_by_role_and_label(Role::Button, label)
+        .last()
+        .unwrap_or_else(|| panic!("no button {label}"))
+        .click();
+    // One frame takes the click, the next one draws what it changed.
+    h.step();
+    h.step();
+}
+
+#[test]
+fn typing_a_prompt_and_pressing_generate_shows_an_image_on_vulkan() {
+    let chosen = portaflow_tests::vulkan();
+    let mut h = harness(DeviceRequest::Vulkan);
+    wait_until(&mut h, Duration::from_secs(120), "the bundled model", |s| {
+        s.app.status == Status::Ready
+    });
+    let adapter = chosen.adapter().expect("wgpu adapter").name.clone();
+    assert!(
+        h.state().app.device.contains(&adapter),
+        "the app runs on {}, expected the Vulkan adapter {adapter}",
+        h.state().app.device
+    );
+    type_into(&mut h, "Prompt", "a photo of a blue square");
+    type_into(&mut h, "Steps", "3");
+    type_into(&mut h, "Images", "2");
+    assert_eq!(h.state().app.form.prompt, "a photo of a blue square");
+    click_button(&mut h, "Generate");
+    wait_until(&mut h, Duration::from_secs(300), "two images", |s| {
+        s.app.gallery.len() == 2
+    });
+    let app = &h.state().app;
+    assert_eq!(app.gallery[0].request.prompt, "a photo of a blue square");
+    assert_eq!(app.gallery[0].request.steps, 3);
+    let image = &app.gallery[0].image;
+    assert_eq!((image.width, image.height), (64, 64));
+    h.step();
+    assert!(
+        h.query_by_label_contains("2 image(s) in").is_some(),
+        "the timing message is shown"
+    );
+}
+
+#[test]
+fn nonsense_in_fields_and_a_bad_model_folder_show_errors_not_crashes() {
+    let mut h = harness(DeviceRequest::Cpu);
+    wait_until(&mut h, Duration::from_secs(60), "the bundled model", |s| {
+        s.app.status == Status::Ready
+    });
+    type_into(&mut h, "Steps", "twenty");
+    click_button(&mut h, "Generate");
+    assert!(
+        h.query_by_label_contains("a whole number from 1 to 1000")
+            .is_some()
+    );
+    assert!(h.state().app.gallery.is_empty());
+
+    h.state_mut().tab = Tab::Models;
+    h.step();
+    let missing = std::env::temp_dir().join("portaflow-no-such-model");
+    type_into(&mut h, "Model folder", &missing.display().to_string());
+    click_button(&mut h, "Load");
+    wait_until(&mut h, Duration::from_secs(30), "the load error", |s| {
+        s.app
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot load"))
+    });
+    h.step();
+    assert!(h.query_by_label_contains("cannot load").is_some());
+    // The bundled model is still there and generates.
+    assert_eq!(h.state().app.status, Status::Ready);
+
+    type_into(&mut h, "Adapter", &missing.display().to_string());
+    click_button(&mut h, "Add adapter");
+    wait_until(&mut h, Duration::from_secs(30), "the adapter error", |s| {
+        s.app
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot add"))
+    });
+
+    h.state_mut().tab = Tab::Train;
+    h.step();
+    type_into(&mut h, "Epochs", "many");
+    click_button(&mut h, "Start");
+    assert!(h.query_by_label_contains("a whole number ≥ 1").is_some());
+    assert_eq!(h.state().app.train.status, RunStatus::Idle);
+}
+
+#[test]
+fn a_one_epoch_training_run_puts_a_point_on_the_curve() {
+    let run_dir = std::env::temp_dir().join(format!("portaflow-app-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    // Training runs on the CPU worker (Flex): the GPU path of the trainer is tests/grpo.rs'.
+    let mut h = harness(DeviceRequest::Cpu);
+    h.state_mut().tab = Tab::Train;
+    h.step();
+    type_into(&mut h, "Run directory", &run_dir.display().to_string());
+    type_into(&mut h, "Epochs", "1");
+    type_into(&mut h, "Group size", "2");
+    type_into(&mut h, "Prompts/epoch", "2");
+    type_into(&mut h, "Batch size", "4");
+    type_into(&mut h, "Eval every", "0");
+    click_button(&mut h, "Start");
+    assert_eq!(
+        h.state().app.train.errors,
+        Default::default(),
+        "the form is valid"
+    );
+    wait_until(&mut h, Duration::from_secs(600), "one epoch", |s| {
+        !s.app.train.epochs.is_empty() && s.app.train.status == RunStatus::Idle
+    });
+    let train = &h.state().app.train;
+    assert_eq!(train.epochs.len(), 1);
+    assert!(train.epochs[0].reward_mean.is_finite());
+    assert!(
+        train
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("done after epoch 1")),
+        "{:?}",
+        train.message
+    );
+    assert!(run_dir.join("adapter_final").is_dir());
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
