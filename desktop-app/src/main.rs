@@ -7,7 +7,12 @@ fn main() -> anyhow::Result<()> {
     let request = DeviceRequest::from_arg_or_env(None)?;
     eframe::run_native(
         "portaflow",
-        eframe::NativeOptions::default(),
+        eframe::NativeOptions {
+            viewport: egui::ViewportBuilder::default()
+                .with_inner_size([1100.0, 820.0])
+                .with_title("portaflow"),
+            ..Default::default()
+        },
         Box::new(move |cc| {
             let app = app::PortaflowApp::new(cc.egui_ctx.clone(), request);
             Ok(Box::new(app::Shell::new(app)))

@@ -16,6 +16,7 @@ use crate::worker::{Command, Event, Worker};
 /// The presets shipped in `configs/`.
 pub fn presets() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let dir = dir.canonicalize().unwrap_or(dir);
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .map(|entries| {
             entries
@@ -222,10 +223,21 @@ impl Default for TrainTab {
             adapter_dir: "portaflow-runs/adapter".into(),
             preset_choice: 0,
         }
+        .with_preset_matching_the_form()
     }
 }
 
 impl TrainTab {
+    fn with_preset_matching_the_form(mut self) -> Self {
+        if let Some(i) = presets()
+            .iter()
+            .position(|p| p.display().to_string() == self.form.config_path)
+        {
+            self.preset_choice = i;
+        }
+        self
+    }
+
     /// Takes a training event; returns it back if it is not one.
     pub fn on_event(&mut self, event: Event) -> Option<Event> {
         match event {
@@ -246,8 +258,9 @@ impl TrainTab {
             }
             Event::TrainEpoch(m) => {
                 if let RunStatus::Running { epochs, .. } = self.status {
+                    // `m.epoch` counts finished epochs
                     self.status = RunStatus::Running {
-                        epoch: m.epoch + 1,
+                        epoch: m.epoch,
                         epochs,
                     };
                 }
@@ -260,7 +273,7 @@ impl TrainTab {
             }
             Event::TrainPaused => self.status = RunStatus::Paused,
             Event::TrainResumed => {
-                let epoch = self.epochs.last().map_or(0, |m| m.epoch + 1);
+                let epoch = self.epochs.last().map_or(0, |m| m.epoch);
                 self.status = RunStatus::Running {
                     epoch,
                     epochs: self.form.epochs.trim().parse().unwrap_or(epoch),
@@ -439,11 +452,11 @@ impl TrainTab {
             RunStatus::Starting => "starting…".into(),
             RunStatus::Running { epoch, epochs } => match last {
                 Some(m) => format!(
-                    "epoch {epoch}/{epochs} · {:.1} s sampling + {:.1} s training per epoch",
+                    "{epoch}/{epochs} epochs done · {:.1} s sampling + {:.1} s training per epoch",
                     m.seconds_rollout + m.seconds_reward_wait,
                     m.seconds_train
                 ),
-                None => format!("epoch {epoch}/{epochs} · first epoch running…"),
+                None => format!("{epoch}/{epochs} epochs done · the first one is running…"),
             },
             RunStatus::Pausing => "pausing after this epoch…".into(),
             RunStatus::Paused => "paused".into(),
