@@ -148,7 +148,7 @@ fn nonsense_in_fields_and_a_bad_model_folder_show_errors_not_crashes() {
 }
 
 #[test]
-fn a_one_epoch_training_run_puts_a_point_on_the_curve() {
+fn a_training_run_plots_pauses_resumes_stops_and_continues() {
     let run_dir = std::env::temp_dir().join(format!("portaflow-app-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run_dir);
     // Training runs on the CPU worker (Flex): the GPU path of the trainer is tests/grpo.rs'.
@@ -156,7 +156,7 @@ fn a_one_epoch_training_run_puts_a_point_on_the_curve() {
     h.state_mut().tab = Tab::Train;
     h.step();
     type_into(&mut h, "Run directory", &run_dir.display().to_string());
-    type_into(&mut h, "Epochs", "1");
+    type_into(&mut h, "Epochs", "50");
     type_into(&mut h, "Group size", "2");
     type_into(&mut h, "Prompts/epoch", "2");
     type_into(&mut h, "Batch size", "4");
@@ -167,20 +167,59 @@ fn a_one_epoch_training_run_puts_a_point_on_the_curve() {
         Default::default(),
         "the form is valid"
     );
-    wait_until(&mut h, Duration::from_secs(600), "one epoch", |s| {
-        !s.app.train.epochs.is_empty() && s.app.train.status == RunStatus::Idle
+    let limit = Duration::from_secs(600);
+    wait_until(&mut h, limit, "the first epoch's point", |s| {
+        !s.app.train.epochs.is_empty()
     });
-    let train = &h.state().app.train;
-    assert_eq!(train.epochs.len(), 1);
-    assert!(train.epochs[0].reward_mean.is_finite());
-    assert!(
-        train
-            .message
-            .as_deref()
-            .is_some_and(|m| m.contains("done after epoch 1")),
-        "{:?}",
-        train.message
+    assert!(h.state().app.train.epochs[0].reward_mean.is_finite());
+
+    click_button(&mut h, "Pause");
+    wait_until(&mut h, limit, "the pause", |s| {
+        s.app.train.status == RunStatus::Paused
+    });
+    let paused_at = h.state().app.train.epochs.len();
+    std::thread::sleep(Duration::from_millis(500));
+    h.step();
+    assert_eq!(
+        h.state().app.train.epochs.len(),
+        paused_at,
+        "paused runs do not train"
     );
-    assert!(run_dir.join("adapter_final").is_dir());
+    click_button(&mut h, "Resume");
+    click_button(&mut h, "Stop");
+    wait_until(&mut h, limit, "the stop", |s| {
+        s.app.train.status == RunStatus::Idle
+    });
+    let message = h.state().app.train.message.clone().unwrap_or_default();
+    assert!(message.contains("stopped after epoch"), "{message}");
+    assert!(run_dir.join("checkpoint/state.json").is_file());
+
+    let stopped_after = h.state().app.train.epochs.last().expect("epochs").epoch;
+    assert!(
+        message.contains(&format!("stopped after epoch {stopped_after};")),
+        "{message}"
+    );
+
+    // Start again: the run directory's checkpoint is resumed where it stopped.
+    click_button(&mut h, "Start");
+    wait_until(&mut h, limit, "the resumed run", |s| {
+        matches!(s.app.train.status, RunStatus::Running { .. })
+    });
+    let message = h.state().app.train.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "resumed {} at epoch {stopped_after} of 50",
+            run_dir.display()
+        )),
+        "{message}"
+    );
+    wait_until(&mut h, limit, "an epoch after the resume", |s| {
+        !s.app.train.epochs.is_empty()
+    });
+    assert_eq!(h.state().app.train.epochs[0].epoch, stopped_after + 1);
+    click_button(&mut h, "Stop");
+    wait_until(&mut h, limit, "the second stop", |s| {
+        s.app.train.status == RunStatus::Idle
+    });
     let _ = std::fs::remove_dir_all(&run_dir);
 }
