@@ -506,3 +506,46 @@ impl TrainTab {
             });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preset_fills_the_knobs_and_bad_knobs_are_named() {
+        let form = TrainForm::default();
+        assert!(form.config_path.ends_with("grpo-shapes.toml"));
+        let (config, _) = form.parse().expect("the preset as it is");
+        assert_eq!(config.sample.group_size.to_string(), form.group_size);
+
+        let bad = TrainForm {
+            epochs: "0".into(),
+            learning_rate: "fast".into(),
+            run_dir: " ".into(),
+            ..form.clone()
+        };
+        let errors = bad.parse().unwrap_err();
+        assert!(errors.epochs.is_some() && errors.learning_rate.is_some());
+        assert!(errors.run_dir.is_some());
+
+        // Valid numbers the trainer would still refuse: its message goes to the config field.
+        let refused = TrainForm {
+            group_size: "3".into(),
+            ..form.clone()
+        };
+        let errors = refused.parse().unwrap_err();
+        assert!(
+            errors
+                .config
+                .as_deref()
+                .is_some_and(|e| e.contains("batch_size")),
+            "{errors:?}"
+        );
+
+        let edited = TrainForm {
+            config_path: "/nonexistent.toml".into(),
+            ..form
+        };
+        assert!(edited.parse().unwrap_err().config.is_some());
+    }
+}
