@@ -13,7 +13,7 @@ pub mod torch_pt;
 pub mod vae;
 pub mod weights;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use weights::LoadError;
 
@@ -54,6 +54,28 @@ pub trait Family: Sized {
         let config = read_config::<Self::Config>(&path)?;
         Self::validate(&config).map_err(|message| LoadError::Config { path, message })?;
         let weights = weights::Weights::open_dir(dir, Self::WEIGHTS)?;
+        Self::from_weights(config, weights, device)
+    }
+
+    /// The same from bytes in memory (the browser's fetched files); `name` is the component's
+    /// folder as errors call it.
+    fn load_bytes(
+        name: &str,
+        config_json: &[u8],
+        weights: Vec<u8>,
+        device: &burn::tensor::Device,
+    ) -> Result<Self, LoadError> {
+        let path = PathBuf::from(format!("{name}/config.json"));
+        let config =
+            serde_json::from_slice::<Self::Config>(config_json).map_err(|e| LoadError::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        Self::validate(&config).map_err(|message| LoadError::Config { path, message })?;
+        let weights = weights::Weights::from_bytes(
+            &format!("{name}/{}.safetensors", Self::WEIGHTS),
+            weights,
+        )?;
         Self::from_weights(config, weights, device)
     }
 }

@@ -1,5 +1,5 @@
-//! Reading checkpoint tensors: safetensors files (single or sharded), memory-mapped, any float
-//! dtype cast to f32, with key-coverage bookkeeping so a load can prove it used every tensor and
+//! Reading checkpoint tensors: safetensors files (single or sharded), memory-mapped or already in
+//! memory (the browser fetches them), any float dtype cast to f32, with key-coverage bookkeeping so a load can prove it used every tensor and
 //! found every parameter.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -145,9 +145,25 @@ pub struct Alias {
     pub swap_halves: bool,
 }
 
+/// A safetensors file's bytes: mapped from disk, or owned (fetched by the browser).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// The tensors of one checkpoint (one or more safetensors files).
 pub struct Weights {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Bytes)>,
     entries: HashMap<String, Entry>,
     aliases: HashMap<String, Alias>,
     used: BTreeSet<String>,
@@ -164,9 +180,7 @@ impl Weights {
     /// Opens safetensors files; a key found in two files is an error.
     pub fn open(paths: &[PathBuf], source: PathBuf) -> Result<Self, LoadError> {
         let mut files = Vec::new();
-        let mut entries = HashMap::new();
-        let mut file_metadata = HashMap::new();
-        for (index, path) in paths.iter().enumerate() {
+        for path in paths {
             let io = |source| LoadError::Io {
                 path: path.clone(),
                 source,
@@ -175,9 +189,26 @@ impl Weights {
             // SAFETY: the file is opened read-only; modifying a checkpoint while it is being loaded
             // is outside what any loader can defend against.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-            check_header(path, &mmap)?;
+            files.push((path.clone(), Bytes::Mapped(mmap)));
+        }
+        Self::index(files, source)
+    }
+
+    /// A safetensors file already in memory; `name` is what errors call it.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        Self::index(
+            vec![(PathBuf::from(name), Bytes::Owned(bytes))],
+            PathBuf::from(name),
+        )
+    }
+
+    fn index(files: Vec<(PathBuf, Bytes)>, source: PathBuf) -> Result<Self, LoadError> {
+        let mut entries = HashMap::new();
+        let mut file_metadata = HashMap::new();
+        for (index, (path, bytes)) in files.iter().enumerate() {
+            check_header(path, bytes)?;
             let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| LoadError::Format {
+                SafeTensors::read_metadata(bytes).map_err(|e| LoadError::Format {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
@@ -187,13 +218,13 @@ impl Weights {
             }
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
-                if data_start + end > mmap.len() {
+                if data_start + end > bytes.len() {
                     return Err(LoadError::Format {
                         path: path.clone(),
                         message: format!(
                             "tensor {name} ends at byte {} but the file has {}",
                             data_start + end,
-                            mmap.len()
+                            bytes.len()
                         ),
                     });
                 }
@@ -211,7 +242,6 @@ impl Weights {
                     });
                 }
             }
-            files.push((path.clone(), mmap));
         }
         Ok(Self {
             files,

@@ -16,6 +16,7 @@
 //! Pixel-space models predict RGB in [−1, 1] directly (no VAE).
 
 pub mod eval;
+pub mod memory;
 pub mod text;
 pub mod transformer;
 
@@ -830,9 +831,13 @@ fn pretty(value: &impl Serialize) -> String {
 
 /// RGB in [−1, 1] `[b, 3, h, w]` → 8-bit images.
 pub fn to_images(x: Tensor<4>) -> Vec<Image> {
-    let [b, c, h, w] = x.dims();
-    let values: Vec<f32> = x
-        .into_data()
+    images_from_data(x.into_data())
+}
+
+/// [`to_images`] for data already read back (the browser reads asynchronously).
+pub fn images_from_data(data: TensorData) -> Vec<Image> {
+    let [b, c, h, w]: [usize; 4] = data.shape().as_slice().try_into().expect("[b, 3, h, w]");
+    let values: Vec<f32> = data
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 images");

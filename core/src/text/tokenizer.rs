@@ -46,11 +46,37 @@ pub struct Encoded {
 impl PromptTokenizer {
     /// Loads `tokenizer.json`; `pad` names the padding token (CLIP-L pads with its end token).
     pub fn from_file(path: &Path, max_length: usize, pad: &str) -> Result<Self, TextError> {
-        let err = |message: String| TextError::Tokenizer {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| TextError::Tokenizer {
             path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::with_pad(tokenizer, &path.display().to_string(), max_length, pad)
+    }
+
+    /// A `tokenizer.json` already in memory; `name` is what errors call it.
+    pub fn from_bytes(
+        name: &str,
+        json: &[u8],
+        max_length: usize,
+        pad: &str,
+    ) -> Result<Self, TextError> {
+        let tokenizer = Tokenizer::from_bytes(json).map_err(|e| TextError::Tokenizer {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        Self::with_pad(tokenizer, name, max_length, pad)
+    }
+
+    fn with_pad(
+        tokenizer: Tokenizer,
+        name: &str,
+        max_length: usize,
+        pad: &str,
+    ) -> Result<Self, TextError> {
+        let err = |message: String| TextError::Tokenizer {
+            path: name.to_string(),
             message,
         };
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         let pad_id = tokenizer
             .token_to_id(pad)
             .ok_or_else(|| err(format!("no padding token `{pad}` in the vocabulary")))?;
