@@ -39,7 +39,9 @@ async function generate(page, prompt = settings.prompt) {
   await page.fill("#steps", String(settings.steps));
   await page.fill("#cfg", String(settings.cfg));
   await page.selectOption("#sampler", settings.sampler);
-  await page.click("#generate");
+  // The engine records the whole sampling loop before it first yields: on SwiftShader the page's
+  // thread is busy for a while, and Playwright's click waits for it.
+  await page.click("#generate", { timeout: 600_000 });
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null,
     { timeout: 600_000 });
   return page.evaluate(() => ({

@@ -76,6 +76,8 @@ async function main() {
     $("generate").disabled = true;
     document.body.dataset.state = "generating";
     status("generating…");
+    // Let the browser paint the status: the engine holds the thread while it records the steps.
+    await new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0)));
     const start = performance.now();
     try {
       const rgba = await engine.generate(
