@@ -103,6 +103,18 @@ try {
       results[name] = { device, seconds_first: first.seconds, seconds: again.seconds,
         ...compare(again.rgba, native, name) };
 
+      if (name === "cpu") {
+        // Offline once loaded: the service worker has stored page, engine and model.
+        await page.evaluate(() => navigator.serviceWorker.ready);
+        await page.context().setOffline(true);
+        await page.reload();
+        await page.waitForFunction(() => ["ready", "error"].includes(document.body.dataset.state),
+          null, { timeout: 600_000 });
+        const offline = await generate(page);
+        check(offline.state === "done", `offline after the first visit: the page loads and generates (${offline.error})`);
+        compare(offline.rgba, native, "offline");
+      }
+
       if (name === "webgpu") {
         const long = await generate(page, "a photo of a red circle left of a blue square above a green triangle below a purple circle");
         check(long.state === "error" && long.error.includes("at most 16"),
