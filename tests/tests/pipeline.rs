@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::pipeline::{GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
@@ -216,4 +216,56 @@ fn the_bundled_model_generates_from_the_repository() {
         .filter(|p| p.iter().all(|&c| c > 180))
         .count();
     assert!(light > 64 * 64 / 2, "only {light} background pixels");
+}
+
+/// Diagnostic, not a check: how well a Shapes model denoises held-in training scenes at each
+/// noise level, against predicting the batch's mean image. A model whose error at σ = 0.9 equals
+/// its error at σ = 1 ignores its input there and cannot lay out a scene.
+/// `PORTAFLOW_PROBE_MODEL=/path/to/pipeline cargo test --workspace --test pipeline denoising_probe -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn denoising_probe() {
+    use portaflow::pipeline::{Transformer, from_images};
+    use portaflow::train::pretrain::{PretrainConfig, example};
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
+    let device = Device::flex();
+    let pipe = Pipeline::from_dir(std::path::Path::new(&dir), &device).unwrap();
+    let train = portaflow::world::prompt::read_jsonl(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/prompts/shapes_train.jsonl"),
+    )
+    .unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(123);
+    let config = PretrainConfig {
+        digits_fraction: 0.0,
+        ..Default::default()
+    };
+    let (prompts, images): (Vec<String>, Vec<_>) =
+        (0..48).map(|_| example(&mut rng, &train, 64, &config)).unzip();
+    let x0 = from_images(&images, &device);
+    let [b, c, h, w] = x0.dims();
+    let cond = pipe.encode(&prompts, &device).unwrap();
+    let Transformer::Sd3(t) = &pipe.transformer else {
+        panic!("an SD3 Shapes model")
+    };
+    let mean = x0.clone().mean_dim(0);
+    let baseline = (x0.clone() - mean.clone()).square().mean().into_scalar::<f32>();
+    println!("mean-image error {baseline:.4}");
+    for sigma in [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0f64] {
+        let noise: Vec<f32> = (0..b * c * h * w)
+            .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+            .collect();
+        let noise = Tensor::<4>::from_data(TensorData::new(noise, [b, c, h, w]), &device);
+        let x = x0.clone() * (1.0 - sigma) + noise * sigma;
+        let out = t.forward(
+            x,
+            &vec![sigma * 1000.0; b],
+            cond.sequence.clone(),
+            cond.pooled.clone().expect("pooled"),
+        );
+        let error = (out.clone() - x0.clone()).square().mean().into_scalar::<f32>();
+        let spread = (out - mean.clone()).square().mean().into_scalar::<f32>();
+        println!("σ {sigma:.2}  error {error:.4}  distance from the mean image {spread:.4}");
+    }
 }
