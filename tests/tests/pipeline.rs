@@ -47,6 +47,8 @@ fn trained_a_little(device: &Device) -> Pipeline {
         warmup_steps: 1,
         checkpoint_every: 3,
         log_every: 1,
+        // The raw weights in the checkpoint, so it can be compared with what `pretrain` returns.
+        ema_decay: 0.0,
         ..Default::default()
     };
     let (train, _) = prompt_sets::build();

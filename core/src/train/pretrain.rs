@@ -216,6 +216,7 @@ fn learning_rate(config: &PretrainConfig, first_step: usize, step: usize) -> f64
 }
 
 /// Runs (or resumes) pretraining into `run_dir`; `pipeline` must live on an autodiff device.
+/// Returns the raw trained weights (the checkpoint holds their EMA when `ema_decay` > 0).
 /// A new run starts at `first_step` (0 from scratch; the step its weights reached when
 /// `pipeline` continues another run's checkpoint, so it sees new batches).
 pub fn pretrain(
