@@ -202,6 +202,8 @@ pub struct TrainTab {
     pub form: TrainForm,
     pub errors: TrainErrors,
     pub status: RunStatus,
+    /// The run's planned epochs (from `TrainStarted`).
+    planned: usize,
     pub epochs: Vec<EpochMetrics>,
     pub evals: Vec<EvalMetrics>,
     grid: Option<(Image, Option<TextureHandle>)>,
@@ -216,6 +218,7 @@ impl Default for TrainTab {
             form: TrainForm::default(),
             errors: TrainErrors::default(),
             status: RunStatus::Idle,
+            planned: 0,
             epochs: Vec::new(),
             evals: Vec::new(),
             grid: None,
@@ -248,6 +251,7 @@ impl TrainTab {
                 seconds,
             } => {
                 self.status = RunStatus::Running { epoch, epochs };
+                self.planned = epochs;
                 self.epochs.clear();
                 self.evals.clear();
                 self.message = Some(format!(
@@ -276,7 +280,7 @@ impl TrainTab {
                 let epoch = self.epochs.last().map_or(0, |m| m.epoch);
                 self.status = RunStatus::Running {
                     epoch,
-                    epochs: self.form.epochs.trim().parse().unwrap_or(epoch),
+                    epochs: self.planned,
                 };
             }
             Event::TrainEnded { message } => {

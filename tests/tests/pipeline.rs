@@ -235,7 +235,8 @@ fn denoising_probe() {
     let device = Device::flex();
     let pipe = Pipeline::from_dir(std::path::Path::new(&dir), &device).unwrap();
     let train = portaflow::world::prompt::read_jsonl(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/prompts/shapes_train.jsonl"),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../assets/prompts/shapes_train.jsonl"),
     )
     .unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(123);
@@ -243,8 +244,9 @@ fn denoising_probe() {
         digits_fraction: 0.0,
         ..Default::default()
     };
-    let (prompts, images): (Vec<String>, Vec<_>) =
-        (0..48).map(|_| example(&mut rng, &train, 64, &config)).unzip();
+    let (prompts, images): (Vec<String>, Vec<_>) = (0..48)
+        .map(|_| example(&mut rng, &train, 64, &config))
+        .unzip();
     let x0 = from_images(&images, &device);
     let [b, c, h, w] = x0.dims();
     let cond = pipe.encode(&prompts, &device).unwrap();
@@ -252,7 +254,10 @@ fn denoising_probe() {
         panic!("an SD3 Shapes model")
     };
     let mean = x0.clone().mean_dim(0);
-    let baseline = (x0.clone() - mean.clone()).square().mean().into_scalar::<f32>();
+    let baseline = (x0.clone() - mean.clone())
+        .square()
+        .mean()
+        .into_scalar::<f32>();
     println!("mean-image error {baseline:.4}");
     for sigma in [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0f64] {
         let noise: Vec<f32> = (0..b * c * h * w)
@@ -266,7 +271,10 @@ fn denoising_probe() {
             cond.sequence.clone(),
             cond.pooled.clone().expect("pooled"),
         );
-        let error = (out.clone() - x0.clone()).square().mean().into_scalar::<f32>();
+        let error = (out.clone() - x0.clone())
+            .square()
+            .mean()
+            .into_scalar::<f32>();
         let spread = (out - mean.clone()).square().mean().into_scalar::<f32>();
         println!("σ {sigma:.2}  error {error:.4}  distance from the mean image {spread:.4}");
     }

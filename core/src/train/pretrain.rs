@@ -405,30 +405,27 @@ pub fn pretrain(
                     path: optimizer_path.clone(),
                     message: e.to_string(),
                 })?;
-            network
-                .clone()
-                .save_file(run_dir.join("network.tmp"))
-                .map_err(|e| PipelineError::Folder {
-                    path: network_path.clone(),
-                    message: e.to_string(),
-                })?;
-            if use_average {
-                average
+            let save_module = |module: &Network, path: &Path| {
+                module
                     .clone()
-                    .save_file(run_dir.join("ema.tmp"))
+                    .save_file(path.with_extension("tmp"))
                     .map_err(|e| PipelineError::Folder {
-                        path: average_path.clone(),
+                        path: path.to_path_buf(),
                         message: e.to_string(),
-                    })?;
+                    })
+            };
+            save_module(&network, &network_path)?;
+            if use_average {
+                save_module(&average, &average_path)?;
             }
             let _ = std::fs::remove_dir_all(&checkpoint_dir);
             std::fs::rename(&tmp, &checkpoint_dir).map_err(io(checkpoint_dir.clone()))?;
             std::fs::rename(run_dir.join("optimizer.tmp"), &optimizer_path)
                 .map_err(io(optimizer_path.clone()))?;
-            std::fs::rename(run_dir.join("network.tmp"), &network_path)
+            std::fs::rename(network_path.with_extension("tmp"), &network_path)
                 .map_err(io(network_path.clone()))?;
             if use_average {
-                std::fs::rename(run_dir.join("ema.tmp"), &average_path)
+                std::fs::rename(average_path.with_extension("tmp"), &average_path)
                     .map_err(io(average_path.clone()))?;
             }
             let state = RunState {
