@@ -48,11 +48,26 @@ enum Command {
         #[command(subcommand)]
         command: cli::train::TrainCommand,
     },
+    /// Copy a model folder with its weights in another precision (f16 halves a checkpoint).
+    Convert(ConvertArgs),
     /// Inspect, convert and merge LoRA adapters (PEFT, diffusers, kohya, torch .pt).
     Lora {
         #[command(subcommand)]
         command: cli::lora::LoraCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The model folder to read.
+    #[arg(long)]
+    model: PathBuf,
+    /// The new folder to write (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// f32, f16 or bf16.
+    #[arg(long)]
+    dtype: portaflow::model::export::StoreDtype,
 }
 
 #[derive(clap::Args)]
@@ -208,9 +223,41 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(request, args),
         Command::Pretrain(args) => pretrain(request, args),
         Command::Eval(args) => eval(request, args),
+        Command::Convert(args) => convert(args),
         Command::Lora { command } => cli::lora::run(request, command),
         Command::Train { command } => cli::train::run(request, command),
     }
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let reports =
+        portaflow::model::export::convert_folder_dtype(&args.model, &args.out, args.dtype)?;
+    println!(
+        "{:<50} {:>9} {:>5} {:>12} {:>12} {:>10} {:>10} {:>7}",
+        "file",
+        "converted",
+        "kept",
+        "bytes before",
+        "bytes after",
+        "max |err|",
+        "max rel",
+        "to zero"
+    );
+    for (path, r) in &reports {
+        println!(
+            "{:<50} {:>9} {:>5} {:>12} {:>12} {:>10.2e} {:>10.2e} {:>7}",
+            path.display(),
+            r.converted,
+            r.kept,
+            r.bytes_before,
+            r.bytes_after,
+            r.max_abs_error,
+            r.max_rel_error,
+            r.flushed_to_zero
+        );
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
 }
 
 fn info(request: DeviceRequest) -> Result<()> {
