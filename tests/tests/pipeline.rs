@@ -259,6 +259,9 @@ fn denoising_probe() {
         .mean()
         .into_scalar::<f32>();
     println!("mean-image error {baseline:.4}");
+    // Optional picture: the first 8 clean images, then x̂₀ at each σ, one row each.
+    let shown = 8.min(b);
+    let mut rows: Vec<Vec<portaflow::world::render::Image>> = vec![images[..shown].to_vec()];
     for sigma in [0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0f64] {
         let noise: Vec<f32> = (0..b * c * h * w)
             .map(|_| rand_distr::StandardNormal.sample(&mut rng))
@@ -275,7 +278,26 @@ fn denoising_probe() {
             .square()
             .mean()
             .into_scalar::<f32>();
+        rows.push(portaflow::pipeline::to_images(out.clone().slice(0..shown)));
         let spread = (out - mean.clone()).square().mean().into_scalar::<f32>();
         println!("σ {sigma:.2}  error {error:.4}  distance from the mean image {spread:.4}");
+    }
+    if let Ok(path) = std::env::var("PORTAFLOW_PROBE_OUT") {
+        let mut grid = portaflow::world::render::Image {
+            width: w * shown,
+            height: h * rows.len(),
+            pixels: vec![[255; 3]; w * shown * h * rows.len()],
+        };
+        for (r, row) in rows.iter().enumerate() {
+            for (k, image) in row.iter().enumerate() {
+                for y in 0..h {
+                    for x in 0..w {
+                        grid.pixels[(r * h + y) * grid.width + k * w + x] = image.get(x, y);
+                    }
+                }
+            }
+        }
+        portaflow::image_io::save_png(&grid, std::path::Path::new(&path), &[]).unwrap();
+        println!("wrote {path}: clean images, then x̂₀ at σ = 0.1 … 1.0");
     }
 }
