@@ -48,6 +48,9 @@ enum Command {
         #[command(subcommand)]
         command: cli::train::TrainCommand,
     },
+    /// Time sampling (images/s at several step counts and batch sizes) and Flow-GRPO iterations,
+    /// with peak memory, on the chosen device.
+    Bench(cli::bench::BenchArgs),
     /// Copy a model folder with its weights in another precision (f16 halves a checkpoint).
     Convert(ConvertArgs),
     /// Inspect, convert and merge LoRA adapters (PEFT, diffusers, kohya, torch .pt).
@@ -224,6 +227,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain(request, args),
         Command::Eval(args) => eval(request, args),
         Command::Convert(args) => convert(args),
+        Command::Bench(args) => cli::bench::run(request, args),
         Command::Lora { command } => cli::lora::run(request, command),
         Command::Train { command } => cli::train::run(request, command),
     }

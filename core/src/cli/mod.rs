@@ -1,4 +1,5 @@
 //! Subcommands of the `portaflow` binary that have grown past a function in `main.rs`.
 
+pub mod bench;
 pub mod lora;
 pub mod train;
