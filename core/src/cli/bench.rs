@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use burn::tensor::{Device, Distribution, Tensor};
 use portaflow::device::{self, DeviceRequest};
+use portaflow::model::sd3::{Sd3Config, Sd3Transformer};
 use portaflow::pipeline::{self, GenerateOptions, Pipeline, Transformer};
 use portaflow::train::grpo::GrpoTrainer;
 use portaflow::train::grpo::config::GrpoConfig;
@@ -41,6 +43,10 @@ pub struct BenchArgs {
     /// GRPO iterations to run; the first includes first-use costs and is reported apart.
     #[arg(long, default_value_t = 2)]
     grpo_iterations: usize,
+    /// Also time one transformer forward of fresh models while image tokens, model width and
+    /// batch vary one at a time around the bundled architecture.
+    #[arg(long)]
+    scaling: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,6 +63,19 @@ struct Report {
     runs: usize,
     sampling: Vec<SamplingResult>,
     grpo: Vec<GrpoResult>,
+    scaling: Vec<ScalingResult>,
+}
+
+#[derive(Serialize)]
+struct ScalingResult {
+    /// What this row varies: "tokens", "width" or "batch".
+    varies: &'static str,
+    image_side: usize,
+    image_tokens: usize,
+    width: usize,
+    batch: usize,
+    median_ms: f64,
+    gflops: f64,
 }
 
 #[derive(Serialize)]
@@ -197,6 +216,11 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
         drop(trainer);
         let _ = std::fs::remove_dir_all(&run_dir);
     }
+    let scaling = if args.scaling {
+        scaling_rows(&chosen.device, args.runs, args.warmup)?
+    } else {
+        Vec::new()
+    };
     let report = Report {
         device: chosen.to_string(),
         model: model.display().to_string(),
@@ -207,6 +231,7 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
         runs: args.runs,
         sampling,
         grpo,
+        scaling,
     };
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
@@ -235,16 +260,25 @@ impl TransformerFlops {
         let pipeline::text::TextStack::Clip(clip) = &pipe.text else {
             bail!("FLOP counting covers the bundled Shapes architecture (one CLIP text encoder)");
         };
-        let c = &t.config;
-        let side = pipe.index.pixel_resolution.unwrap_or(c.sample_size) / c.patch_size;
-        Ok(Self {
-            parameters: burn::module::Module::num_params(t),
+        let side = pipe.index.pixel_resolution.unwrap_or(t.config.sample_size);
+        Ok(Self::new(
+            &t.config,
+            side,
+            clip.tokenizer.max_length,
+            burn::module::Module::num_params(t),
+        ))
+    }
+
+    fn new(c: &Sd3Config, image_side: usize, text_tokens: usize, parameters: usize) -> Self {
+        let side = image_side / c.patch_size;
+        Self {
+            parameters,
             image_tokens: side * side,
-            text_tokens: clip.tokenizer.max_length,
+            text_tokens,
             width: c.inner_dim(),
             layers: c.num_layers,
             patch_values: c.patch_size * c.patch_size * c.in_channels,
-        })
+        }
     }
 
     /// FLOPs of one forward on `batch` samples.
@@ -261,4 +295,70 @@ impl TransformerFlops {
         let patch_io = 2.0 * ti * (self.patch_values as f64) * d * 2.0;
         batch as f64 * (self.layers as f64 * block - last_block_saving + patch_io)
     }
+}
+
+/// Forward time of fresh Shapes-architecture transformers, varying one of image tokens, width
+/// and batch around (64×64 at patch 8 = 64 tokens, width 128, batch 8), 16 text tokens.
+fn scaling_rows(device: &Device, runs: usize, warmup: usize) -> Result<Vec<ScalingResult>> {
+    const TEXT_TOKENS: usize = 16;
+    let base = (64, 128, 8);
+    let mut settings: Vec<(&'static str, (usize, usize, usize))> = Vec::new();
+    for side in [32, 64, 128] {
+        settings.push(("tokens", (side, base.1, base.2)));
+    }
+    for width in [64, 128, 256] {
+        settings.push(("width", (base.0, width, base.2)));
+    }
+    for batch in [1, 8, 32] {
+        settings.push(("batch", (base.0, base.1, batch)));
+    }
+    println!("scaling (one transformer forward of a fresh model, 6 blocks, patch 8):");
+    println!(
+        "{:>7} {:>5} {:>7} {:>6} {:>6} {:>11} {:>8}",
+        "varies", "side", "tokens", "width", "batch", "median ms", "GFLOP/s"
+    );
+    let mut rows = Vec::new();
+    for (varies, (side, width, batch)) in settings {
+        let arch = pipeline::ShapesArchitecture {
+            width,
+            ..Default::default()
+        };
+        let (_, mut config) = pipeline::shapes_configs(64, 1, 2, arch);
+        config.sample_size = side;
+        config.pos_embed_max_size = side / config.patch_size;
+        let model = Sd3Transformer::init(config.clone(), 0, device)?;
+        let flops = TransformerFlops::new(&config, side, TEXT_TOKENS, 0);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<4>::random([batch, 3, side, side], normal, device);
+        let context = Tensor::<3>::random([batch, TEXT_TOKENS, width], normal, device);
+        let pooled = Tensor::<2>::random([batch, width], normal, device);
+        let timesteps = vec![500.0; batch];
+        let call = || {
+            let start = Instant::now();
+            let out = model.forward(x.clone(), &timesteps, context.clone(), pooled.clone());
+            let _ = out.into_data();
+            start.elapsed().as_secs_f64()
+        };
+        for _ in 0..warmup.max(1) {
+            call();
+        }
+        let mut times: Vec<f64> = (0..runs).map(|_| call()).collect();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let row = ScalingResult {
+            varies,
+            image_side: side,
+            image_tokens: flops.image_tokens,
+            width,
+            batch,
+            median_ms: median * 1e3,
+            gflops: flops.forward(batch) / median / 1e9,
+        };
+        println!(
+            "{:>7} {:>5} {:>7} {:>6} {:>6} {:>11.2} {:>8.2}",
+            varies, side, row.image_tokens, width, batch, row.median_ms, row.gflops
+        );
+        rows.push(row);
+    }
+    Ok(rows)
 }
