@@ -21,19 +21,31 @@ pub enum ImageError {
 /// Writes an 8-bit RGB PNG with `text` as `tEXt` chunks.
 pub fn save_png(image: &Image, path: &Path, text: &[(&str, String)]) -> Result<(), ImageError> {
     let name = path.display().to_string();
-    let png_err = |e: png::EncodingError| ImageError::Png {
-        path: name.clone(),
-        message: e.to_string(),
-    };
     let file = File::create(path).map_err(|source| ImageError::Io {
         path: name.clone(),
         source,
     })?;
-    let mut encoder = png::Encoder::new(
-        BufWriter::new(file),
-        image.width as u32,
-        image.height as u32,
-    );
+    write_png(image, BufWriter::new(file), text, &name)
+}
+
+/// The PNG file of `image` in memory (no text chunks).
+pub fn encode_png(image: &Image) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    write_png(image, &mut bytes, &[], "<memory>").expect("encoding to memory cannot fail");
+    bytes
+}
+
+fn write_png(
+    image: &Image,
+    out: impl std::io::Write,
+    text: &[(&str, String)],
+    name: &str,
+) -> Result<(), ImageError> {
+    let png_err = |e: png::EncodingError| ImageError::Png {
+        path: name.to_string(),
+        message: e.to_string(),
+    };
+    let mut encoder = png::Encoder::new(out, image.width as u32, image.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     for (key, value) in text {
@@ -50,15 +62,24 @@ pub fn save_png(image: &Image, path: &Path, text: &[(&str, String)]) -> Result<(
 /// Reads a PNG (grey, grey+alpha, RGB or RGBA; 8 or 16 bits) as RGB, compositing alpha over white.
 pub fn load_png(path: &Path) -> Result<Image, ImageError> {
     let name = path.display().to_string();
-    let png_err = |e: png::DecodingError| ImageError::Png {
-        path: name.clone(),
-        message: e.to_string(),
-    };
     let file = File::open(path).map_err(|source| ImageError::Io {
         path: name.clone(),
         source,
     })?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    read_png(std::io::BufReader::new(file), &name)
+}
+
+/// [`load_png`] from bytes in memory; `name` says where they came from in errors.
+pub fn decode_png(bytes: &[u8], name: &str) -> Result<Image, ImageError> {
+    read_png(std::io::Cursor::new(bytes), name)
+}
+
+fn read_png(input: impl std::io::BufRead + std::io::Seek, name: &str) -> Result<Image, ImageError> {
+    let png_err = |e: png::DecodingError| ImageError::Png {
+        path: name.to_string(),
+        message: e.to_string(),
+    };
+    let mut decoder = png::Decoder::new(input);
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(png_err)?;
     let mut buffer = vec![0; reader.output_buffer_size().unwrap_or(0)];

@@ -51,6 +51,9 @@ enum Command {
     /// Time sampling (images/s at several step counts and batch sizes) and Flow-GRPO iterations,
     /// with peak memory, on the chosen device.
     Bench(cli::bench::BenchArgs),
+    /// Serve the Shapes rewards over HTTP (the reference server of the remote reward protocol,
+    /// `reward = "remote"` in a training config).
+    RewardServer(RewardServerArgs),
     /// Copy a model folder with its weights in another precision (f16 halves a checkpoint).
     Convert(ConvertArgs),
     /// Inspect, convert and merge LoRA adapters (PEFT, diffusers, kohya, torch .pt).
@@ -58,6 +61,16 @@ enum Command {
         #[command(subcommand)]
         command: cli::lora::LoraCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct RewardServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8077")]
+    addr: String,
+    /// geneval, ocr, or by-task (each prompt judged by its own task's reward).
+    #[arg(long, default_value = "by-task")]
+    reward: String,
 }
 
 #[derive(clap::Args)]
@@ -227,10 +240,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(args) => pretrain(request, args),
         Command::Eval(args) => eval(request, args),
         Command::Convert(args) => convert(args),
+        Command::RewardServer(args) => reward_server(args),
         Command::Bench(args) => cli::bench::run(request, args),
         Command::Lora { command } => cli::lora::run(request, command),
         Command::Train { command } => cli::train::run(request, command),
     }
+}
+
+fn reward_server(args: RewardServerArgs) -> Result<()> {
+    use portaflow::reward::{ByTaskReward, OcrReward, Reward, ShapesReward};
+    let reward: std::sync::Arc<dyn Reward> = match args.reward.as_str() {
+        "geneval" => std::sync::Arc::new(ShapesReward),
+        "ocr" => std::sync::Arc::new(OcrReward),
+        "by-task" => std::sync::Arc::new(ByTaskReward),
+        other => anyhow::bail!("--reward {other:?}: expected geneval, ocr or by-task"),
+    };
+    let listener = std::net::TcpListener::bind(&args.addr)
+        .with_context(|| format!("listening on {}", args.addr))?;
+    println!(
+        "serving the {} reward on http://{} ({}; GET /health)",
+        reward.name(),
+        listener.local_addr()?,
+        portaflow::reward::remote::PROTOCOL
+    );
+    portaflow::reward::server::serve(listener, reward);
+    Ok(())
 }
 
 fn convert(args: ConvertArgs) -> Result<()> {

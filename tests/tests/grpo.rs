@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use portaflow::device::ChosenDevice;
 use portaflow::lora::{self, LoraWeights};
 use portaflow::pipeline::Pipeline;
-use portaflow::reward::{Reward, Score, Task};
+use portaflow::reward::{Reward, RewardError, Score, Task};
 use portaflow::sample::select::StepSelection;
 use portaflow::train::grpo::config::{GrpoConfig, KlType, SdeType, StdScope};
 use portaflow::train::grpo::{GrpoTrainer, POLICY};
@@ -22,8 +22,8 @@ impl Reward for Redness {
     fn name(&self) -> &str {
         "redness"
     }
-    fn score(&self, images: &[Image], _tasks: &[Task]) -> Vec<Option<Score>> {
-        images
+    fn score(&self, images: &[Image], _tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        Ok(images
             .iter()
             .map(|image| {
                 let red = image
@@ -37,7 +37,7 @@ impl Reward for Redness {
                     success: red > 0.0,
                 })
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -48,12 +48,12 @@ impl Reward for SometimesNan {
     fn name(&self) -> &str {
         "sometimes-nan"
     }
-    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
-        let mut scores = Redness.score(images, tasks);
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        let mut scores = Redness.score(images, tasks)?;
         for s in scores.iter_mut().step_by(4) {
             s.as_mut().unwrap().reward = f32::NAN;
         }
-        scores
+        Ok(scores)
     }
 }
 
@@ -322,4 +322,63 @@ fn non_finite_rewards_are_left_out_and_never_reach_the_weights() {
     assert_eq!(m.nonfinite_rewards, 2);
     assert!(m.reward_mean.is_finite() && m.kept > 0);
     assert!(adapter_values(&t).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn a_reward_server_dying_mid_run_abandons_the_epoch_and_keeps_the_state() {
+    use portaflow::reward::remote::{RemoteConfig, RemoteReward};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Serves Redness while `up`; answers 503 while down.
+    let up = Arc::new(AtomicBool::new(true));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let state = up.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let stream = stream.unwrap();
+            if state.load(Ordering::SeqCst) {
+                portaflow::reward::server::handle_connection(stream, &Redness);
+            } else {
+                let _ = portaflow::reward::http::read_request(&stream);
+                let _ =
+                    portaflow::reward::http::write_response(&stream, 503, "text/plain", b"gone");
+            }
+        }
+    });
+    let remote = RemoteReward::new(RemoteConfig {
+        url,
+        retries: 1,
+        backoff_seconds: 0.01,
+        ..Default::default()
+    })
+    .unwrap();
+    let run = TempDir::new("grpo-remote");
+    let device = ChosenDevice::cpu().device;
+    let mut c = config(3);
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    let mut t = trainer(c, run.path(), &device).with_reward(Box::new(remote));
+    t.epoch(|_| {}).unwrap();
+    assert_eq!(t.epoch, 1);
+    let before = adapter_values(&t);
+
+    up.store(false, Ordering::SeqCst);
+    let err = t.epoch(|_| {}).unwrap_err().to_string();
+    assert!(err.contains("epoch abandoned, no update made"), "{err}");
+    assert!(
+        err.contains("HTTP 503: gone") && err.contains("2 attempt(s)"),
+        "{err}"
+    );
+    assert_eq!(t.epoch, 1, "the failed epoch does not count");
+    assert_same(
+        &adapter_values(&t),
+        &before,
+        "adapter after the failed epoch",
+    );
+
+    up.store(true, Ordering::SeqCst);
+    let m = t.epoch(|_| {}).unwrap();
+    assert_eq!((t.epoch, m.epoch), (2, 2));
+    assert!(m.reward_mean.is_finite());
 }

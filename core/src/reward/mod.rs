@@ -2,6 +2,10 @@
 //! (Flow-GRPO's partial-credit `scores`, with strict correctness alongside) and the OCR reward of
 //! the digits task. Trainers see only [`Reward`]; what a prompt asks for travels as a [`Task`].
 
+pub mod http;
+pub mod remote;
+pub mod server;
+
 use serde::{Deserialize, Serialize};
 
 use crate::world::digits;
@@ -37,13 +41,42 @@ pub struct Score {
     pub success: bool,
 }
 
+/// Why a batch could not be scored (a scorer in this process cannot fail; a remote one can).
+#[derive(Debug, thiserror::Error)]
+pub enum RewardError {
+    #[error("reward server {url}: {message} (gave up after {attempts} attempt(s), {seconds:.1} s)")]
+    Remote {
+        url: String,
+        attempts: usize,
+        seconds: f64,
+        message: String,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
 /// A reward function over generated images.
 pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
 
     /// One score per image; `tasks[i]` describes image `i`. A task the reward does not judge
     /// scores `None` (multi-reward training masks it, as Flow-GRPO's −10 sentinel does).
-    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>>;
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError>;
+}
+
+/// Each task scored by its own exact reward: GenEval for Shapes prompts, OCR for digits.
+pub struct ByTaskReward;
+
+impl Reward for ByTaskReward {
+    fn name(&self) -> &str {
+        "geneval+ocr"
+    }
+
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        let shapes = ShapesReward.score(images, tasks)?;
+        let ocr = OcrReward.score(images, tasks)?;
+        Ok(shapes.into_iter().zip(ocr).map(|(s, o)| s.or(o)).collect())
+    }
 }
 
 /// Flow-GRPO's GenEval training reward on the Shapes detector.
@@ -54,8 +87,8 @@ impl Reward for ShapesReward {
         "geneval"
     }
 
-    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
-        images
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        Ok(images
             .iter()
             .zip(tasks)
             .map(|(image, task)| match task {
@@ -68,7 +101,7 @@ impl Reward for ShapesReward {
                 }
                 Task::Digits { .. } => None,
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -80,8 +113,8 @@ impl Reward for OcrReward {
         "ocr"
     }
 
-    fn score(&self, images: &[Image], tasks: &[Task]) -> Vec<Option<Score>> {
-        images
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        Ok(images
             .iter()
             .zip(tasks)
             .map(|(image, task)| match task {
@@ -95,7 +128,7 @@ impl Reward for OcrReward {
                 }
                 Task::Shapes(_) => None,
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -121,7 +154,7 @@ mod tests {
             },
         ];
         let images = [shapes_image, digits_image];
-        let shapes = ShapesReward.score(&images, &tasks);
+        let shapes = ShapesReward.score(&images, &tasks).unwrap();
         assert_eq!(
             shapes[0],
             Some(Score {
@@ -130,7 +163,7 @@ mod tests {
             })
         );
         assert_eq!(shapes[1], None);
-        let ocr = OcrReward.score(&images, &tasks);
+        let ocr = OcrReward.score(&images, &tasks).unwrap();
         assert_eq!(ocr[0], None);
         assert_eq!(
             ocr[1],
@@ -140,7 +173,11 @@ mod tests {
             })
         );
         // The wrong image for the prompt scores lower.
-        let swapped = ShapesReward.score(&[images[1].clone()], &tasks[..1]);
+        let swapped = ShapesReward
+            .score(&[images[1].clone()], &tasks[..1])
+            .unwrap();
         assert!(swapped[0].unwrap().reward < 1.0 && !swapped[0].unwrap().success);
+        let both = ByTaskReward.score(&images, &tasks).unwrap();
+        assert_eq!(both, vec![shapes[0], ocr[1]]);
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraConfig;
+use crate::reward::remote::RemoteConfig;
 use crate::sample::select::{OffSelection, StepSelection};
 use crate::sample::step::StepKind;
 
@@ -60,6 +61,8 @@ pub enum RewardKind {
     Geneval,
     /// Flow-GRPO's OCR reward on the digits task.
     Ocr,
+    /// A reward server (`[data.remote]`, protocol in `reward::remote`).
+    Remote,
 }
 
 /// Prompts and reward.
@@ -71,6 +74,8 @@ pub struct DataSection {
     /// Held-out prompts for evaluation; default `assets/prompts/shapes_test.jsonl`.
     pub test_prompts: Option<PathBuf>,
     pub reward: RewardKind,
+    /// The server when `reward = "remote"`.
+    pub remote: RemoteConfig,
 }
 
 impl DataSection {
@@ -78,6 +83,7 @@ impl DataSection {
         match self.reward {
             RewardKind::Geneval => "geneval",
             RewardKind::Ocr => "ocr",
+            RewardKind::Remote => "remote",
         }
     }
 }
@@ -88,6 +94,7 @@ impl Default for DataSection {
             train_prompts: None,
             test_prompts: None,
             reward: RewardKind::Geneval,
+            remote: RemoteConfig::default(),
         }
     }
 }
@@ -322,6 +329,9 @@ impl GrpoConfig {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        if self.data.reward == RewardKind::Remote {
+            self.data.remote.validate()?;
+        }
         if self.samples_per_epoch() % s.batch_size != 0 {
             return Err(format!(
                 "sample.group_size × sample.groups_per_epoch = {} must be a multiple of sample.batch_size = {}",
@@ -379,6 +389,26 @@ impl GrpoConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_reward_needs_a_valid_url() {
+        let mut config: GrpoConfig = toml::from_str("[data]\nreward = \"remote\"").unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("data.remote.url"), "{err}");
+        config.data.remote.url = "https://scorer.example/".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("not an http:// URL")
+        );
+        let config: GrpoConfig = toml::from_str(
+            "[data]\nreward = \"remote\"\n[data.remote]\nurl = \"http://127.0.0.1:8077/\"\ntimeout_seconds = 10\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.data.remote.retries, 3);
+    }
 
     #[test]
     fn defaults_validate_and_round_trip_through_toml() {

@@ -36,6 +36,7 @@ use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
 use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
+use crate::reward::remote::RemoteReward;
 use crate::reward::{OcrReward, Reward, Score, ShapesReward, Task};
 use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_velocity, sample};
 use crate::sample::schedule::{self, Schedule};
@@ -122,6 +123,9 @@ pub enum GrpoError {
     Lora(#[from] lora::LoraError),
     #[error("config: {0}")]
     Config(String),
+    /// The reward could not score a rollout batch; the epoch is abandoned before any update.
+    #[error("epoch abandoned, no update made: {0}")]
+    Reward(#[from] crate::reward::RewardError),
     #[error("{path}: {message}")]
     Run { path: PathBuf, message: String },
 }
@@ -263,6 +267,7 @@ impl GrpoTrainer {
         let reward: Box<dyn Reward> = match config.data.reward {
             RewardKind::Geneval => Box::new(ShapesReward),
             RewardKind::Ocr => Box::new(OcrReward),
+            RewardKind::Remote => Box::new(RemoteReward::new(config.data.remote.clone())?),
         };
         Ok(Self {
             config,
@@ -418,7 +423,7 @@ impl GrpoTrainer {
             let wait = Instant::now();
             let mut scores = Vec::new();
             for handle in pending {
-                scores.extend(handle.join().expect("the reward thread panicked"));
+                scores.extend(handle.join().expect("the reward thread panicked")?);
             }
             reward_wait = wait.elapsed().as_secs_f64();
             Ok(scores)
@@ -931,7 +936,10 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<PromptSpec>), 
         .clone()
         .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
     let train = match config.data.reward {
-        RewardKind::Geneval => read(&train_path)?.into_iter().map(Task::Shapes).collect(),
+        // A remote reward judges the training prompt file's GenEval metadata.
+        RewardKind::Geneval | RewardKind::Remote => {
+            read(&train_path)?.into_iter().map(Task::Shapes).collect()
+        }
         RewardKind::Ocr => (0..1000u64)
             .map(|n| Task::Digits {
                 prompt: crate::world::digits::prompt_for(&n.to_string()),
