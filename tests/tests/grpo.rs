@@ -382,3 +382,46 @@ fn a_reward_server_dying_mid_run_abandons_the_epoch_and_keeps_the_state() {
     assert_eq!((t.epoch, m.epoch), (2, 2));
     assert!(m.reward_mean.is_finite());
 }
+
+#[test]
+fn a_multi_reward_run_draws_both_tasks_and_scores_each_with_its_reward() {
+    use portaflow::train::grpo::config::{RewardAggregate, RewardKind, RewardTerm};
+    let run = TempDir::new("grpo-multi");
+    let device = ChosenDevice::cpu().device;
+    let mut c = config(1);
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    c.data.rewards = vec![
+        RewardTerm {
+            reward: RewardKind::Geneval,
+            weight: 1.0,
+            remote: None,
+        },
+        RewardTerm {
+            reward: RewardKind::Ocr,
+            weight: 0.5,
+            remote: None,
+        },
+    ];
+    c.data.aggregate = RewardAggregate::Advantages;
+    c.validate().unwrap();
+    assert_eq!(c.data.reward_name(), "1×geneval + 0.5×ocr");
+    let (tasks, test) = portaflow::train::grpo::run_prompts(&c).unwrap();
+    let digits = tasks
+        .iter()
+        .filter(|t| matches!(t, Task::Digits { .. }))
+        .count();
+    let shapes = tasks.len() - digits;
+    assert!(
+        shapes > 0 && digits.abs_diff(shapes) <= shapes / 10,
+        "{shapes} vs {digits}"
+    );
+    // Enough groups that both tasks are drawn: 8 groups of 2.
+    c.sample.groups_per_epoch = 8;
+    let ad = device.clone().autodiff();
+    let mut t = GrpoTrainer::new(c, base(&device), tasks, test, run.path(), &ad).unwrap();
+    let m = t.epoch(|_| {}).unwrap();
+    let names: Vec<&String> = m.reward_means.keys().collect();
+    assert_eq!(names, ["geneval", "ocr"], "{:?}", m.reward_means);
+    assert!(m.reward_mean.is_finite());
+}

@@ -4,7 +4,8 @@
 use rand::Rng;
 use rand::seq::SliceRandom;
 
-use super::config::StdScope;
+use super::config::{RewardAggregate, StdScope};
+use crate::reward::Score;
 
 /// Added to the std (Flow-GRPO's `+ 1e-4`).
 pub const STD_EPS: f64 = 1e-4;
@@ -67,6 +68,96 @@ pub fn keep_informative(advantages: &[f64], batch: usize, rng: &mut impl Rng) ->
     kept
 }
 
+/// Several rewards' scores of an epoch turned into one advantage per usable sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Combined {
+    /// Samples with a usable reward (every reward that judged them gave a finite score).
+    pub valid: Vec<usize>,
+    /// One per `valid` sample.
+    pub advantages: Vec<f64>,
+    /// The weighted sum of the judging rewards, one per `valid` sample (what curves show).
+    pub rewards: Vec<f64>,
+    /// Strict success: every judging reward's, one per `valid` sample.
+    pub success: Vec<bool>,
+}
+
+/// Combines `scores[k][i]` (reward k on sample i; `None` where k does not judge i) with
+/// `weights[k]`:
+/// - `Sum` (Flow-GRPO's `multi_score` avg): r_i = Σ_k w_k·r_ki, then [`advantages`];
+/// - `Advantages` (DanceGRPO / GDPO): [`advantages`] per reward over the samples it judged, then
+///   A_i = Σ_k w_k·A_ki;
+/// - `AdvantagesRestandardized` (RTDMD's `weight_advantages`): that sum re-standardised over
+///   the epoch, (A − mean) / (std + 1e-4).
+///
+/// A sample no reward judges is an error naming it; a sample with a non-finite score is left out.
+pub fn combine(
+    scores: &[Vec<Option<Score>>],
+    weights: &[f64],
+    group: &[usize],
+    scope: StdScope,
+    aggregate: RewardAggregate,
+) -> Result<Combined, usize> {
+    assert_eq!(scores.len(), weights.len());
+    let n = group.len();
+    let mut valid = Vec::with_capacity(n);
+    let mut rewards = Vec::with_capacity(n);
+    let mut success = Vec::with_capacity(n);
+    for i in 0..n {
+        let judged: Vec<(Score, f64)> = scores
+            .iter()
+            .zip(weights)
+            .filter_map(|(s, &w)| s[i].map(|s| (s, w)))
+            .collect();
+        if judged.is_empty() {
+            return Err(i);
+        }
+        if judged.iter().any(|(s, _)| !s.reward.is_finite()) {
+            continue;
+        }
+        valid.push(i);
+        rewards.push(judged.iter().map(|(s, w)| w * s.reward as f64).sum());
+        success.push(judged.iter().all(|(s, _)| s.success));
+    }
+    let valid_groups: Vec<usize> = valid.iter().map(|&i| group[i]).collect();
+    let advantages_of_valid = match aggregate {
+        RewardAggregate::Sum => advantages(&rewards, &valid_groups, scope),
+        RewardAggregate::Advantages | RewardAggregate::AdvantagesRestandardized => {
+            let mut total = vec![0.0; valid.len()];
+            for (k, per_sample) in scores.iter().enumerate() {
+                let members: Vec<usize> = (0..valid.len())
+                    .filter(|&v| per_sample[valid[v]].is_some())
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let values: Vec<f64> = members
+                    .iter()
+                    .map(|&v| per_sample[valid[v]].unwrap().reward as f64)
+                    .collect();
+                let groups: Vec<usize> = members.iter().map(|&v| valid_groups[v]).collect();
+                for (&v, a) in members.iter().zip(advantages(&values, &groups, scope)) {
+                    total[v] += weights[k] * a;
+                }
+            }
+            if aggregate == RewardAggregate::AdvantagesRestandardized && !total.is_empty() {
+                let m = total.len() as f64;
+                let mean = total.iter().sum::<f64>() / m;
+                let std = (total.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / m).sqrt();
+                for a in &mut total {
+                    *a = (*a - mean) / (std + STD_EPS);
+                }
+            }
+            total
+        }
+    };
+    Ok(Combined {
+        valid,
+        advantages: advantages_of_valid,
+        rewards,
+        success,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +195,114 @@ mod tests {
             2,
             "an all-zero epoch still trains one batch (KL only)"
         );
+    }
+
+    fn score(reward: f32) -> Option<Score> {
+        Some(Score {
+            reward,
+            success: reward == 1.0,
+        })
+    }
+
+    #[test]
+    fn one_reward_combines_to_plain_advantages() {
+        let rewards = [1.0, 0.0, 0.5, 0.5];
+        let groups = [0, 0, 1, 1];
+        let scores = vec![rewards.iter().map(|&r| score(r as f32)).collect()];
+        for aggregate in [RewardAggregate::Sum, RewardAggregate::Advantages] {
+            let c = combine(&scores, &[1.0], &groups, StdScope::Global, aggregate).unwrap();
+            assert_eq!(c.valid, [0, 1, 2, 3]);
+            assert_eq!(
+                c.advantages,
+                advantages(&rewards, &groups, StdScope::Global)
+            );
+            assert_eq!(c.success, [true, false, false, false]);
+        }
+    }
+
+    #[test]
+    fn per_reward_normalisation_differs_from_the_weighted_sum() {
+        // Reward 0 judges samples 0–3 (shapes), reward 1 samples 4–7 (digits) on a 10× scale.
+        let groups = [0, 0, 1, 1, 2, 2, 3, 3];
+        let shapes: Vec<_> = [1.0, 0.0, 1.0, 0.0]
+            .iter()
+            .map(|&r| score(r))
+            .chain([None; 4])
+            .collect();
+        let digits: Vec<_> = [None; 4]
+            .into_iter()
+            .chain([10.0, 0.0, 10.0, 0.0].iter().map(|&r| score(r)))
+            .collect();
+        let scores = vec![shapes, digits];
+        let sum = combine(
+            &scores,
+            &[1.0, 1.0],
+            &groups,
+            StdScope::Global,
+            RewardAggregate::Sum,
+        )
+        .unwrap();
+        // One global std (of 1, 0, 1, 0, 10, 0, 10, 0): the digits dominate.
+        assert!(sum.advantages[4] > 5.0 * sum.advantages[0]);
+        assert_eq!(sum.rewards, [1.0, 0.0, 1.0, 0.0, 10.0, 0.0, 10.0, 0.0]);
+        let per = combine(
+            &scores,
+            &[1.0, 1.0],
+            &groups,
+            StdScope::Global,
+            RewardAggregate::Advantages,
+        )
+        .unwrap();
+        // Each reward normalised by its own std (0.5 and 5): equal weight.
+        assert!(
+            (per.advantages[0] - per.advantages[4]).abs() < 1e-3,
+            "{:?}",
+            per.advantages
+        );
+        let weighted = combine(
+            &scores,
+            &[2.0, 1.0],
+            &groups,
+            StdScope::Global,
+            RewardAggregate::Advantages,
+        )
+        .unwrap();
+        assert!((weighted.advantages[0] - 2.0 * per.advantages[0]).abs() < 1e-12);
+        let re = combine(
+            &scores,
+            &[2.0, 1.0],
+            &groups,
+            StdScope::Global,
+            RewardAggregate::AdvantagesRestandardized,
+        )
+        .unwrap();
+        let m = re.advantages.iter().sum::<f64>() / 8.0;
+        let std = (re.advantages.iter().map(|a| (a - m).powi(2)).sum::<f64>() / 8.0).sqrt();
+        assert!(m.abs() < 1e-12 && (std - 1.0).abs() < 1e-3, "{m} {std}");
+    }
+
+    #[test]
+    fn unjudged_samples_are_errors_and_non_finite_ones_are_left_out() {
+        let scores = vec![vec![score(1.0), None, score(f32::NAN), score(0.0)]];
+        assert_eq!(
+            combine(
+                &scores,
+                &[1.0],
+                &[0, 0, 1, 1],
+                StdScope::Global,
+                RewardAggregate::Sum
+            ),
+            Err(1)
+        );
+        let scores = vec![vec![score(1.0), score(0.5), score(f32::NAN), score(0.0)]];
+        let c = combine(
+            &scores,
+            &[1.0],
+            &[0, 0, 1, 1],
+            StdScope::Global,
+            RewardAggregate::Sum,
+        )
+        .unwrap();
+        assert_eq!(c.valid, [0, 1, 3]);
     }
 }

@@ -65,6 +65,35 @@ pub enum RewardKind {
     Remote,
 }
 
+/// How several rewards make one advantage (see `advantage::combine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardAggregate {
+    /// Weighted sum of the rewards, then group-relative advantages (Flow-GRPO's `multi_score`).
+    #[default]
+    Sum,
+    /// Group-relative advantages per reward, then their weighted sum (DanceGRPO, GDPO).
+    Advantages,
+    /// As `advantages`, then re-standardised over the epoch (RTDMD's `weight_advantages`).
+    AdvantagesRestandardized,
+}
+
+/// One reward of a multi-reward objective (`[[data.rewards]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardTerm {
+    pub reward: RewardKind,
+    #[serde(default = "unit_weight")]
+    pub weight: f64,
+    /// The server of a `remote` term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteConfig>,
+}
+
+fn unit_weight() -> f64 {
+    1.0
+}
+
 /// Prompts and reward.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,16 +104,50 @@ pub struct DataSection {
     pub test_prompts: Option<PathBuf>,
     pub reward: RewardKind,
     /// The server when `reward = "remote"`.
-    pub remote: RemoteConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteConfig>,
+    /// Several weighted rewards instead of `reward` (`[[data.rewards]]`); each prompt is scored by
+    /// the rewards that judge its task.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rewards: Vec<RewardTerm>,
+    /// How `rewards` combine.
+    pub aggregate: RewardAggregate,
 }
 
-impl DataSection {
-    pub fn reward_name(&self) -> &'static str {
-        match self.reward {
+impl RewardKind {
+    pub fn name(self) -> &'static str {
+        match self {
             RewardKind::Geneval => "geneval",
             RewardKind::Ocr => "ocr",
             RewardKind::Remote => "remote",
         }
+    }
+}
+
+impl DataSection {
+    /// The reward terms in effect: `rewards`, or `reward` alone with weight 1.
+    pub fn terms(&self) -> Vec<RewardTerm> {
+        if !self.rewards.is_empty() {
+            return self.rewards.clone();
+        }
+        vec![RewardTerm {
+            reward: self.reward,
+            weight: 1.0,
+            remote: self.remote.clone(),
+        }]
+    }
+
+    /// What the run optimises, e.g. `geneval` or `1×geneval + 0.5×ocr`.
+    pub fn reward_name(&self) -> String {
+        let terms = self.terms();
+        if terms.len() == 1 {
+            return terms[0].reward.name().into();
+        }
+        terms
+            .iter()
+            .map(|t| format!("{}×{}", t.weight, t.reward.name()))
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 }
 
@@ -94,7 +157,9 @@ impl Default for DataSection {
             train_prompts: None,
             test_prompts: None,
             reward: RewardKind::Geneval,
-            remote: RemoteConfig::default(),
+            remote: None,
+            rewards: Vec::new(),
+            aggregate: RewardAggregate::Sum,
         }
     }
 }
@@ -329,8 +394,37 @@ impl GrpoConfig {
                 return Err(format!("{name} must be at least 1"));
             }
         }
-        if self.data.reward == RewardKind::Remote {
-            self.data.remote.validate()?;
+        for (k, term) in self.data.terms().iter().enumerate() {
+            if !term.weight.is_finite() || term.weight == 0.0 {
+                return Err(format!(
+                    "data.rewards[{k}].weight must be finite and non-zero, got {}",
+                    term.weight
+                ));
+            }
+            match (&term.reward, &term.remote) {
+                (RewardKind::Remote, Some(remote)) => remote.validate()?,
+                (RewardKind::Remote, None) if self.data.rewards.is_empty() => {
+                    return Err(
+                        "data.remote.url is required with reward = \"remote\" ([data.remote] url = \"http://…\")".into(),
+                    );
+                }
+                (RewardKind::Remote, None) => {
+                    return Err(format!(
+                        "data.rewards[{k}] is remote but has no [data.rewards.remote] url"
+                    ));
+                }
+                (_, Some(_)) => {
+                    let field = if self.data.rewards.is_empty() {
+                        "data.remote".to_string()
+                    } else {
+                        format!("data.rewards[{k}].remote")
+                    };
+                    return Err(format!(
+                        "{field}: server settings belong to reward = \"remote\" only"
+                    ));
+                }
+                _ => {}
+            }
         }
         if self.samples_per_epoch() % s.batch_size != 0 {
             return Err(format!(
@@ -395,7 +489,10 @@ mod tests {
         let mut config: GrpoConfig = toml::from_str("[data]\nreward = \"remote\"").unwrap();
         let err = config.validate().unwrap_err();
         assert!(err.contains("data.remote.url"), "{err}");
-        config.data.remote.url = "https://scorer.example/".into();
+        config.data.remote = Some(RemoteConfig {
+            url: "https://scorer.example/".into(),
+            ..Default::default()
+        });
         assert!(
             config
                 .validate()
@@ -407,7 +504,7 @@ mod tests {
         )
         .unwrap();
         config.validate().unwrap();
-        assert_eq!(config.data.remote.retries, 3);
+        assert_eq!(config.data.remote.unwrap().retries, 3);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::sample::select::TrainingClock;
 use crate::sample::step::{self, StepKind};
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
-use advantage::{advantages, keep_informative};
+use advantage::{combine, keep_informative};
 use config::{GrpoConfig, KlType, RewardKind};
 use ema::Ema;
 use loss::{StepStats, clipped_surrogate, v_space_kl, x_space_kl};
@@ -60,6 +60,9 @@ pub struct EpochMetrics {
     pub global_step: usize,
     pub reward_mean: f64,
     pub reward_std: f64,
+    /// Mean of each reward over the samples it judged (multi-reward runs), by reward name.
+    #[serde(default)]
+    pub reward_means: BTreeMap<String, f64>,
     /// Fraction of strictly correct rollout images (GenEval correctness / exact OCR).
     pub train_accuracy: f64,
     pub train_accuracy_by_tag: BTreeMap<String, f64>,
@@ -149,7 +152,8 @@ pub struct GrpoTrainer {
     reference: Option<Transformer>,
     optimizer: ModuleOptimizer,
     ema: Option<Ema>,
-    reward: Box<dyn Reward>,
+    /// The rewards and their weights (one, unless `data.rewards` lists several).
+    rewards: Vec<(Box<dyn Reward>, f64)>,
     train: Vec<Task>,
     test: Vec<PromptSpec>,
     run_dir: PathBuf,
@@ -264,11 +268,21 @@ impl GrpoTrainer {
             index,
             scheduler,
         };
-        let reward: Box<dyn Reward> = match config.data.reward {
-            RewardKind::Geneval => Box::new(ShapesReward),
-            RewardKind::Ocr => Box::new(OcrReward),
-            RewardKind::Remote => Box::new(RemoteReward::new(config.data.remote.clone())?),
-        };
+        let rewards = config
+            .data
+            .terms()
+            .into_iter()
+            .map(|term| -> Result<(Box<dyn Reward>, f64), GrpoError> {
+                let reward: Box<dyn Reward> = match term.reward {
+                    RewardKind::Geneval => Box::new(ShapesReward),
+                    RewardKind::Ocr => Box::new(OcrReward),
+                    RewardKind::Remote => {
+                        Box::new(RemoteReward::new(term.remote.clone().unwrap_or_default())?)
+                    }
+                };
+                Ok((reward, term.weight))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             config,
             policy,
@@ -276,7 +290,7 @@ impl GrpoTrainer {
             reference,
             optimizer,
             ema,
-            reward,
+            rewards,
             train,
             test,
             run_dir: run_dir.to_path_buf(),
@@ -319,9 +333,9 @@ impl GrpoTrainer {
         Ok(())
     }
 
-    /// Replaces the reward the config names (custom rewards, remote scorers, tests).
+    /// Replaces the rewards the config names by one (custom rewards, remote scorers, tests).
     pub fn with_reward(mut self, reward: Box<dyn Reward>) -> Self {
-        self.reward = reward;
+        self.rewards = vec![(reward, 1.0)];
         self
     }
 
@@ -379,93 +393,123 @@ impl GrpoTrainer {
         let mut batches = Vec::new();
         let mut grid_images: Vec<(Image, String)> = Vec::new();
         let mut reward_wait = 0.0;
-        let scores: Vec<Option<Score>> = std::thread::scope(|scope| -> Result<_, GrpoError> {
-            let mut pending = Vec::new();
-            for (b, chunk) in samples.chunks(c.sample.batch_size).enumerate() {
-                let offset = b * c.sample.batch_size;
-                let batch_tasks: Vec<Task> = tasks[offset..offset + chunk.len()].to_vec();
-                let prompts: Vec<String> =
-                    batch_tasks.iter().map(|t| t.prompt().to_string()).collect();
-                let init_seeds: Vec<u64> = (0..chunk.len())
-                    .map(|i| {
-                        let id = if c.sample.same_initial_noise {
-                            chunk[i] as u64
-                        } else {
-                            (offset + i) as u64 + 1_000_000
-                        };
-                        mix(c.run.seed, epoch as u64, id, 0)
-                    })
-                    .collect();
-                let step_seeds: Vec<u64> = (0..chunk.len())
-                    .map(|i| mix(c.run.seed, epoch as u64, (offset + i) as u64, 1))
-                    .collect();
-                let prompt_seeds: Vec<u64> = chunk
-                    .iter()
-                    .map(|&g| mix(c.run.seed, epoch as u64, g as u64, 2))
-                    .collect();
-                let (images, data) = self.rollout(
-                    &prompts,
-                    &init_seeds,
-                    &step_seeds,
-                    &prompt_seeds,
-                    &schedule,
-                    kind,
-                    &plan,
-                    &trained,
-                )?;
-                if b == 0 {
-                    grid_images = images.iter().cloned().zip(prompts.clone()).collect();
+        // scores[k][i]: reward k on sample i.
+        let scores: Vec<Vec<Option<Score>>> =
+            std::thread::scope(|scope| -> Result<_, GrpoError> {
+                let mut pending = Vec::new();
+                for (b, chunk) in samples.chunks(c.sample.batch_size).enumerate() {
+                    let offset = b * c.sample.batch_size;
+                    let batch_tasks: Vec<Task> = tasks[offset..offset + chunk.len()].to_vec();
+                    let prompts: Vec<String> =
+                        batch_tasks.iter().map(|t| t.prompt().to_string()).collect();
+                    let init_seeds: Vec<u64> = (0..chunk.len())
+                        .map(|i| {
+                            let id = if c.sample.same_initial_noise {
+                                chunk[i] as u64
+                            } else {
+                                (offset + i) as u64 + 1_000_000
+                            };
+                            mix(c.run.seed, epoch as u64, id, 0)
+                        })
+                        .collect();
+                    let step_seeds: Vec<u64> = (0..chunk.len())
+                        .map(|i| mix(c.run.seed, epoch as u64, (offset + i) as u64, 1))
+                        .collect();
+                    let prompt_seeds: Vec<u64> = chunk
+                        .iter()
+                        .map(|&g| mix(c.run.seed, epoch as u64, g as u64, 2))
+                        .collect();
+                    let (images, data) = self.rollout(
+                        &prompts,
+                        &init_seeds,
+                        &step_seeds,
+                        &prompt_seeds,
+                        &schedule,
+                        kind,
+                        &plan,
+                        &trained,
+                    )?;
+                    if b == 0 {
+                        grid_images = images.iter().cloned().zip(prompts.clone()).collect();
+                    }
+                    batches.push(data);
+                    let rewards = &self.rewards;
+                    pending.push(scope.spawn(move || {
+                        rewards
+                            .iter()
+                            .map(|(reward, _)| reward.score(&images, &batch_tasks))
+                            .collect::<Result<Vec<_>, _>>()
+                    }));
                 }
-                batches.push(data);
-                let reward = &*self.reward;
-                pending.push(scope.spawn(move || reward.score(&images, &batch_tasks)));
-            }
-            let wait = Instant::now();
-            let mut scores = Vec::new();
-            for handle in pending {
-                scores.extend(handle.join().expect("the reward thread panicked")?);
-            }
-            reward_wait = wait.elapsed().as_secs_f64();
-            Ok(scores)
-        })?;
+                let wait = Instant::now();
+                let mut scores = vec![Vec::new(); self.rewards.len()];
+                for handle in pending {
+                    let batch = handle.join().expect("the reward thread panicked")?;
+                    for (all, part) in scores.iter_mut().zip(batch) {
+                        all.extend(part);
+                    }
+                }
+                reward_wait = wait.elapsed().as_secs_f64();
+                Ok(scores)
+            })?;
         let seconds_rollout = start.elapsed().as_secs_f64() - reward_wait;
         let data = EpochData::concat(batches);
 
         // 3. advantages; images whose reward is not finite are left out (logged, never trained).
-        let mut rewards = Vec::with_capacity(scores.len());
-        let mut valid = Vec::with_capacity(scores.len());
-        let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (i, (score, task)) in scores.iter().zip(&tasks).enumerate() {
-            let score = score.ok_or_else(|| {
-                GrpoError::Config(format!(
-                    "reward {} does not judge the prompt {:?}",
-                    self.reward.name(),
-                    task.prompt()
-                ))
-            })?;
-            if !score.reward.is_finite() {
-                tracing::warn!(
-                    "epoch {}: reward {} for {:?}; the image is left out",
-                    epoch + 1,
-                    score.reward,
-                    task.prompt()
-                );
-                continue;
-            }
-            rewards.push(score.reward as f64);
-            valid.push(i);
-            let entry = by_tag.entry(tag(task)).or_default();
-            entry.0 += score.success as usize;
-            entry.1 += 1;
+        let weights: Vec<f64> = self.rewards.iter().map(|(_, w)| *w).collect();
+        let combined = combine(
+            &scores,
+            &weights,
+            &samples,
+            c.train.std_scope,
+            c.data.aggregate,
+        )
+        .map_err(|i| {
+            let names: Vec<&str> = self.rewards.iter().map(|(r, _)| r.name()).collect();
+            GrpoError::Config(format!(
+                "no reward ({}) judges the prompt {:?}",
+                names.join(", "),
+                tasks[i].prompt()
+            ))
+        })?;
+        for i in (0..samples.len()).filter(|i| !combined.valid.contains(i)) {
+            tracing::warn!(
+                "epoch {}: a non-finite reward for {:?}; the image is left out",
+                epoch + 1,
+                tasks[i].prompt()
+            );
         }
-        if valid.is_empty() {
+        if combined.valid.is_empty() {
             return Err(run_error(
                 &self.run_dir,
                 format!("epoch {}: no finite reward", epoch + 1),
             ));
         }
-        let groups: Vec<usize> = valid.iter().map(|&i| samples[i]).collect();
-        let valid_advantage = advantages(&rewards, &groups, c.train.std_scope);
+        let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (&i, &success) in combined.valid.iter().zip(&combined.success) {
+            let entry = by_tag.entry(tag(&tasks[i])).or_default();
+            entry.0 += success as usize;
+            entry.1 += 1;
+        }
+        let reward_means: BTreeMap<String, f64> = self
+            .rewards
+            .iter()
+            .zip(&scores)
+            .filter_map(|((reward, _), per_sample)| {
+                let values: Vec<f64> = per_sample
+                    .iter()
+                    .flatten()
+                    .map(|s| s.reward as f64)
+                    .filter(|r| r.is_finite())
+                    .collect();
+                (!values.is_empty()).then(|| {
+                    let mean = values.iter().sum::<f64>() / values.len() as f64;
+                    (reward.name().to_string(), mean)
+                })
+            })
+            .collect();
+        let (valid, rewards, valid_advantage) =
+            (combined.valid, combined.rewards, combined.advantages);
         let mut advantage = vec![0.0; samples.len()];
         for (&i, &a) in valid.iter().zip(&valid_advantage) {
             advantage[i] = a;
@@ -488,6 +532,7 @@ impl GrpoTrainer {
             global_step: self.global_step,
             reward_mean: mean,
             reward_std: (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt(),
+            reward_means,
             train_accuracy: successes as f64 / n,
             train_accuracy_by_tag: by_tag
                 .into_iter()
@@ -935,17 +980,31 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<PromptSpec>), 
         .test_prompts
         .clone()
         .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
-    let train = match config.data.reward {
-        // A remote reward judges the training prompt file's GenEval metadata.
-        RewardKind::Geneval | RewardKind::Remote => {
-            read(&train_path)?.into_iter().map(Task::Shapes).collect()
-        }
-        RewardKind::Ocr => (0..1000u64)
+    let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
+    // A remote reward judges the training prompt file's GenEval metadata.
+    let shapes: Vec<Task> = if kinds.iter().any(|k| *k != RewardKind::Ocr) {
+        read(&train_path)?.into_iter().map(Task::Shapes).collect()
+    } else {
+        Vec::new()
+    };
+    // The numbers 0–999 alone; beside Shapes prompts, as many evenly spaced numbers as there
+    // are Shapes prompts, so that both tasks are drawn equally often.
+    let digits: Vec<Task> = if kinds.contains(&RewardKind::Ocr) {
+        let stride = if shapes.is_empty() {
+            1
+        } else {
+            1000usize.div_ceil(shapes.len())
+        };
+        (0..1000usize)
+            .step_by(stride)
             .map(|n| Task::Digits {
                 prompt: crate::world::digits::prompt_for(&n.to_string()),
             })
-            .collect(),
+            .collect()
+    } else {
+        Vec::new()
     };
+    let train = shapes.into_iter().chain(digits).collect();
     Ok((train, read(&test_path)?))
 }
 
