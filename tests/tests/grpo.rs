@@ -425,3 +425,35 @@ fn a_multi_reward_run_draws_both_tasks_and_scores_each_with_its_reward() {
     assert_eq!(names, ["geneval", "ocr"], "{:?}", m.reward_means);
     assert!(m.reward_mean.is_finite());
 }
+
+#[test]
+fn grpo_guard_and_dance_sde_keep_the_on_policy_ratio_at_one() {
+    let device = ChosenDevice::cpu().device;
+    for (sde, ratio_norm) in [
+        (SdeType::Sde, true),
+        (SdeType::Dance, false),
+        (SdeType::Dance, true),
+    ] {
+        let run = TempDir::new("grpo-guard");
+        let mut c = config(1);
+        c.sample.sde_type = sde;
+        c.sample.noise_level = if sde == SdeType::Dance { 0.3 } else { 0.7 };
+        c.train.ratio_norm = ratio_norm;
+        c.run.eval_every = 0;
+        c.run.grid_every = 0;
+        c.validate().unwrap();
+        let mut t = trainer(c, run.path(), &device);
+        let before = adapter_values(&t);
+        let m = t.epoch(|_| {}).unwrap();
+        assert!(
+            m.first_ratio_error < 1e-5,
+            "{sde:?}, ratio_norm {ratio_norm}: first ratio off by {}",
+            m.first_ratio_error
+        );
+        assert_ne!(before, adapter_values(&t), "{sde:?}: the adapter must move");
+    }
+    let mut c = config(1);
+    c.sample.sde_type = SdeType::Cps;
+    c.train.ratio_norm = true;
+    assert!(c.validate().unwrap_err().contains("ratio_norm"));
+}

@@ -172,6 +172,8 @@ pub enum SdeType {
     Sde,
     /// Coefficients-preserving sampling, std = σ'·sin(aπ/2), log-prob −(x'−μ)².
     Cps,
+    /// DanceGRPO's SDE: constant η (`noise_level`), std η·sqrt(|dt|) (ALGORITHMS.md §2.1).
+    Dance,
 }
 
 /// Rollout settings.
@@ -226,6 +228,9 @@ impl SampleSection {
             SdeType::Cps => StepKind::Cps {
                 eta: self.noise_level,
             },
+            SdeType::Dance => StepKind::DanceSde {
+                eta: self.noise_level,
+            },
         }
     }
 }
@@ -265,6 +270,10 @@ pub struct TrainSection {
     /// KL weight β (0 disables the reference forward).
     pub beta: f64,
     pub kl_type: KlType,
+    /// GRPO-Guard's RatioNorm (Flow-Factory `grpo-guard`, ALGORITHMS.md §2.3): the log-ratio
+    /// becomes s·(log π − log π_old) + mse(μ_θ, μ_old)/(2s), zero-mean with a σ-independent scale.
+    /// Gaussian log-probs only (`sde_type` "sde" or "dance").
+    pub ratio_norm: bool,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -295,6 +304,7 @@ impl Default for TrainSection {
             adv_clip_max: 5.0,
             beta: 0.0,
             kl_type: KlType::X,
+            ratio_norm: false,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -425,6 +435,9 @@ impl GrpoConfig {
                 }
                 _ => {}
             }
+        }
+        if t.ratio_norm && s.sde_type == SdeType::Cps {
+            return Err("train.ratio_norm (GRPO-Guard) needs a Gaussian log-prob: sample.sde_type \"sde\" or \"dance\", not \"cps\"".into());
         }
         if self.samples_per_epoch() % s.batch_size != 0 {
             return Err(format!(

@@ -14,7 +14,39 @@ pub fn clipped_surrogate(
     advantages: Tensor<1>,
     clip_range: f64,
 ) -> (Tensor<1>, Tensor<1>) {
-    let ratio = (log_prob - old_log_prob).exp();
+    clipped_surrogate_of_log_ratio(log_prob - old_log_prob, advantages, clip_range)
+}
+
+/// GRPO-Guard's RatioNorm log-ratio, per sample: `s·(log π − log π_old) + mse/(2s)` with
+/// `mse = mean_{c,h,w}((μ_θ − μ_old)²)` and `s` the step's std. For x' = μ_old + s·ε this is
+/// −mean((μ_old − μ_θ)·ε): zero-mean whatever σ.
+///
+/// # Shapes
+/// - `log_prob`, `old_log_prob`: `[batch]`; `mean`, `old_mean`: `[batch, c, h, w]`
+pub fn ratio_norm_log_ratio(
+    log_prob: Tensor<1>,
+    old_log_prob: Tensor<1>,
+    mean: Tensor<4>,
+    old_mean: Tensor<4>,
+    std: f64,
+) -> Tensor<1> {
+    let [b, c, h, w] = mean.dims();
+    // [b, c, h, w] → [b, c·h·w] → [b]
+    let mse = (mean - old_mean)
+        .square()
+        .reshape([b, c * h * w])
+        .mean_dim(1)
+        .reshape([b]);
+    (log_prob - old_log_prob).mul_scalar(std) + mse.div_scalar(2.0 * std)
+}
+
+/// [`clipped_surrogate`] from a per-sample log-ratio. Returns the loss and ρ.
+pub fn clipped_surrogate_of_log_ratio(
+    log_ratio: Tensor<1>,
+    advantages: Tensor<1>,
+    clip_range: f64,
+) -> (Tensor<1>, Tensor<1>) {
+    let ratio = log_ratio.exp();
     let unclipped = advantages.clone().neg() * ratio.clone();
     let clipped = advantages.neg() * ratio.clone().clamp(1.0 - clip_range, 1.0 + clip_range);
     (unclipped.max_pair(clipped).mean(), ratio)
@@ -147,5 +179,37 @@ mod tests {
         let s = StepStats::from_values(&[1.0, 1.5, 0.9, 1.00001], 0.0, 0.0, 1e-4);
         assert_eq!(s.clip_fraction, 0.5);
         assert_eq!(s.ratio_max, 1.5);
+    }
+}
+
+#[cfg(test)]
+mod ratio_norm_tests {
+    use super::*;
+    use crate::sample::step::{StepKind, log_prob};
+    use burn::tensor::{Device, Distribution};
+
+    #[test]
+    fn ratio_norm_is_minus_the_mean_of_the_mean_shift_times_the_noise() {
+        let device = Device::flex();
+        let s = 0.07;
+        let shape = [3, 2, 4, 4];
+        let old_mean = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let eps = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let shift = Tensor::<4>::random(shape, Distribution::Normal(0.0, 0.01), &device);
+        let mean = old_mean.clone() + shift.clone();
+        let x_next = old_mean.clone() + eps.clone().mul_scalar(s);
+        let kind = StepKind::FlowSde { noise_level: 0.7 };
+        let lp = log_prob(kind, x_next.clone(), mean.clone(), s);
+        let lp_old = log_prob(kind, x_next, old_mean.clone(), s);
+        let got = ratio_norm_log_ratio(lp, lp_old, mean, old_mean, s);
+        // −mean((μ_old − μ_θ)·ε) = mean(shift·ε)
+        let want = (shift * eps).reshape([3, 32]).mean_dim(1).reshape([3]);
+        let (got, want): (Vec<f32>, Vec<f32>) = (
+            got.into_data().to_vec().unwrap(),
+            want.into_data().to_vec().unwrap(),
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
     }
 }

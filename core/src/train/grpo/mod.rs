@@ -47,7 +47,10 @@ use crate::world::render::Image;
 use advantage::{combine, keep_informative};
 use config::{GrpoConfig, KlType, RewardKind};
 use ema::Ema;
-use loss::{StepStats, clipped_surrogate, v_space_kl, x_space_kl};
+use loss::{
+    StepStats, clipped_surrogate, clipped_surrogate_of_log_ratio, ratio_norm_log_ratio, v_space_kl,
+    x_space_kl,
+};
 
 /// The adapter GRPO trains.
 pub const POLICY: &str = "policy";
@@ -169,6 +172,8 @@ struct EpochData {
     latents: BTreeMap<usize, Tensor<4>>,
     /// log π_old of each trained step, `[n]`.
     old_log_probs: BTreeMap<usize, Tensor<1>>,
+    /// μ_old of each trained step (GRPO-Guard's RatioNorm only).
+    old_means: BTreeMap<usize, Tensor<4>>,
     cond: Conditioning,
     uncond: Option<Conditioning>,
 }
@@ -644,7 +649,11 @@ impl GrpoTrainer {
         let rollout = rollout.expect("record = true");
         let mut latents = BTreeMap::new();
         let mut old_log_probs = BTreeMap::new();
+        let mut old_means = BTreeMap::new();
         for &j in trained {
+            if c.train.ratio_norm {
+                old_means.insert(j, rollout.means[j].clone());
+            }
             latents.insert(j, rollout.latents[j].clone());
             latents.insert(j + 1, rollout.latents[j + 1].clone());
             let log_prob = rollout.log_probs[j]
@@ -657,6 +666,7 @@ impl GrpoTrainer {
             EpochData {
                 latents,
                 old_log_probs,
+                old_means,
                 cond,
                 uncond,
             },
@@ -722,8 +732,15 @@ impl GrpoTrainer {
                 let (mean, std) =
                     step::policy_mean(kind, x, v.clone(), sigma, sigma_next, sigma_max);
                 let log_prob = step::log_prob(kind, x_next, mean.clone(), std);
-                let (policy_loss, ratio) =
-                    clipped_surrogate(log_prob, old, adv.clone(), t.clip_range);
+                let (policy_loss, ratio) = match data.old_means.get(&j) {
+                    Some(old_mean) => {
+                        let old_mean = pick4(old_mean).autodiff();
+                        let log_ratio =
+                            ratio_norm_log_ratio(log_prob, old, mean.clone(), old_mean, std);
+                        clipped_surrogate_of_log_ratio(log_ratio, adv.clone(), t.clip_range)
+                    }
+                    None => clipped_surrogate(log_prob, old, adv.clone(), t.clip_range),
+                };
                 let mut loss = policy_loss.clone();
                 let mut kl_value = 0.0;
                 if let Some(reference) = &self.reference {
@@ -920,6 +937,7 @@ impl EpochData {
         let first = &batches[0];
         let keys: Vec<usize> = first.latents.keys().copied().collect();
         let steps: Vec<usize> = first.old_log_probs.keys().copied().collect();
+        let mean_steps: Vec<usize> = first.old_means.keys().copied().collect();
         let cat4 =
             |f: &dyn Fn(&EpochData) -> Tensor<4>| Tensor::cat(batches.iter().map(f).collect(), 0);
         let latents = keys
@@ -941,6 +959,10 @@ impl EpochData {
                 )
             })
             .collect();
+        let old_means = mean_steps
+            .iter()
+            .map(|&k| (k, cat4(&|b| b.old_means[&k].clone())))
+            .collect();
         let cond = Conditioning::cat(&batches.iter().map(|b| b.cond.clone()).collect::<Vec<_>>());
         let uncond = first.uncond.as_ref().map(|_| {
             Conditioning::cat(
@@ -953,6 +975,7 @@ impl EpochData {
         Self {
             latents,
             old_log_probs,
+            old_means,
             cond,
             uncond,
         }
