@@ -2,6 +2,7 @@
 //! (Flow-GRPO's partial-credit `scores`, with strict correctness alongside) and the OCR reward of
 //! the digits task. Trainers see only [`Reward`]; what a prompt asks for travels as a [`Task`].
 
+pub mod boxes;
 pub mod http;
 pub mod remote;
 pub mod server;

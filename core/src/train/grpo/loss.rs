@@ -205,8 +205,8 @@ mod ratio_norm_tests {
         // −mean((μ_old − μ_θ)·ε) = mean(shift·ε)
         let want = (shift * eps).reshape([3, 32]).mean_dim(1).reshape([3]);
         let (got, want): (Vec<f32>, Vec<f32>) = (
-            got.into_data().to_vec().unwrap(),
-            want.into_data().to_vec().unwrap(),
+            got.into_data().try_to_vec::<f32>().unwrap(),
+            want.into_data().try_to_vec::<f32>().unwrap(),
         );
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
