@@ -54,9 +54,11 @@ fn the_reference_server_scores_like_the_local_reward() {
     let addr = server::spawn("127.0.0.1:0", Arc::new(ByTaskReward)).unwrap();
     let (images, tasks) = batch();
     let remote = client(&format!("http://{addr}/score"), 0, 30.0);
-    let got = remote.score(&images, &tasks).unwrap();
-    let want = ByTaskReward.score(&images, &tasks).unwrap();
+    let got = remote.score_with_boxes(&images, &tasks).unwrap();
+    let want = ByTaskReward.score_with_boxes(&images, &tasks).unwrap();
     assert_eq!(got, want);
+    assert!(got.boxes.iter().any(|b| !b.is_empty()), "mismatched scenes have boxes");
+    let got = got.scores;
     let rewards: Vec<f32> = got.iter().map(|s| s.unwrap().reward).collect();
     assert!(
         rewards.contains(&1.0) && rewards.iter().any(|&r| r < 1.0),

@@ -10,7 +10,9 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::world::digits;
-use crate::world::geneval::evaluate_image;
+use crate::world::detect::detect;
+use crate::world::geneval::evaluate;
+use boxes::{DefectBox, defect_boxes};
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 
@@ -63,6 +65,22 @@ pub trait Reward: Send + Sync {
     /// One score per image; `tasks[i]` describes image `i`. A task the reward does not judge
     /// scores `None` (multi-reward training masks it, as Flow-GRPO's −10 sentinel does).
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError>;
+
+    /// Scores and BoxFlow's defect boxes per image (spatial training). Rewards that cannot
+    /// localise defects give no boxes.
+    fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        Ok(Scored {
+            scores: self.score(images, tasks)?,
+            boxes: vec![Vec::new(); images.len()],
+        })
+    }
+}
+
+/// Scores with defect boxes, one entry per image.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scored {
+    pub scores: Vec<Option<Score>>,
+    pub boxes: Vec<Vec<DefectBox>>,
 }
 
 /// Each task scored by its own exact reward: GenEval for Shapes prompts, OCR for digits.
@@ -74,9 +92,16 @@ impl Reward for ByTaskReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        let shapes = ShapesReward.score(images, tasks)?;
+        Ok(self.score_with_boxes(images, tasks)?.scores)
+    }
+
+    fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        let shapes = ShapesReward.score_with_boxes(images, tasks)?;
         let ocr = OcrReward.score(images, tasks)?;
-        Ok(shapes.into_iter().zip(ocr).map(|(s, o)| s.or(o)).collect())
+        Ok(Scored {
+            scores: shapes.scores.into_iter().zip(ocr).map(|(s, o)| s.or(o)).collect(),
+            boxes: shapes.boxes,
+        })
     }
 }
 
@@ -89,20 +114,31 @@ impl Reward for ShapesReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(images
-            .iter()
-            .zip(tasks)
-            .map(|(image, task)| match task {
+        Ok(self.score_with_boxes(images, tasks)?.scores)
+    }
+
+    fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        let mut scored = Scored::default();
+        for (image, task) in images.iter().zip(tasks) {
+            match task {
                 Task::Shapes(spec) => {
-                    let verdict = evaluate_image(spec, image);
-                    Some(Score {
+                    let found = detect(image);
+                    let verdict = evaluate(spec, &found.objects);
+                    scored.scores.push(Some(Score {
                         reward: verdict.score,
                         success: verdict.correct,
-                    })
+                    }));
+                    scored
+                        .boxes
+                        .push(defect_boxes(spec, &found, (image.width, image.height)));
                 }
-                Task::Digits { .. } => None,
-            })
-            .collect())
+                Task::Digits { .. } => {
+                    scored.scores.push(None);
+                    scored.boxes.push(Vec::new());
+                }
+            }
+        }
+        Ok(scored)
     }
 }
 

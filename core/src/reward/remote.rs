@@ -21,7 +21,7 @@
 //!
 //! ```json
 //! {"scores": [0.75, null, ...], "success": [false, null, ...],
-//!  "maps": [[...h·w floats...], null, ...], "map_shape": [h, w]}
+//!  "boxes": [[{"label": "misalignment", "box": [0.1, 0.2, 0.4, 0.5], "importance": 80}], [], ...]}
 //! ```
 //!
 //! - `scores` (required): one per image; `null` = this reward does not judge that prompt
@@ -29,8 +29,9 @@
 //!   accepted and reach the trainer as non-finite rewards, which it leaves out with a warning.
 //! - `success` (optional): strict correctness per image, for accuracy curves; default
 //!   `score == 1`.
-//! - `maps` + `map_shape` (optional): a per-pixel reward map per image, row-major, for spatial
-//!   (BoxFlow-style) training.
+//! - `boxes` (optional): BoxFlow's defect boxes per image for spatial training: `label`
+//!   `artifact` or `misalignment`, `box` = `[x0, y0, x1, y1]` as fractions of the image (y down),
+//!   optional `importance` 0–100.
 //!
 //! Errors: a non-200 answer carries a message in its body. The client retries connection
 //! failures, timeouts, 5xx / 429 answers and malformed answers with exponential backoff, then
@@ -41,7 +42,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::http::{self, HttpError};
-use super::{Reward, RewardError, Score, Task};
+use super::boxes::DefectBox;
+use super::{Reward, RewardError, Score, Scored, Task};
 use crate::image_io;
 use crate::world::render::Image;
 
@@ -74,17 +76,7 @@ pub struct ScoreResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub success: Option<Vec<Option<bool>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub maps: Option<Vec<Option<Vec<f32>>>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub map_shape: Option<[usize; 2]>,
-}
-
-/// Scores and optional reward maps of one batch, checked against the request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RemoteScores {
-    pub scores: Vec<Option<Score>>,
-    /// `(shape [h, w], one map or None per image)`.
-    pub maps: Option<([usize; 2], Vec<Option<Vec<f32>>>)>,
+    pub boxes: Option<Vec<Option<Vec<DefectBox>>>>,
 }
 
 /// Where and how patiently to ask.
@@ -145,12 +137,8 @@ impl RemoteReward {
         Ok(Self { config })
     }
 
-    /// Scores and maps of one batch, with retries.
-    pub fn score_with_maps(
-        &self,
-        images: &[Image],
-        tasks: &[Task],
-    ) -> Result<RemoteScores, RewardError> {
+    /// Scores and defect boxes of one batch, with retries.
+    fn ask(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
         let request = ScoreRequest {
             protocol: PROTOCOL.into(),
             reward: Some(self.config.name.clone()),
@@ -202,7 +190,11 @@ impl Reward for RemoteReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(self.score_with_maps(images, tasks)?.scores)
+        Ok(self.ask(images, tasks)?.scores)
+    }
+
+    fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        self.ask(images, tasks)
     }
 }
 
@@ -211,7 +203,7 @@ fn describe_http(error: HttpError) -> String {
 }
 
 /// Checks an answer; `Err((retry, message))`.
-fn parse_answer(status: u16, body: &[u8], images: usize) -> Result<RemoteScores, (bool, String)> {
+fn parse_answer(status: u16, body: &[u8], images: usize) -> Result<Scored, (bool, String)> {
     let text = String::from_utf8_lossy(body);
     if status != 200 {
         let retry = status >= 500 || status == 429;
@@ -260,35 +252,37 @@ fn parse_answer(status: u16, body: &[u8], images: usize) -> Result<RemoteScores,
         let success = success.get(i).copied().flatten().unwrap_or(reward == 1.0);
         scores.push(Some(Score { reward, success }));
     }
-    let maps = match (response.maps, response.map_shape) {
-        (None, _) => None,
-        (Some(_), None) => return Err((true, "maps without map_shape".into())),
-        (Some(maps), Some(shape)) => {
-            if maps.len() != images {
-                return Err((
-                    true,
-                    format!("sent {images} images, got {} maps", maps.len()),
-                ));
+    let boxes = match response.boxes {
+        None => vec![Vec::new(); images],
+        Some(boxes) if boxes.len() != images => {
+            return Err((
+                true,
+                format!("sent {images} images, got {} box lists", boxes.len()),
+            ));
+        }
+        Some(boxes) => {
+            let boxes: Vec<Vec<DefectBox>> =
+                boxes.into_iter().map(Option::unwrap_or_default).collect();
+            for (i, list) in boxes.iter().enumerate() {
+                for b in list {
+                    let [x0, y0, x1, y1] = b.bbox;
+                    let inside = |v: f32| (0.0..=1.0).contains(&v);
+                    if !(inside(x0) && inside(y0) && inside(x1) && inside(y1) && x0 <= x1 && y0 <= y1)
+                    {
+                        return Err((
+                            true,
+                            format!(
+                                "image {i}: box {:?} is not [x0, y0, x1, y1] fractions of the image",
+                                b.bbox
+                            ),
+                        ));
+                    }
+                }
             }
-            if let Some((i, map)) = maps
-                .iter()
-                .enumerate()
-                .find_map(|(i, m)| m.as_ref().map(|m| (i, m)))
-                .filter(|(_, m)| m.len() != shape[0] * shape[1])
-            {
-                return Err((
-                    true,
-                    format!(
-                        "map {i} has {} values, map_shape {shape:?} needs {}",
-                        map.len(),
-                        shape[0] * shape[1]
-                    ),
-                ));
-            }
-            Some((shape, maps))
+            boxes
         }
     };
-    Ok(RemoteScores { scores, maps })
+    Ok(Scored { scores, boxes })
 }
 
 /// The start of a body for an error message.
@@ -453,10 +447,18 @@ mod tests {
         assert!(retry);
         let (_, message) = parse_answer(
             200,
-            br#"{"scores": [1.0], "maps": [[1, 2, 3]], "map_shape": [2, 2]}"#,
+            br#"{"scores": [1.0], "boxes": [[{"label": "artifact", "box": [0.5, 0.1, 1.5, 0.2]}]]}"#,
             1,
         )
         .unwrap_err();
-        assert!(message.contains("map 0 has 3 values"), "{message}");
+        assert!(message.contains("not [x0, y0, x1, y1]"), "{message}");
+        let boxed = parse_answer(
+            200,
+            br#"{"scores": [1.0, 0.5], "boxes": [null, [{"label": "misalignment", "box": [0.1, 0.1, 0.3, 0.4], "importance": 60}]]}"#,
+            2,
+        )
+        .unwrap();
+        assert_eq!(boxed.boxes[0], vec![]);
+        assert_eq!(boxed.boxes[1][0].importance, Some(60.0));
     }
 }

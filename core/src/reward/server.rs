@@ -84,9 +84,10 @@ fn score(body: &[u8], reward: &dyn Reward) -> Result<ScoreResponse, (u16, String
                 .map_err(|e| bad(format!("image {i}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let scores = reward
-        .score(&images, &request.metadata)
+    let scored = reward
+        .score_with_boxes(&images, &request.metadata)
         .map_err(|e| (500, e.to_string()))?;
+    let scores = scored.scores;
     let value = |s: &Option<Score>| {
         s.map(|s| match s.reward {
             r if r.is_finite() => ScoreValue::Number(r as f64),
@@ -98,7 +99,6 @@ fn score(body: &[u8], reward: &dyn Reward) -> Result<ScoreResponse, (u16, String
     Ok(ScoreResponse {
         scores: scores.iter().map(value).collect(),
         success: Some(scores.iter().map(|s| s.map(|s| s.success)).collect()),
-        maps: None,
-        map_shape: None,
+        boxes: Some(scored.boxes.into_iter().map(Some).collect()),
     })
 }
