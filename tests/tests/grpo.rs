@@ -457,3 +457,58 @@ fn grpo_guard_and_dance_sde_keep_the_on_policy_ratio_at_one() {
     c.train.ratio_norm = true;
     assert!(c.validate().unwrap_err().contains("ratio_norm"));
 }
+
+/// Redness with a BoxFlow artifact box over the top-left quarter of every other image.
+struct RednessWithBoxes;
+
+impl Reward for RednessWithBoxes {
+    fn name(&self) -> &str {
+        "redness+boxes"
+    }
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        Redness.score(images, tasks)
+    }
+    fn score_with_boxes(
+        &self,
+        images: &[Image],
+        tasks: &[Task],
+    ) -> Result<portaflow::reward::Scored, RewardError> {
+        use portaflow::reward::boxes::{DefectBox, DefectLabel};
+        Ok(portaflow::reward::Scored {
+            scores: self.score(images, tasks)?,
+            boxes: (0..images.len())
+                .map(|i| {
+                    (i % 2 == 0)
+                        .then(|| DefectBox {
+                            label: DefectLabel::Artifact,
+                            bbox: [0.0, 0.0, 0.5, 0.5],
+                            importance: None,
+                        })
+                        .into_iter()
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+}
+
+#[test]
+fn boxflow_spatial_training_keeps_the_ratio_at_one_and_moves_the_adapter() {
+    let device = ChosenDevice::cpu().device;
+    let run = TempDir::new("grpo-spatial");
+    let mut c = config(1);
+    c.train.spatial = Some(Default::default());
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    c.validate().unwrap();
+    let mut t = trainer(c, run.path(), &device).with_reward(Box::new(RednessWithBoxes));
+    let before = adapter_values(&t);
+    let m = t.epoch(|_| {}).unwrap();
+    assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+    assert!(m.kept > 0);
+    assert_ne!(before, adapter_values(&t));
+    let mut c = config(1);
+    c.train.spatial = Some(Default::default());
+    c.data.aggregate = portaflow::train::grpo::config::RewardAggregate::Advantages;
+    assert!(c.validate().unwrap_err().contains("spatial"));
+}

@@ -57,7 +57,10 @@ fn the_reference_server_scores_like_the_local_reward() {
     let got = remote.score_with_boxes(&images, &tasks).unwrap();
     let want = ByTaskReward.score_with_boxes(&images, &tasks).unwrap();
     assert_eq!(got, want);
-    assert!(got.boxes.iter().any(|b| !b.is_empty()), "mismatched scenes have boxes");
+    assert!(
+        got.boxes.iter().any(|b| !b.is_empty()),
+        "mismatched scenes have boxes"
+    );
     let got = got.scores;
     let rewards: Vec<f32> = got.iter().map(|s| s.unwrap().reward).collect();
     assert!(

@@ -51,7 +51,11 @@ pub fn defect_boxes(spec: &PromptSpec, found: &Detections, size: (usize, usize))
         });
         ids
     };
-    let asked: Vec<Option<Shape>> = spec.include.iter().map(|c| Shape::parse(&c.class)).collect();
+    let asked: Vec<Option<Shape>> = spec
+        .include
+        .iter()
+        .map(|c| Shape::parse(&c.class))
+        .collect();
     for (i, d) in found.objects.iter().enumerate() {
         if !asked.contains(&Some(d.shape)) {
             wrong[i] = true;
@@ -298,7 +302,10 @@ mod tests {
         ]);
         let boxes = defect_boxes(&left, &detect(&swapped), (64, 64));
         assert_eq!(boxes.len(), 1, "{boxes:?}");
-        assert!(boxes[0].bbox[0] > 0.5, "the circle on the right is the misplaced one");
+        assert!(
+            boxes[0].bbox[0] > 0.5,
+            "the circle on the right is the misplaced one"
+        );
         let two = spec(
             r#"{"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}"#,
         );
@@ -342,7 +349,11 @@ mod tests {
         // A group of two: pixel std 0.1 at a box, 0 elsewhere → floored at 0.1.
         let clean = reward_map(0.8, &[], 4, 4, 0.4, &settings);
         let a = map_advantages(&[map.clone(), clean], &[0, 0], 0.1);
-        assert!((a[0][0] + 1.0).abs() < 1e-5 && (a[1][0] - 1.0).abs() < 1e-5, "{:?}", a[0]);
+        assert!(
+            (a[0][0] + 1.0).abs() < 1e-5 && (a[1][0] - 1.0).abs() < 1e-5,
+            "{:?}",
+            a[0]
+        );
         assert_eq!(a[0][3], 0.0);
     }
 }

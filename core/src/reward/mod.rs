@@ -9,12 +9,12 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::world::digits;
 use crate::world::detect::detect;
+use crate::world::digits;
 use crate::world::geneval::evaluate;
-use boxes::{DefectBox, defect_boxes};
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
+use boxes::{DefectBox, defect_boxes};
 
 /// What one training prompt asks for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,7 +99,12 @@ impl Reward for ByTaskReward {
         let shapes = ShapesReward.score_with_boxes(images, tasks)?;
         let ocr = OcrReward.score(images, tasks)?;
         Ok(Scored {
-            scores: shapes.scores.into_iter().zip(ocr).map(|(s, o)| s.or(o)).collect(),
+            scores: shapes
+                .scores
+                .into_iter()
+                .zip(ocr)
+                .map(|(s, o)| s.or(o))
+                .collect(),
             boxes: shapes.boxes,
         })
     }

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{self, HttpError};
 use super::boxes::DefectBox;
+use super::http::{self, HttpError};
 use super::{Reward, RewardError, Score, Scored, Task};
 use crate::image_io;
 use crate::world::render::Image;
@@ -267,7 +267,12 @@ fn parse_answer(status: u16, body: &[u8], images: usize) -> Result<Scored, (bool
                 for b in list {
                     let [x0, y0, x1, y1] = b.bbox;
                     let inside = |v: f32| (0.0..=1.0).contains(&v);
-                    if !(inside(x0) && inside(y0) && inside(x1) && inside(y1) && x0 <= x1 && y0 <= y1)
+                    if !(inside(x0)
+                        && inside(y0)
+                        && inside(x1)
+                        && inside(y1)
+                        && x0 <= x1
+                        && y0 <= y1)
                     {
                         return Err((
                             true,

@@ -274,6 +274,10 @@ pub struct TrainSection {
     /// becomes s·(log π − log π_old) + mse(μ_θ, μ_old)/(2s), zero-mean with a σ-independent scale.
     /// Gaussian log-probs only (`sde_type` "sde" or "dance").
     pub ratio_norm: bool,
+    /// BoxFlow-GRPO's spatial training (ALGORITHMS.md §2.5): per-pixel reward maps from the
+    /// reward's defect boxes, per-pixel advantages, ratios and clipping. Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spatial: Option<crate::reward::boxes::MapSettings>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -305,6 +309,7 @@ impl Default for TrainSection {
             beta: 0.0,
             kl_type: KlType::X,
             ratio_norm: false,
+            spatial: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -435,6 +440,15 @@ impl GrpoConfig {
                 }
                 _ => {}
             }
+        }
+        if t.spatial.is_some() && self.data.aggregate != RewardAggregate::Sum {
+            return Err(
+                "train.spatial maps one scalar reward per image: data.aggregate must be \"sum\""
+                    .into(),
+            );
+        }
+        if t.spatial.is_some() && t.ratio_norm {
+            return Err("train.spatial and train.ratio_norm do not combine (per-pixel ratios have no RatioNorm)".into());
         }
         if t.ratio_norm && s.sde_type == SdeType::Cps {
             return Err("train.ratio_norm (GRPO-Guard) needs a Gaussian log-prob: sample.sde_type \"sde\" or \"dance\", not \"cps\"".into());

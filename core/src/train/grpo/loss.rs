@@ -52,6 +52,23 @@ pub fn clipped_surrogate_of_log_ratio(
     (unclipped.max_pair(clipped).mean(), ratio)
 }
 
+/// BoxFlow's per-pixel PPO: ρ(h, w) = exp(log π(h, w) − log π_old(h, w)), the clipped surrogate
+/// per pixel with the pixel's advantage, mean over pixels and batch. Returns the loss and ρ.
+///
+/// # Shapes
+/// - `log_prob`, `old_log_prob`, `advantages`: `[batch, h, w]`
+pub fn spatial_clipped_surrogate(
+    log_prob: Tensor<3>,
+    old_log_prob: Tensor<3>,
+    advantages: Tensor<3>,
+    clip_range: f64,
+) -> (Tensor<1>, Tensor<3>) {
+    let ratio = (log_prob - old_log_prob).exp();
+    let unclipped = advantages.clone().neg() * ratio.clone();
+    let clipped = advantages.neg() * ratio.clone().clamp(1.0 - clip_range, 1.0 + clip_range);
+    (unclipped.max_pair(clipped).mean(), ratio)
+}
+
 /// Flow-GRPO's KL as coded: `mean_{c,h,w}((μ_θ − μ_ref)²) / (2 g²)` per sample, averaged over
 /// the batch. `g` is the un-scaled std (no sqrt|dt|), so this is the true Gaussian KL × |dt|.
 ///

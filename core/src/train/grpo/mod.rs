@@ -36,8 +36,9 @@ use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
 use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
+use crate::reward::boxes::{DefectBox, map_advantages, reward_map};
 use crate::reward::remote::RemoteReward;
-use crate::reward::{OcrReward, Reward, Score, ShapesReward, Task};
+use crate::reward::{OcrReward, Reward, Score, Scored, ShapesReward, Task};
 use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_velocity, sample};
 use crate::sample::schedule::{self, Schedule};
 use crate::sample::select::TrainingClock;
@@ -48,8 +49,8 @@ use advantage::{combine, keep_informative};
 use config::{GrpoConfig, KlType, RewardKind};
 use ema::Ema;
 use loss::{
-    StepStats, clipped_surrogate, clipped_surrogate_of_log_ratio, ratio_norm_log_ratio, v_space_kl,
-    x_space_kl,
+    StepStats, clipped_surrogate, clipped_surrogate_of_log_ratio, ratio_norm_log_ratio,
+    spatial_clipped_surrogate, v_space_kl, x_space_kl,
 };
 
 /// The adapter GRPO trains.
@@ -398,7 +399,9 @@ impl GrpoTrainer {
         let mut batches = Vec::new();
         let mut grid_images: Vec<(Image, String)> = Vec::new();
         let mut reward_wait = 0.0;
-        // scores[k][i]: reward k on sample i.
+        // scores[k][i]: reward k on sample i; boxes[i]: every reward's defect boxes of sample i.
+        let spatial = c.train.spatial.clone();
+        let mut boxes: Vec<Vec<DefectBox>> = Vec::new();
         let scores: Vec<Vec<Option<Score>>> =
             std::thread::scope(|scope| -> Result<_, GrpoError> {
                 let mut pending = Vec::new();
@@ -439,10 +442,21 @@ impl GrpoTrainer {
                     }
                     batches.push(data);
                     let rewards = &self.rewards;
+                    let with_boxes = spatial.is_some();
                     pending.push(scope.spawn(move || {
                         rewards
                             .iter()
-                            .map(|(reward, _)| reward.score(&images, &batch_tasks))
+                            .map(|(reward, _)| {
+                                if with_boxes {
+                                    reward.score_with_boxes(&images, &batch_tasks)
+                                } else {
+                                    let n = images.len();
+                                    reward.score(&images, &batch_tasks).map(|scores| Scored {
+                                        scores,
+                                        boxes: vec![Vec::new(); n],
+                                    })
+                                }
+                            })
                             .collect::<Result<Vec<_>, _>>()
                     }));
                 }
@@ -450,8 +464,16 @@ impl GrpoTrainer {
                 let mut scores = vec![Vec::new(); self.rewards.len()];
                 for handle in pending {
                     let batch = handle.join().expect("the reward thread panicked")?;
-                    for (all, part) in scores.iter_mut().zip(batch) {
-                        all.extend(part);
+                    let first = boxes.len();
+                    for (k, part) in batch.into_iter().enumerate() {
+                        if k == 0 {
+                            boxes.extend(part.boxes);
+                        } else {
+                            for (i, b) in part.boxes.into_iter().enumerate() {
+                                boxes[first + i].extend(b);
+                            }
+                        }
+                        scores[k].extend(part.scores);
                     }
                 }
                 reward_wait = wait.elapsed().as_secs_f64();
@@ -519,14 +541,50 @@ impl GrpoTrainer {
         for (&i, &a) in valid.iter().zip(&valid_advantage) {
             advantage[i] = a;
         }
+        // BoxFlow: per-pixel advantages on the latent grid; a sample whose map is all zero
+        // teaches nothing (its scalar stand-in for filtering is 0).
+        let advantage_maps: Option<Vec<Vec<f32>>> = spatial.as_ref().map(|settings| {
+            let [_, rows, cols] = data.latent_dims();
+            let groups: Vec<usize> = valid.iter().map(|&i| samples[i]).collect();
+            let group_std = |g: usize| {
+                let members: Vec<f64> = (0..valid.len())
+                    .filter(|&v| groups[v] == g)
+                    .map(|v| rewards[v])
+                    .collect();
+                let n = members.len() as f64;
+                let mean = members.iter().sum::<f64>() / n;
+                (members.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt()
+            };
+            let maps: Vec<Vec<f32>> = valid
+                .iter()
+                .zip(&rewards)
+                .zip(&groups)
+                .map(|((&i, &r), &g)| reward_map(r, &boxes[i], rows, cols, group_std(g), settings))
+                .collect();
+            let valid_maps = map_advantages(&maps, &groups, settings.std_floor);
+            let mut all = vec![vec![0f32; rows * cols]; samples.len()];
+            for (&i, map) in valid.iter().zip(valid_maps) {
+                advantage[i] = map.iter().map(|a| a.abs() as f64).sum::<f64>();
+                all[i] = map;
+            }
+            all
+        });
+        let valid_advantage: Vec<f64> = valid.iter().map(|&i| advantage[i]).collect();
         let kept_valid = keep_informative(&valid_advantage, c.sample.batch_size, &mut rng);
         let mut kept: Vec<usize> = kept_valid.iter().map(|&k| valid[k]).collect();
         kept.shuffle(&mut rng);
 
         // 4. training.
         let train_start = Instant::now();
-        let (stats, first_ratio_error, skipped_micro_batches) =
-            self.train_on(&data, &kept, &advantage, &schedule, kind, &trained)?;
+        let (stats, first_ratio_error, skipped_micro_batches) = self.train_on(
+            &data,
+            &kept,
+            &advantage,
+            advantage_maps.as_deref(),
+            &schedule,
+            kind,
+            &trained,
+        )?;
         let seconds_train = train_start.elapsed().as_secs_f64();
 
         let n = rewards.len() as f64;
@@ -651,7 +709,7 @@ impl GrpoTrainer {
         let mut old_log_probs = BTreeMap::new();
         let mut old_means = BTreeMap::new();
         for &j in trained {
-            if c.train.ratio_norm {
+            if c.train.ratio_norm || c.train.spatial.is_some() {
                 old_means.insert(j, rollout.means[j].clone());
             }
             latents.insert(j, rollout.latents[j].clone());
@@ -679,6 +737,7 @@ impl GrpoTrainer {
         data: &EpochData,
         kept: &[usize],
         advantage: &[f64],
+        advantage_maps: Option<&[Vec<f32>]>,
         schedule: &Schedule,
         kind: StepKind,
         trained: &[usize],
@@ -714,6 +773,12 @@ impl GrpoTrainer {
                 .map(|&r| advantage[r].clamp(-t.adv_clip_max, t.adv_clip_max) as f32)
                 .collect();
             let adv = Tensor::<1>::from_data(TensorData::new(adv, [rows.len()]), &self.device);
+            // BoxFlow: [rows, h, w], not clipped.
+            let adv_map = advantage_maps.map(|maps| {
+                let [_, h, w] = data.latent_dims();
+                let values: Vec<f32> = rows.iter().flat_map(|&r| maps[r].clone()).collect();
+                Tensor::<3>::from_data(TensorData::new(values, [rows.len(), h, w]), &self.device)
+            });
             for &j in trained {
                 let (sigma, sigma_next) = (schedule.sigmas[j], schedule.sigmas[j + 1]);
                 let x_plain = pick4(&data.latents[&j]);
@@ -733,6 +798,17 @@ impl GrpoTrainer {
                     step::policy_mean(kind, x, v.clone(), sigma, sigma_next, sigma_max);
                 let log_prob = step::log_prob(kind, x_next, mean.clone(), std);
                 let (policy_loss, ratio) = match data.old_means.get(&j) {
+                    Some(old_mean) if adv_map.is_some() => {
+                        let old_mean = pick4(old_mean).autodiff();
+                        let x_next = pick4(&data.latents[&(j + 1)]).autodiff();
+                        let log_prob = step::log_prob_map(kind, x_next.clone(), mean.clone(), std);
+                        let old = step::log_prob_map(kind, x_next, old_mean, std);
+                        let adv_map = adv_map.clone().expect("checked");
+                        let (loss, ratio) =
+                            spatial_clipped_surrogate(log_prob, old, adv_map, t.clip_range);
+                        let [b, h, w] = ratio.dims();
+                        (loss, ratio.reshape([b * h * w]))
+                    }
                     Some(old_mean) => {
                         let old_mean = pick4(old_mean).autodiff();
                         let log_ratio =
@@ -933,6 +1009,17 @@ impl GrpoTrainer {
 }
 
 impl EpochData {
+    /// `[c, h, w]` of the stored latents.
+    fn latent_dims(&self) -> [usize; 3] {
+        let [_, c, h, w] = self
+            .latents
+            .values()
+            .next()
+            .expect("trained steps store latents")
+            .dims();
+        [c, h, w]
+    }
+
     fn concat(batches: Vec<EpochData>) -> Self {
         let first = &batches[0];
         let keys: Vec<usize> = first.latents.keys().copied().collect();
