@@ -512,3 +512,24 @@ fn boxflow_spatial_training_keeps_the_ratio_at_one_and_moves_the_adapter() {
     c.data.aggregate = portaflow::train::grpo::config::RewardAggregate::Advantages;
     assert!(c.validate().unwrap_err().contains("spatial"));
 }
+
+#[test]
+fn dense_grpo_credits_each_step_and_keeps_the_ratio_at_one() {
+    use portaflow::train::grpo::config::DenseReward;
+    let device = ChosenDevice::cpu().device;
+    for completion_steps in [0, 2] {
+        let run = TempDir::new("grpo-dense");
+        let mut c = config(1);
+        c.train.dense_reward = Some(DenseReward { completion_steps });
+        c.train.steps = StepSelection::Window { start: 0, size: 2 };
+        c.run.eval_every = 0;
+        c.run.grid_every = 0;
+        c.validate().unwrap();
+        let mut t = trainer(c, run.path(), &device);
+        let before = adapter_values(&t);
+        let m = t.epoch(|_| {}).unwrap();
+        assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+        assert!(m.kept > 0 && m.trained_steps == [0, 1], "{m:?}");
+        assert_ne!(before, adapter_values(&t));
+    }
+}

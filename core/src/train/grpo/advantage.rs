@@ -158,6 +158,44 @@ pub fn combine(
     })
 }
 
+/// DenseGRPO's per-step advantages: `returns[k][i]` is the reward of sample i's completion from
+/// latent k; step j is credited ΔR_j = R_{j+1} − R_j, normalised per step over the group
+/// ([`advantages`]). A sample with any non-finite ΔR gets 0 at every step.
+pub fn step_advantages(
+    returns: &std::collections::BTreeMap<usize, Vec<f64>>,
+    trained: &[usize],
+    group: &[usize],
+    scope: StdScope,
+) -> std::collections::BTreeMap<usize, Vec<f64>> {
+    let n = group.len();
+    let deltas: Vec<(usize, Vec<f64>)> = trained
+        .iter()
+        .map(|&j| {
+            let delta = (0..n)
+                .map(|i| returns[&(j + 1)][i] - returns[&j][i])
+                .collect();
+            (j, delta)
+        })
+        .collect();
+    let members: Vec<usize> = (0..n)
+        .filter(|&i| deltas.iter().all(|(_, d)| d[i].is_finite()))
+        .collect();
+    let groups: Vec<usize> = members.iter().map(|&i| group[i]).collect();
+    deltas
+        .into_iter()
+        .map(|(j, delta)| {
+            let mut full = vec![0.0; n];
+            if !members.is_empty() {
+                let values: Vec<f64> = members.iter().map(|&i| delta[i]).collect();
+                for (&i, a) in members.iter().zip(advantages(&values, &groups, scope)) {
+                    full[i] = a;
+                }
+            }
+            (j, full)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +342,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.valid, [0, 1, 3]);
+    }
+
+    #[test]
+    fn dense_advantages_credit_the_step_that_changed_the_outcome() {
+        // Two samples of one group: sample 0's completion jumps to 1 at step 1 (x1 → x2),
+        // sample 1's at step 0; the last sample has a NaN completion and trains nothing.
+        let returns = std::collections::BTreeMap::from([
+            (0, vec![0.0, 0.0, 0.0]),
+            (1, vec![0.0, 1.0, f64::NAN]),
+            (2, vec![1.0, 1.0, 1.0]),
+        ]);
+        let a = step_advantages(&returns, &[0, 1], &[0, 0, 0], StdScope::Group);
+        let std = 0.5 + STD_EPS;
+        assert!((a[&0][1] - 0.5 / std).abs() < 1e-12 && (a[&0][0] + 0.5 / std).abs() < 1e-12);
+        assert!((a[&1][0] - 0.5 / std).abs() < 1e-12 && (a[&1][1] + 0.5 / std).abs() < 1e-12);
+        assert_eq!((a[&0][2], a[&1][2]), (0.0, 0.0));
     }
 }

@@ -235,6 +235,15 @@ impl SampleSection {
     }
 }
 
+/// DenseGRPO's completions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DenseReward {
+    /// Euler steps of each ODE completion from σ_j to 0, evenly spaced in σ; 0 = the rest of the
+    /// rollout schedule (the paper's n = t, costly but best).
+    pub completion_steps: usize,
+}
+
 /// Which KL estimate regularises the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -278,6 +287,11 @@ pub struct TrainSection {
     /// reward's defect boxes, per-pixel advantages, ratios and clipping. Absent: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spatial: Option<crate::reward::boxes::MapSettings>,
+    /// DenseGRPO's step-wise rewards (ALGORITHMS.md §2.4): each trained step j is credited with
+    /// ΔR_j = R(x̂₀ from x_{j+1}) − R(x̂₀ from x_j), x̂₀ an ODE completion; advantages per step
+    /// over the group. Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense_reward: Option<DenseReward>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -310,6 +324,7 @@ impl Default for TrainSection {
             kl_type: KlType::X,
             ratio_norm: false,
             spatial: None,
+            dense_reward: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -446,6 +461,15 @@ impl GrpoConfig {
                 "train.spatial maps one scalar reward per image: data.aggregate must be \"sum\""
                     .into(),
             );
+        }
+        if t.dense_reward.is_some() && self.data.aggregate != RewardAggregate::Sum {
+            return Err(
+                "train.dense_reward differences one scalar reward: data.aggregate must be \"sum\""
+                    .into(),
+            );
+        }
+        if t.dense_reward.is_some() && t.spatial.is_some() {
+            return Err("train.dense_reward and train.spatial do not combine (per-step or per-pixel credit, not both)".into());
         }
         if t.spatial.is_some() && t.ratio_norm {
             return Err("train.spatial and train.ratio_norm do not combine (per-pixel ratios have no RatioNorm)".into());

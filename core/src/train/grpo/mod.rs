@@ -167,6 +167,9 @@ pub struct GrpoTrainer {
     plain_device: Device,
 }
 
+/// DenseGRPO's ODE completions of a batch: images by the step index they start from.
+type Completions = BTreeMap<usize, Vec<Image>>;
+
 /// Everything a rollout batch leaves for training, concatenated over the epoch (plain device).
 struct EpochData {
     /// x_j for every step j that training reads (trained steps and their successors).
@@ -402,6 +405,8 @@ impl GrpoTrainer {
         // scores[k][i]: reward k on sample i; boxes[i]: every reward's defect boxes of sample i.
         let spatial = c.train.spatial.clone();
         let mut boxes: Vec<Vec<DefectBox>> = Vec::new();
+        // dense_scores[k][reward][sample]: DenseGRPO's completions from step k.
+        let mut dense_scores: BTreeMap<usize, Vec<Vec<Option<Score>>>> = BTreeMap::new();
         let scores: Vec<Vec<Option<Score>>> =
             std::thread::scope(|scope| -> Result<_, GrpoError> {
                 let mut pending = Vec::new();
@@ -427,7 +432,7 @@ impl GrpoTrainer {
                         .iter()
                         .map(|&g| mix(c.run.seed, epoch as u64, g as u64, 2))
                         .collect();
-                    let (images, data) = self.rollout(
+                    let (images, data, completions) = self.rollout(
                         &prompts,
                         &init_seeds,
                         &step_seeds,
@@ -444,7 +449,7 @@ impl GrpoTrainer {
                     let rewards = &self.rewards;
                     let with_boxes = spatial.is_some();
                     pending.push(scope.spawn(move || {
-                        rewards
+                        let scored = rewards
                             .iter()
                             .map(|(reward, _)| {
                                 if with_boxes {
@@ -457,13 +462,33 @@ impl GrpoTrainer {
                                     })
                                 }
                             })
-                            .collect::<Result<Vec<_>, _>>()
+                            .collect::<Result<Vec<_>, _>>()?;
+                        // completion scores[k][reward][sample]
+                        let dense = completions
+                            .iter()
+                            .map(|(&k, images)| {
+                                rewards
+                                    .iter()
+                                    .map(|(reward, _)| reward.score(images, &batch_tasks))
+                                    .collect::<Result<Vec<_>, _>>()
+                                    .map(|s| (k, s))
+                            })
+                            .collect::<Result<BTreeMap<_, _>, _>>()?;
+                        Ok::<_, crate::reward::RewardError>((scored, dense))
                     }));
                 }
                 let wait = Instant::now();
                 let mut scores = vec![Vec::new(); self.rewards.len()];
                 for handle in pending {
-                    let batch = handle.join().expect("the reward thread panicked")?;
+                    let (batch, dense) = handle.join().expect("the reward thread panicked")?;
+                    for (k, per_reward) in dense {
+                        let all = dense_scores
+                            .entry(k)
+                            .or_insert_with(|| vec![Vec::new(); per_reward.len()]);
+                        for (all, part) in all.iter_mut().zip(per_reward) {
+                            all.extend(part);
+                        }
+                    }
                     let first = boxes.len();
                     for (k, part) in batch.into_iter().enumerate() {
                         if k == 0 {
@@ -569,6 +594,41 @@ impl GrpoTrainer {
             }
             all
         });
+        // DenseGRPO: ΔR_j = R_{j+1} − R_j from the completions (R_N = the image's own reward),
+        // group-relative per step; a sample with a non-finite completion reward trains nothing.
+        let step_advantages: Option<BTreeMap<usize, Vec<f64>>> =
+            c.train.dense_reward.as_ref().map(|_| {
+                let n = schedule.steps();
+                let at = |k: usize| -> Vec<f64> {
+                    if k == n {
+                        let mut full = vec![f64::NAN; samples.len()];
+                        for (&i, &r) in valid.iter().zip(&rewards) {
+                            full[i] = r;
+                        }
+                        return full;
+                    }
+                    (0..samples.len())
+                        .map(|i| {
+                            self.rewards
+                                .iter()
+                                .zip(&dense_scores[&k])
+                                .filter_map(|((_, w), s)| s[i].map(|s| w * s.reward as f64))
+                                .sum::<f64>()
+                        })
+                        .collect()
+                };
+                let returns: BTreeMap<usize, Vec<f64>> = trained
+                    .iter()
+                    .flat_map(|&j| [j, j + 1])
+                    .map(|k| (k, at(k)))
+                    .collect();
+                let by_step =
+                    advantage::step_advantages(&returns, &trained, &samples, c.train.std_scope);
+                for i in 0..samples.len() {
+                    advantage[i] = by_step.values().map(|a: &Vec<f64>| a[i].abs()).sum();
+                }
+                by_step
+            });
         let valid_advantage: Vec<f64> = valid.iter().map(|&i| advantage[i]).collect();
         let kept_valid = keep_informative(&valid_advantage, c.sample.batch_size, &mut rng);
         let mut kept: Vec<usize> = kept_valid.iter().map(|&k| valid[k]).collect();
@@ -581,6 +641,7 @@ impl GrpoTrainer {
             &kept,
             &advantage,
             advantage_maps.as_deref(),
+            step_advantages.as_ref(),
             &schedule,
             kind,
             &trained,
@@ -664,7 +725,7 @@ impl GrpoTrainer {
         kind: StepKind,
         plan: &crate::sample::select::StepPlan,
         trained: &[usize],
-    ) -> Result<(Vec<Image>, EpochData), GrpoError> {
+    ) -> Result<(Vec<Image>, EpochData, Completions), GrpoError> {
         let c = &self.config;
         let device = &self.plain_device;
         let cond = self
@@ -719,6 +780,50 @@ impl GrpoTrainer {
                 .expect("trained steps are stochastic");
             old_log_probs.insert(j, log_prob);
         }
+        // DenseGRPO: an ODE completion from every latent a trained step starts or ends at
+        // (the last latent is the rollout's own image).
+        let mut completions = Completions::new();
+        if let Some(dense) = &c.train.dense_reward {
+            let n = schedule.steps();
+            let starts: std::collections::BTreeSet<usize> = trained
+                .iter()
+                .flat_map(|&j| [j, j + 1])
+                .filter(|&k| k < n)
+                .collect();
+            for k in starts {
+                let sigma = schedule.sigmas[k];
+                let rest = match dense.completion_steps {
+                    0 => Schedule {
+                        sigmas: schedule.sigmas[k..].to_vec(),
+                    },
+                    steps => Schedule {
+                        sigmas: (0..=steps)
+                            .map(|i| sigma * (1.0 - i as f64 / steps as f64))
+                            .collect(),
+                    },
+                };
+                let options = SampleOptions {
+                    schedule: &rest,
+                    kind: StepKind::Euler,
+                    plan: crate::sample::select::StepPlan::ode(rest.steps()),
+                    guidance_scale: c.sample.guidance_scale,
+                    shared_seeds: None,
+                    record: false,
+                };
+                let (completed, _) = sample(
+                    &denoiser,
+                    rollout.latents[k].clone(),
+                    &cond,
+                    uncond.as_ref(),
+                    &NoiseSource::new(step_seeds.to_vec()),
+                    &options,
+                    |_| {},
+                    None,
+                )
+                .map_err(PipelineError::from)?;
+                completions.insert(k, to_images(self.plain.decode(completed)));
+            }
+        }
         Ok((
             to_images(self.plain.decode(x0)),
             EpochData {
@@ -728,6 +833,7 @@ impl GrpoTrainer {
                 cond,
                 uncond,
             },
+            completions,
         ))
     }
 
@@ -738,6 +844,7 @@ impl GrpoTrainer {
         kept: &[usize],
         advantage: &[f64],
         advantage_maps: Option<&[Vec<f32>]>,
+        step_advantages: Option<&BTreeMap<usize, Vec<f64>>>,
         schedule: &Schedule,
         kind: StepKind,
         trained: &[usize],
@@ -773,6 +880,19 @@ impl GrpoTrainer {
                 .map(|&r| advantage[r].clamp(-t.adv_clip_max, t.adv_clip_max) as f32)
                 .collect();
             let adv = Tensor::<1>::from_data(TensorData::new(adv, [rows.len()]), &self.device);
+            // DenseGRPO: each step's own advantages.
+            let step_adv = |j: usize| -> Tensor<1> {
+                match step_advantages {
+                    Some(by_step) => {
+                        let values: Vec<f32> = rows
+                            .iter()
+                            .map(|&r| by_step[&j][r].clamp(-t.adv_clip_max, t.adv_clip_max) as f32)
+                            .collect();
+                        Tensor::from_data(TensorData::new(values, [rows.len()]), &self.device)
+                    }
+                    None => adv.clone(),
+                }
+            };
             // BoxFlow: [rows, h, w], not clipped.
             let adv_map = advantage_maps.map(|maps| {
                 let [_, h, w] = data.latent_dims();
@@ -813,9 +933,9 @@ impl GrpoTrainer {
                         let old_mean = pick4(old_mean).autodiff();
                         let log_ratio =
                             ratio_norm_log_ratio(log_prob, old, mean.clone(), old_mean, std);
-                        clipped_surrogate_of_log_ratio(log_ratio, adv.clone(), t.clip_range)
+                        clipped_surrogate_of_log_ratio(log_ratio, step_adv(j), t.clip_range)
                     }
-                    None => clipped_surrogate(log_prob, old, adv.clone(), t.clip_range),
+                    None => clipped_surrogate(log_prob, old, step_adv(j), t.clip_range),
                 };
                 let mut loss = policy_loss.clone();
                 let mut kl_value = 0.0;
