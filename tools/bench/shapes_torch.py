@@ -16,16 +16,20 @@ What it mirrors (the Rust file in brackets):
   EMA of the adapter. Rewards are random (ours is a CPU colour-segmentation detector, a few ms,
   timed separately on the Rust side); advantages are computed from them as ours are.
 
-Prints one JSON object on stdout (progress on stderr): images/s and seconds per batch for each
-(steps, batch) (`--prompt` repeated; every prompt pads to 16 tokens, so its words do not change
-the cost), seconds of the GRPO rollout / training / epoch, peak memory per phase.
+Prints one JSON object on stdout (progress on stderr), with `portaflow bench --json`'s field names
+where they mean the same: per (steps, batch) the first, median (upper middle, as ours) and min
+seconds of a generate call, images/s and peak memory (`--prompt` repeated, ours by default; every
+prompt pads to 16 tokens, so its words do not change the cost); per GRPO iteration the seconds of
+the whole epoch, the rollout and the training, and peak memory per phase.
 
 `--check-latents FILE` reads what `generate --latents` reads (`pipeline::read_noise`): a
 safetensors file with exactly one f32 tensor `[n, 3, 64, 64]`, any key; it writes the Euler
 images of `--prompt` to `--check-out` (`<stem>-<k>.png` when n > 1, as ours) and exits.
 
-Run (from the repository root; 2 threads, as our CPU backend):
+Run (from the repository root; `--threads 2` by default, the machine's two cores):
     /work/venv/bin/python tools/bench/shapes_torch.py --runs 5 --warmup 1 --grpo > torch.json
+    target/debug/portaflow --device cpu bench --runs 5 --warmup 1 \
+        --grpo configs/grpo-shapes.toml --json ours.json
 Pixel equality with our engine (same initial noise, Euler, CFG 4, 20 steps):
     /work/venv/bin/python tools/bench/shapes_torch.py --write-noise noise.safetensors --seed 1
     /work/venv/bin/python tools/bench/shapes_torch.py --check-latents noise.safetensors \
@@ -257,7 +261,14 @@ def generate(
 # Sampling benchmark
 
 
+def upper_median(times: list[float]) -> float:
+    """`portaflow bench`'s median: the upper middle of the sorted times."""
+    return sorted(times)[len(times) // 2]
+
+
 def bench_sampling(pipe: Shapes, args: argparse.Namespace) -> list[dict]:
+    """`cli/bench.rs` sampling: per (steps, batch), `warmup` untimed calls (the first one's time
+    reported apart), then `runs` timed calls of `generate` (noise drawn inside, as ours)."""
     shape = (pipe.channels, pipe.resolution, pipe.resolution)
     generator = torch.Generator().manual_seed(args.seed)
     results = []
@@ -266,28 +277,29 @@ def bench_sampling(pipe: Shapes, args: argparse.Namespace) -> list[dict]:
             prompts = [args.prompt] * batch
             reset_peak()
             times = []
-            for run in range(args.warmup + args.runs):
-                noise = torch.randn((batch, *shape), generator=generator)
+            for _ in range(args.warmup + args.runs):
                 start = time.perf_counter()
-                generate(pipe, prompts, noise, steps, args.cfg)
-                elapsed = time.perf_counter() - start
-                if run >= args.warmup:
-                    times.append(elapsed)
-            seconds = statistics.median(times)
+                noise = torch.randn((batch, *shape), generator=generator)
+                images = generate(pipe, prompts, noise, steps, args.cfg)
+                times.append(time.perf_counter() - start)
+                assert images.shape[0] == batch
+            timed = times[args.warmup :]
+            median = upper_median(timed)
             result = {
                 "steps": steps,
                 "batch": batch,
-                "cfg": args.cfg,
                 "transformer_batch": batch * (2 if args.cfg > 1.0 else 1),
-                "seconds_per_batch": seconds,
-                "seconds_min": min(times),
-                "seconds_all_runs": times,
-                "images_per_s": batch / seconds,
-                "peak_rss_mib": status_mib("VmHWM"),
+                "first_seconds": times[0] if args.warmup > 0 else None,
+                "median_seconds": median,
+                "min_seconds": min(timed),
+                "images_per_second": batch / median,
+                "peak_memory_mib": status_mib("VmHWM"),
+                "all_seconds": timed,
             }
             log(
-                f"sample steps={steps} batch={batch}: {seconds:.3f} s/batch, "
-                f"{batch / seconds:.2f} img/s, peak {result['peak_rss_mib']:.0f} MiB"
+                f"sample steps={steps} batch={batch}: median {median:.3f} s, "
+                f"min {min(timed):.3f} s, {batch / median:.2f} images/s, "
+                f"peak {result['peak_memory_mib']:.0f} MiB"
             )
             results.append(result)
     return results
@@ -307,6 +319,9 @@ def read_grpo_config(path: Path) -> dict:
         "train.beta": (t.get("beta"), 0.0),
         "train.cfg": (t.get("cfg", False), False),
         "train.steps.type": (t["steps"].get("type"), "random-window"),
+        "train.ratio_norm": (t.get("ratio_norm", False), False),
+        "train.spatial": (t.get("spatial"), None),
+        "train.dense_reward": (t.get("dense_reward"), None),
     }
     for key, (found, expected) in mirrored.items():
         if found != expected:
@@ -471,6 +486,7 @@ class Grpo:
 
     def epoch(self) -> dict:
         s = self.s
+        epoch_start = time.perf_counter()
         trained = self.window()
         # 1. prompts: groups_per_epoch distinct prompts, group_size copies each, shuffled.
         chosen = self.rng.sample(self.train_prompts, s["groups_per_epoch"])
@@ -503,53 +519,46 @@ class Grpo:
         seconds_train = time.perf_counter() - start
         peak_train = status_mib("VmHWM")
         return {
-            "trained_steps": trained,
+            "seconds": time.perf_counter() - epoch_start,
             "seconds_rollout": seconds_rollout,
+            "seconds_reward_wait": 0.0,
             "seconds_train": seconds_train,
-            "seconds_epoch": seconds_rollout + seconds_train,
-            "peak_rss_mib_rollout": peak_rollout,
-            "peak_rss_mib_train": peak_train,
+            "images": len(samples),
+            "trained_steps": trained,
+            "peak_memory_mib": max(peak_rollout, peak_train),
+            "peak_memory_mib_rollout": peak_rollout,
+            "peak_memory_mib_train": peak_train,
             "policy_loss": statistics.mean(losses),
         }
 
 
 def bench_grpo(pipe: Shapes, args: argparse.Namespace) -> dict:
+    """`cli/bench.rs` GRPO: `--grpo-iterations` epochs in a row (the first with first-use costs),
+    each reported."""
     config = read_grpo_config(args.grpo_config)
     grpo = Grpo(pipe, config, args.seed)
-    s, t = config["sample"], config["train"]
+    s = config["sample"]
+    lora_parameters = sum(p.numel() for p in grpo.params)
     log(
         f"grpo: {s['groups_per_epoch']}×{s['group_size']} images, {s['steps']} steps, "
-        f"{grpo.lora_modules} LoRA linears ({sum(p.numel() for p in grpo.params)} parameters)"
+        f"{grpo.lora_modules} LoRA linears ({lora_parameters} parameters)"
     )
-    epochs = []
-    for run in range(args.warmup + args.runs):
-        result = grpo.epoch()
+    iterations = []
+    for iteration in range(args.grpo_iterations):
+        result = {"iteration": iteration, **grpo.epoch()}
         log(
-            f"grpo epoch {run + 1}{' (warm-up)' if run < args.warmup else ''}: rollout "
-            f"{result['seconds_rollout']:.2f} s, train {result['seconds_train']:.2f} s, "
-            f"steps {result['trained_steps']}"
+            f"grpo iteration {iteration}: {result['seconds']:.2f} s (rollout "
+            f"{result['seconds_rollout']:.2f} s, train {result['seconds_train']:.2f} s), "
+            f"steps {result['trained_steps']}, peak {result['peak_memory_mib']:.0f} MiB"
         )
-        if run >= args.warmup:
-            epochs.append(result)
-    median = lambda key: statistics.median(e[key] for e in epochs)  # noqa: E731
+        iterations.append(result)
     return {
         "config": str(args.grpo_config),
-        "images_per_epoch": s["groups_per_epoch"] * s["group_size"],
-        "steps": s["steps"],
-        "trained_steps_per_epoch": t["steps"]["size"],
-        "batch_size": s["batch_size"],
-        "grad_accum": t["grad_accum"],
-        "optimizer_steps_per_epoch": grpo.global_step // (args.warmup + args.runs),
         "lora_linears": grpo.lora_modules,
-        "lora_parameters": sum(p.numel() for p in grpo.params),
+        "lora_parameters": lora_parameters,
+        "optimizer_steps": grpo.global_step,
         "rewards": "random (ours: the CPU colour-segmentation detector, timed on its own)",
-        "seconds_rollout": median("seconds_rollout"),
-        "seconds_train": median("seconds_train"),
-        "seconds_epoch": median("seconds_epoch"),
-        "seconds_epoch_min": min(e["seconds_epoch"] for e in epochs),
-        "peak_rss_mib_rollout": max(e["peak_rss_mib_rollout"] for e in epochs),
-        "peak_rss_mib_train": max(e["peak_rss_mib_train"] for e in epochs),
-        "epochs": epochs,
+        "iterations": iterations,
     }
 
 
@@ -603,10 +612,11 @@ def main() -> None:
     parser.add_argument("--steps", type=ints, default=[4, 20], help="sampling steps, e.g. 4,20")
     parser.add_argument("--batches", type=ints, default=[1, 16], help="batch sizes, e.g. 1,16")
     parser.add_argument("--cfg", type=float, default=4.0)
-    parser.add_argument("--prompt", default="a photo of a red circle")
+    parser.add_argument("--prompt", default="a photo of a red circle left of a blue square")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-sampling", action="store_true", help="skip the sampling benchmark")
-    parser.add_argument("--grpo", action="store_true", help="also time GRPO epochs")
+    parser.add_argument("--grpo", action="store_true", help="also time GRPO iterations")
+    parser.add_argument("--grpo-iterations", type=int, default=2)
     parser.add_argument("--grpo-config", type=Path, default=REPO / "configs" / "grpo-shapes.toml")
     parser.add_argument(
         "--check-latents",
@@ -622,8 +632,8 @@ def main() -> None:
         help="write N(0, I) noise [1, 3, 64, 64] from --seed under the key `latents` and exit",
     )
     args = parser.parse_args()
-    if args.runs < 1 or args.warmup < 0:
-        parser.error("--runs must be at least 1 and --warmup at least 0")
+    if args.runs < 1 or args.warmup < 0 or args.grpo_iterations < 1:
+        parser.error("--runs and --grpo-iterations must be at least 1, --warmup at least 0")
 
     torch.set_num_threads(args.threads)
     if args.write_noise:
@@ -632,6 +642,7 @@ def main() -> None:
         log(f"wrote {args.write_noise}")
         return
 
+    rss_before_load = status_mib("VmRSS")  # torch, diffusers and transformers themselves
     start = time.perf_counter()
     pipe = load(args.model)
     report = {
@@ -643,8 +654,12 @@ def main() -> None:
         "parameters": {
             "transformer": sum(p.numel() for p in pipe.transformer.parameters()),
             "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()),
+            # diffusers keeps the sin-cos position table as a buffer; ours counts it as a
+            # (frozen) parameter in `portaflow bench`'s `parameters`.
+            "transformer_buffers": sum(b.numel() for b in pipe.transformer.buffers()),
         },
         "seconds_load": time.perf_counter() - start,
+        "rss_mib_before_load": rss_before_load,
         "rss_mib_after_load": status_mib("VmRSS"),
         # Other processes share the cores: the load average says how much.
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],

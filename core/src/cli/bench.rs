@@ -175,8 +175,9 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.grpo {
         let mut config = GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?;
         config.model.path = Some(model.clone());
-        // Iterations only: no held-out evaluation, grids or checkpoints in the timings.
-        config.run.epochs = args.grpo_iterations;
+        // Iterations only: no held-out evaluation, grids or checkpoints in the timings (one
+        // epoch more than is run, so none of them is the last, which saves the adapter).
+        config.run.epochs = args.grpo_iterations + 1;
         config.run.eval_every = 0;
         config.run.grid_every = 0;
         config.run.save_every = usize::MAX;
