@@ -41,6 +41,7 @@ Pixel equality with our engine (same initial noise, Euler, CFG 4, 20 steps):
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -602,6 +603,17 @@ def check(pipe: Shapes, args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def sgemm_gflops(n: int = 2048, reps: int = 10) -> float:
+    """This machine's practical f32 peak: a 2048³ matmul with the chosen thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -648,8 +660,11 @@ def main() -> None:
     report = {
         "engine": "pytorch",
         "torch": torch.__version__,
+        "diffusers": importlib.metadata.version("diffusers"),
+        "peft": importlib.metadata.version("peft"),
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "sgemm_gflops": sgemm_gflops(),
         "model": str(args.model),
         "parameters": {
             "transformer": sum(p.numel() for p in pipe.transformer.parameters()),
