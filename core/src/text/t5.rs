@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
+use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -310,7 +310,7 @@ impl T5EncoderModel {
         let activate = |h: Tensor<3>| match act {
             "relu" => relu(h),
             "gelu" => gelu(h),
-            "gelu_new" => gelu_approximate(h),
+            "gelu_new" => crate::model::layers::gelu_tanh(h),
             _ => silu(h),
         };
         for block in &self.encoder.block {

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu_approximate, silu};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -188,7 +188,7 @@ impl FluxSingleTransformerBlock {
     ) -> Tensor<3> {
         let m = chunks(self.norm.forward(temb_act), 3);
         let normed = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
-        let mlp = gelu_approximate(self.proj_mlp.forward(normed.clone()));
+        let mlp = super::layers::gelu_tanh(self.proj_mlp.forward(normed.clone()));
         let [q, k, v] = self.attn.forward(normed, heads);
         let attn = rope_attention(q, k, v, &rope.0, &rope.1);
         // [b, s, d + 4d] → [b, s, d]
