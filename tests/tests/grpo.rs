@@ -116,6 +116,13 @@ fn base(device: &Device) -> Pipeline {
     Pipeline::from_dir(&dir.path().join("checkpoint"), &ad).unwrap()
 }
 
+/// `config` without held-out evaluation or grids (tests of one epoch's training).
+fn without_eval(mut c: GrpoConfig) -> GrpoConfig {
+    c.run.eval_every = 0;
+    c.run.grid_every = 0;
+    c
+}
+
 fn trainer(config: GrpoConfig, run: &std::path::Path, device: &Device) -> GrpoTrainer {
     let (train, test) = prompt_sets::build();
     let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
@@ -141,11 +148,9 @@ fn adapter_values(t: &GrpoTrainer) -> Vec<f32> {
 fn first_ratio_is_one(device: &Device, what: &str) {
     let run = TempDir::new(&format!("grpo-ratio-{what}"));
     // One rollout batch, two trained steps: lavapipe is slow.
-    let mut c = config(1);
+    let mut c = without_eval(config(1));
     c.sample.steps = 3;
     c.sample.groups_per_epoch = 2;
-    c.run.eval_every = 0;
-    c.run.grid_every = 0;
     let mut t = trainer(c, run.path(), device);
     let m = t.epoch(|_| {}).unwrap();
     println!(
@@ -314,9 +319,7 @@ fn every_preset_in_configs_parses_and_validates() {
 fn non_finite_rewards_are_left_out_and_never_reach_the_weights() {
     let run = TempDir::new("grpo-nan");
     let device = ChosenDevice::cpu().device;
-    let mut c = config(1);
-    c.run.eval_every = 0;
-    c.run.grid_every = 0;
+    let c = without_eval(config(1));
     let mut t = trainer(c, run.path(), &device).with_reward(Box::new(SometimesNan));
     let m = t.epoch(|_| {}).unwrap();
     assert_eq!(m.nonfinite_rewards, 2);
@@ -355,9 +358,7 @@ fn a_reward_server_dying_mid_run_abandons_the_epoch_and_keeps_the_state() {
     .unwrap();
     let run = TempDir::new("grpo-remote");
     let device = ChosenDevice::cpu().device;
-    let mut c = config(3);
-    c.run.eval_every = 0;
-    c.run.grid_every = 0;
+    let c = without_eval(config(3));
     let mut t = trainer(c, run.path(), &device).with_reward(Box::new(remote));
     t.epoch(|_| {}).unwrap();
     assert_eq!(t.epoch, 1);
@@ -388,9 +389,7 @@ fn a_multi_reward_run_draws_both_tasks_and_scores_each_with_its_reward() {
     use portaflow::train::grpo::config::{RewardAggregate, RewardKind, RewardTerm};
     let run = TempDir::new("grpo-multi");
     let device = ChosenDevice::cpu().device;
-    let mut c = config(1);
-    c.run.eval_every = 0;
-    c.run.grid_every = 0;
+    let mut c = without_eval(config(1));
     c.data.rewards = vec![
         RewardTerm {
             reward: RewardKind::Geneval,
@@ -435,12 +434,10 @@ fn grpo_guard_and_dance_sde_keep_the_on_policy_ratio_at_one() {
         (SdeType::Dance, true),
     ] {
         let run = TempDir::new("grpo-guard");
-        let mut c = config(1);
+        let mut c = without_eval(config(1));
         c.sample.sde_type = sde;
         c.sample.noise_level = if sde == SdeType::Dance { 0.3 } else { 0.7 };
         c.train.ratio_norm = ratio_norm;
-        c.run.eval_every = 0;
-        c.run.grid_every = 0;
         c.validate().unwrap();
         let mut t = trainer(c, run.path(), &device);
         let before = adapter_values(&t);
@@ -496,10 +493,8 @@ impl Reward for RednessWithBoxes {
 fn boxflow_spatial_training_keeps_the_ratio_at_one_and_moves_the_adapter() {
     let device = ChosenDevice::cpu().device;
     let run = TempDir::new("grpo-spatial");
-    let mut c = config(1);
+    let mut c = without_eval(config(1));
     c.train.spatial = Some(Default::default());
-    c.run.eval_every = 0;
-    c.run.grid_every = 0;
     c.validate().unwrap();
     let mut t = trainer(c, run.path(), &device).with_reward(Box::new(RednessWithBoxes));
     let before = adapter_values(&t);
@@ -519,11 +514,9 @@ fn dense_grpo_credits_each_step_and_keeps_the_ratio_at_one() {
     let device = ChosenDevice::cpu().device;
     for completion_steps in [0, 2] {
         let run = TempDir::new("grpo-dense");
-        let mut c = config(1);
+        let mut c = without_eval(config(1));
         c.train.dense_reward = Some(DenseReward { completion_steps });
         c.train.steps = StepSelection::Window { start: 0, size: 2 };
-        c.run.eval_every = 0;
-        c.run.grid_every = 0;
         c.validate().unwrap();
         let mut t = trainer(c, run.path(), &device);
         let before = adapter_values(&t);
