@@ -336,8 +336,7 @@ impl GeluFeedForward {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.net_2
-            .forward(gelu_tanh(self.net_0_proj.forward(x)))
+        self.net_2.forward(gelu_tanh(self.net_0_proj.forward(x)))
     }
 }
 
