@@ -28,6 +28,19 @@ pub enum LoraCommand {
         #[arg(long)]
         alpha: Option<f64>,
     },
+    /// Combine adapters into one whose ΔW is Σ weight·ΔW exactly (weights 1/n: Flow-OPD's cold
+    /// start from several teachers). OUT is a PEFT folder, or a diffusers .safetensors file.
+    Combine {
+        /// Adapters, `PATH[:WEIGHT]` (default weight 1/number of adapters); repeat for several.
+        #[arg(long = "lora", required = true)]
+        loras: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Average the A and the B factors separately instead, as Flow-OPD's released code does
+        /// (not ΔW's average); prints how far its ΔW is from the exact one.
+        #[arg(long)]
+        average_factors: bool,
+    },
     /// Fold adapters into the base weights and write a new pipeline folder.
     Merge {
         /// The pipeline folder (default: the bundled model).
@@ -49,6 +62,11 @@ pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
             output,
             alpha,
         } => convert(&input, &output, alpha),
+        LoraCommand::Combine {
+            loras,
+            out,
+            average_factors,
+        } => combine(&loras, &out, average_factors),
         LoraCommand::Merge { model, loras, out } => {
             let chosen = device::select(request)?;
             let dir = model.unwrap_or_else(pipeline::bundled_dir);
@@ -157,6 +175,75 @@ fn target_name(path: &str) -> String {
     segments[start.min(segments.len() - 1)..].join(".")
 }
 
+fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
+    let n = specs.len() as f64;
+    let mut read = Vec::new();
+    for spec in specs {
+        let weight = if spec
+            .rsplit_once(':')
+            .is_some_and(|(_, w)| w.parse::<f64>().is_ok())
+        {
+            parse_spec(spec)?.1
+        } else {
+            1.0 / n
+        };
+        let path = parse_spec(spec)?.0;
+        read.push((LoraWeights::read(&path)?, weight));
+    }
+    let parts: Vec<(&LoraWeights, f64)> = read.iter().map(|(w, x)| (w, *x)).collect();
+    let exact = LoraWeights::sum_of_deltas(&parts)?;
+    let combined = if average_factors {
+        let approx = LoraWeights::average_of_factors(&parts)?;
+        let (mut err, mut norm) = (0f64, 0f64);
+        for path in exact.modules.keys() {
+            let (e, a) = (exact.delta(path).unwrap(), approx.delta(path).unwrap());
+            err += e
+                .iter()
+                .zip(&a)
+                .map(|(e, a)| ((e - a) as f64).powi(2))
+                .sum::<f64>();
+            norm += e.iter().map(|e| (*e as f64).powi(2)).sum::<f64>();
+        }
+        println!(
+            "factor averaging: ‖ΔW − exact ΔW‖ / ‖exact ΔW‖ = {:.4} over {} modules",
+            (err / norm.max(f64::MIN_POSITIVE)).sqrt(),
+            exact.modules.len()
+        );
+        approx
+    } else {
+        exact
+    };
+    write_adapter(&combined, out)?;
+    let ranks: std::collections::BTreeSet<usize> =
+        combined.modules.values().map(|m| m.rank).collect();
+    println!(
+        "{} adapter(s) → {} ({} modules, rank {:?})",
+        specs.len(),
+        out.display(),
+        combined.modules.len(),
+        ranks
+    );
+    Ok(())
+}
+
+/// Writes a diffusers file when `out` ends in `.safetensors`, else a PEFT folder (one component).
+fn write_adapter(weights: &LoraWeights, out: &Path) -> Result<()> {
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        weights.write_diffusers(out)?;
+    } else {
+        let components = weights.components();
+        anyhow::ensure!(
+            components.len() == 1,
+            "a PEFT folder holds one component; this adapter has {components:?}: write a diffusers .safetensors instead"
+        );
+        weights.write_peft(out, &components[0])?;
+    }
+    Ok(())
+}
+
 fn convert(input: &Path, output: &Path, alpha: Option<f64>) -> Result<()> {
     let mut weights = LoraWeights::read(input)?;
     if let Some(alpha) = alpha {
@@ -167,21 +254,12 @@ fn convert(input: &Path, output: &Path, alpha: Option<f64>) -> Result<()> {
         );
         weights = weights.with_alpha(alpha);
     }
-    let is_file = output
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    if is_file {
-        weights.write_diffusers(output)?;
-        println!("{} → diffusers {}", input.display(), output.display());
-    } else {
-        let components = weights.components();
-        anyhow::ensure!(
-            components.len() == 1,
-            "a PEFT folder holds one component; {} has {components:?}: convert to a diffusers .safetensors instead",
-            input.display()
-        );
-        weights.write_peft(output, &components[0])?;
-        println!("{} → PEFT folder {}", input.display(), output.display());
-    }
+    write_adapter(&weights, output).with_context(|| format!("converting {}", input.display()))?;
+    println!(
+        "{} → {} ({})",
+        input.display(),
+        output.display(),
+        weights.format
+    );
     Ok(())
 }

@@ -335,6 +335,135 @@ impl LoraWeights {
         self
     }
 
+    /// One adapter whose ΔW is exactly Σ_i w_i·ΔW_i (Flow-OPD's cold start from several
+    /// teachers, done on ΔW): per module, `A = [A_1; …; A_n]` and
+    /// `B = [w_1·s_1·B_1, …, w_n·s_n·B_n]`, rank Σ r_i, scaling 1 (α = rank). A module missing
+    /// from some adapters takes the others' terms. Weights 1/n give the average.
+    pub fn sum_of_deltas(parts: &[(&LoraWeights, f64)]) -> Result<Self, LoraError> {
+        let paths: std::collections::BTreeSet<&String> =
+            parts.iter().flat_map(|(w, _)| w.modules.keys()).collect();
+        let mut modules = BTreeMap::new();
+        for path in paths {
+            let terms: Vec<(&LoraModule, f64)> = parts
+                .iter()
+                .filter_map(|(w, weight)| w.modules.get(path).map(|m| (m, *weight)))
+                .collect();
+            let (d_in, d_out) = same_shape(path, &terms)?;
+            let rank: usize = terms.iter().map(|(m, _)| m.rank).sum();
+            let mut a = Vec::with_capacity(rank * d_in);
+            for (m, _) in &terms {
+                a.extend_from_slice(&m.a);
+            }
+            // B is [d_out, r] row-major: row o is the concatenation of each term's row o.
+            let mut b = Vec::with_capacity(d_out * rank);
+            for o in 0..d_out {
+                for (m, weight) in &terms {
+                    let scale = (weight * m.scaling) as f32;
+                    b.extend(m.b[o * m.rank..(o + 1) * m.rank].iter().map(|v| v * scale));
+                }
+            }
+            modules.insert(
+                path.clone(),
+                LoraModule {
+                    rank,
+                    d_in,
+                    d_out,
+                    a,
+                    b,
+                    alpha: rank as f64,
+                    scaling: 1.0,
+                },
+            );
+        }
+        Ok(Self {
+            format: Format::Peft,
+            source: PathBuf::from("<sum of adapter deltas>"),
+            modules,
+            configs: BTreeMap::new(),
+        })
+    }
+
+    /// The merge of Flow-OPD's released code (`scripts/merge.py`): the weighted average of the A
+    /// factors and, separately, of the B factors. Its ΔW is mean(B)·mean(A), not mean(B·A); kept
+    /// to measure that difference. Needs the same modules, ranks and scalings in every adapter.
+    pub fn average_of_factors(parts: &[(&LoraWeights, f64)]) -> Result<Self, LoraError> {
+        let (first, _) = parts
+            .first()
+            .ok_or_else(|| LoraError::Config("no adapter to average".into()))?;
+        let total: f64 = parts.iter().map(|(_, w)| w).sum();
+        let mut modules = BTreeMap::new();
+        for (path, m0) in &first.modules {
+            let mut a = vec![0f32; m0.a.len()];
+            let mut b = vec![0f32; m0.b.len()];
+            for (w, weight) in parts {
+                let m = w.modules.get(path).ok_or_else(|| LoraError::Shape {
+                    adapter: w.source.display().to_string(),
+                    path: path.clone(),
+                    message: "missing: factor averaging needs the same modules in every adapter"
+                        .into(),
+                })?;
+                if m.rank != m0.rank
+                    || m.d_in != m0.d_in
+                    || m.d_out != m0.d_out
+                    || m.scaling != m0.scaling
+                {
+                    return Err(LoraError::Shape {
+                        adapter: w.source.display().to_string(),
+                        path: path.clone(),
+                        message: format!(
+                            "rank {} / shape [{}, {}] / scaling {} differ from the first adapter's {} / [{}, {}] / {}",
+                            m.rank,
+                            m.d_out,
+                            m.d_in,
+                            m.scaling,
+                            m0.rank,
+                            m0.d_out,
+                            m0.d_in,
+                            m0.scaling
+                        ),
+                    });
+                }
+                let share = (weight / total) as f32;
+                a.iter_mut().zip(&m.a).for_each(|(x, v)| *x += share * v);
+                b.iter_mut().zip(&m.b).for_each(|(x, v)| *x += share * v);
+            }
+            modules.insert(path.clone(), LoraModule { a, b, ..m0.clone() });
+        }
+        if let Some((w, _)) = parts
+            .iter()
+            .find(|(w, _)| w.modules.len() != first.modules.len())
+        {
+            return Err(LoraError::Config(format!(
+                "{} has {} modules, the first adapter {}: factor averaging needs the same modules",
+                w.source.display(),
+                w.modules.len(),
+                first.modules.len()
+            )));
+        }
+        Ok(Self {
+            format: Format::Peft,
+            source: PathBuf::from("<average of adapter factors>"),
+            modules,
+            configs: BTreeMap::new(),
+        })
+    }
+
+    /// ΔW = s·B·A of one module, `[d_out, d_in]` row-major.
+    pub fn delta(&self, path: &str) -> Option<Vec<f32>> {
+        let m = self.modules.get(path)?;
+        let mut out = vec![0f32; m.d_out * m.d_in];
+        for o in 0..m.d_out {
+            for k in 0..m.rank {
+                let coef = m.b[o * m.rank + k] * m.scaling as f32;
+                let row = &m.a[k * m.d_in..(k + 1) * m.d_in];
+                for (x, v) in out[o * m.d_in..(o + 1) * m.d_in].iter_mut().zip(row) {
+                    *x += coef * v;
+                }
+            }
+        }
+        Some(out)
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.modules.values().map(|m| m.a.len() + m.b.len()).sum()
     }
@@ -596,8 +725,90 @@ fn with_component(module: &str, default: &str) -> String {
     }
 }
 
+/// The common `(d_in, d_out)` of one module across adapters, or an error naming the adapter
+/// whose shape differs.
+fn same_shape(path: &str, terms: &[(&LoraModule, f64)]) -> Result<(usize, usize), LoraError> {
+    let (first, _) = terms[0];
+    for (m, _) in terms {
+        if (m.d_in, m.d_out) != (first.d_in, first.d_out) {
+            return Err(LoraError::Shape {
+                adapter: "combined".into(),
+                path: path.into(),
+                message: format!(
+                    "[{}, {}] in one adapter, [{}, {}] in another: adapters of different models?",
+                    m.d_out, m.d_in, first.d_out, first.d_in
+                ),
+            });
+        }
+    }
+    Ok((first.d_in, first.d_out))
+}
+
 #[cfg(test)]
 mod tests {
+
+    fn random_adapter(seed: u64, rank: usize, scaling: f64) -> LoraWeights {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (d_in, d_out) = (6, 5);
+        let mut values = |n: usize| (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let module = LoraModule {
+            rank,
+            d_in,
+            d_out,
+            a: values(rank * d_in),
+            b: values(d_out * rank),
+            alpha: scaling * rank as f64,
+            scaling,
+        };
+        LoraWeights {
+            format: Format::Peft,
+            source: PathBuf::from(format!("teacher{seed}")),
+            modules: BTreeMap::from([("transformer.blocks.0.attn.to_q".to_string(), module)]),
+            configs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn summed_deltas_are_exact_and_factor_averages_are_not() {
+        let path = "transformer.blocks.0.attn.to_q";
+        let (t1, t2) = (random_adapter(1, 4, 2.0), random_adapter(2, 2, 0.5));
+        let sum = LoraWeights::sum_of_deltas(&[(&t1, 0.5), (&t2, 0.5)]).unwrap();
+        let m = &sum.modules[path];
+        assert_eq!((m.rank, m.scaling), (6, 1.0));
+        let (d1, d2, got) = (
+            t1.delta(path).unwrap(),
+            t2.delta(path).unwrap(),
+            sum.delta(path).unwrap(),
+        );
+        for ((a, b), g) in d1.iter().zip(&d2).zip(&got) {
+            assert!((0.5 * (a + b) - g).abs() < 1e-5, "{} vs {g}", 0.5 * (a + b));
+        }
+        // The config written for it reproduces scaling 1 at rank 6.
+        let config = sum.peft_config("transformer").unwrap();
+        assert_eq!((config.r, config.lora_alpha), (6, 6.0));
+
+        let (u1, u2) = (random_adapter(3, 4, 2.0), random_adapter(4, 4, 2.0));
+        let avg = LoraWeights::average_of_factors(&[(&u1, 1.0), (&u2, 1.0)]).unwrap();
+        let exact = LoraWeights::sum_of_deltas(&[(&u1, 0.5), (&u2, 0.5)]).unwrap();
+        let (approx, exact) = (avg.delta(path).unwrap(), exact.delta(path).unwrap());
+        let err: f32 = approx
+            .iter()
+            .zip(&exact)
+            .map(|(a, e)| (a - e).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        let norm: f32 = exact.iter().map(|e| e * e).sum::<f32>().sqrt();
+        assert!(
+            err / norm > 0.3,
+            "mean(B)·mean(A) should be far from mean(B·A): {}",
+            err / norm
+        );
+        // Different ranks cannot be factor-averaged; the error names the module.
+        let err = LoraWeights::average_of_factors(&[(&u1, 1.0), (&t2, 1.0)]).unwrap_err();
+        assert!(err.to_string().contains("to_q"), "{err}");
+    }
+
     use super::*;
 
     #[test]
