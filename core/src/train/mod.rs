@@ -1,5 +1,6 @@
 //! Training: rectified-flow pretraining of the bundled model and Flow-GRPO on LoRA adapters.
 
+pub mod distill;
 pub mod grpo;
 pub mod pretrain;
 
