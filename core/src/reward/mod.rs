@@ -3,6 +3,7 @@
 //! the digits task. Trainers see only [`Reward`]; what a prompt asks for travels as a [`Task`].
 
 pub mod boxes;
+pub mod clip_score;
 pub mod http;
 pub mod remote;
 pub mod server;

@@ -97,6 +97,63 @@ pub struct ClipEncoderLayer {
 
 crate::linears!(ClipEncoderLayer: self_attn, mlp);
 
+impl ClipEncoderLayer {
+    /// Pre-LN self-attention and MLP with residuals; causal for text, bidirectional for images;
+    /// QuickGELU (`x·sigmoid(1.702x)`) or exact GELU.
+    ///
+    /// # Shapes
+    /// - `x`: `[b, seq, d]` → `[b, seq, d]`
+    pub fn forward(&self, x: Tensor<3>, heads: usize, causal: bool, quick_gelu: bool) -> Tensor<3> {
+        let attn = &self.self_attn;
+        let h = self.layer_norm1.forward(x.clone());
+        let q = split_heads(attn.q_proj.forward(h.clone()), heads);
+        let k = split_heads(attn.k_proj.forward(h.clone()), heads);
+        let v = split_heads(attn.v_proj.forward(h), heads);
+        let options = AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        let a = merge_heads(attention(q, k, v, None, None, options));
+        let x = x + attn.out_proj.forward(a);
+        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = if quick_gelu {
+            h.clone() * sigmoid(h.mul_scalar(1.702))
+        } else {
+            gelu(h)
+        };
+        x + self.mlp.fc2.forward(h)
+    }
+
+    /// A layer of width `d` and MLP width `hidden` at `prefix` (`….encoder.layers.{i}`).
+    pub fn load(
+        w: &mut Weights,
+        prefix: &str,
+        d: usize,
+        hidden: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        let lin = |w: &mut Weights, key: String, d_in, d_out| {
+            Linear::load(w, &key, d_in, d_out, true, device)
+        };
+        let p = prefix;
+        Ok(Self {
+            self_attn: ClipAttention {
+                q_proj: lin(w, format!("{p}.self_attn.q_proj"), d, d)?,
+                k_proj: lin(w, format!("{p}.self_attn.k_proj"), d, d)?,
+                v_proj: lin(w, format!("{p}.self_attn.v_proj"), d, d)?,
+                out_proj: lin(w, format!("{p}.self_attn.out_proj"), d, d)?,
+            },
+            layer_norm1: LayerNorm::load(w, &format!("{p}.layer_norm1"), d, eps, device)?,
+            mlp: ClipMlp {
+                fc1: lin(w, format!("{p}.mlp.fc1"), d, hidden)?,
+                fc2: lin(w, format!("{p}.mlp.fc2"), hidden, d)?,
+            },
+            layer_norm2: LayerNorm::load(w, &format!("{p}.layer_norm2"), d, eps, device)?,
+        })
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct ClipEmbeddings {
     pub token_embedding: Embedding,
@@ -180,26 +237,16 @@ impl ClipTextModel {
     ) -> Result<Self, LoadError> {
         let d = config.hidden_size;
         let eps = config.layer_norm_eps;
-        let lin = |w: &mut Weights, key: String, d_in, d_out| {
-            Linear::load(w, &key, d_in, d_out, true, device)
-        };
         let encoder_layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let p = format!("text_model.encoder.layers.{i}");
-                Ok(ClipEncoderLayer {
-                    self_attn: ClipAttention {
-                        q_proj: lin(w, format!("{p}.self_attn.q_proj"), d, d)?,
-                        k_proj: lin(w, format!("{p}.self_attn.k_proj"), d, d)?,
-                        v_proj: lin(w, format!("{p}.self_attn.v_proj"), d, d)?,
-                        out_proj: lin(w, format!("{p}.self_attn.out_proj"), d, d)?,
-                    },
-                    layer_norm1: LayerNorm::load(w, &format!("{p}.layer_norm1"), d, eps, device)?,
-                    mlp: ClipMlp {
-                        fc1: lin(w, format!("{p}.mlp.fc1"), d, config.intermediate_size)?,
-                        fc2: lin(w, format!("{p}.mlp.fc2"), config.intermediate_size, d)?,
-                    },
-                    layer_norm2: LayerNorm::load(w, &format!("{p}.layer_norm2"), d, eps, device)?,
-                })
+                ClipEncoderLayer::load(
+                    w,
+                    &format!("text_model.encoder.layers.{i}"),
+                    d,
+                    config.intermediate_size,
+                    eps,
+                    device,
+                )
             })
             .collect::<Result<_, LoadError>>()?;
         Ok(Self {
@@ -278,26 +325,9 @@ impl ClipTextModel {
         let mut x = embeddings.token_embedding.forward(ids_tensor) + positions;
         let mut hidden_states = vec![x.clone()];
         let heads = self.config.num_attention_heads;
+        let quick_gelu = self.config.hidden_act != "gelu";
         for layer in &self.text_model.encoder_layers {
-            let attn = &layer.self_attn;
-            let h = layer.layer_norm1.forward(x.clone());
-            let q = split_heads(attn.q_proj.forward(h.clone()), heads);
-            let k = split_heads(attn.k_proj.forward(h.clone()), heads);
-            let v = split_heads(attn.v_proj.forward(h), heads);
-            let options = AttentionModuleOptions {
-                is_causal: true,
-                ..Default::default()
-            };
-            let a = merge_heads(attention(q, k, v, None, None, options));
-            x = x + attn.out_proj.forward(a);
-            let h = layer.layer_norm2.forward(x.clone());
-            let h = layer.mlp.fc1.forward(h);
-            let h = if self.config.hidden_act == "gelu" {
-                gelu(h)
-            } else {
-                h.clone() * sigmoid(h.mul_scalar(1.702))
-            };
-            x = x + layer.mlp.fc2.forward(h);
+            x = layer.forward(x, heads, true, quick_gelu);
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.text_model.final_layer_norm.forward(x);
