@@ -12,6 +12,26 @@ use portaflow::train::grpo::{GrpoEvent, GrpoTrainer};
 
 #[derive(clap::Subcommand)]
 pub enum TrainCommand {
+    /// A small CLIP-style image/text model trained contrastively on Shapes scenes and their
+    /// captions: the differentiable CLIP-score reward.
+    Clip {
+        /// Output folder: config.json, model.bpk, tokenizer.json, metrics.jsonl.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        steps: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Width of both towers (heads of 32).
+        #[arg(long, default_value_t = 128)]
+        width: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Flow-GRPO on a LoRA adapter (presets: configs/grpo-*.toml).
     Grpo {
         /// The run config (TOML); every field has a default, see configs/grpo-*.toml.
@@ -32,6 +52,15 @@ pub enum TrainCommand {
 
 pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
     match command {
+        TrainCommand::Clip {
+            out,
+            steps,
+            batch_size,
+            lr,
+            width,
+            layers,
+            seed,
+        } => clip(request, &out, steps, batch_size, lr, width, layers, seed),
         TrainCommand::Grpo {
             config,
             out,
@@ -139,5 +168,89 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
         start.elapsed().as_secs_f64(),
         out.join("adapter_final").display()
     );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip(
+    request: DeviceRequest,
+    out: &Path,
+    steps: usize,
+    batch_size: usize,
+    lr: f64,
+    width: usize,
+    layers: usize,
+    seed: u64,
+) -> Result<()> {
+    use portaflow::reward::clip_score::{ShapesClip, ShapesClipConfig, train_clip};
+    anyhow::ensure!(
+        width >= 32 && width % 32 == 0,
+        "--width {width}: a multiple of 32 (heads of 32)"
+    );
+    anyhow::ensure!(
+        steps > 0 && batch_size > 1,
+        "--steps ≥ 1 and --batch-size ≥ 2"
+    );
+    let chosen = device::select(request)?;
+    let device = chosen.device.clone().autodiff();
+    let bundled = pipeline::bundled_dir();
+    let pipe = pipeline::Pipeline::from_dir(&bundled, &chosen.device)?;
+    let pipeline::text::TextStack::Clip(encoder) = &pipe.text else {
+        anyhow::bail!("the bundled model has no CLIP text encoder to take the vocabulary from");
+    };
+    let heads = width / 32;
+    let text = portaflow::text::clip::ClipTextConfig {
+        hidden_size: width,
+        intermediate_size: 4 * width,
+        projection_dim: width,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        ..encoder.model.config.clone()
+    };
+    let config = ShapesClipConfig {
+        image_size: pipe.resolution(),
+        patch_size: 8,
+        width,
+        layers,
+        heads,
+        projection_dim: width,
+        text,
+    };
+    let (train, _) = portaflow::world::prompt_sets::build();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut metrics = std::fs::File::create(out.join("metrics.jsonl"))?;
+    println!(
+        "training a Shapes CLIP (width {width}, {layers} layers per tower) on {chosen}: {steps} steps of {batch_size}"
+    );
+    let start = Instant::now();
+    let model = train_clip(
+        ShapesClip::init(config, seed, &device),
+        &encoder.tokenizer,
+        &train,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        &device,
+        |log| {
+            use std::io::Write;
+            let _ = writeln!(metrics, "{}", serde_json::to_string(log).expect("json"));
+            if log.step % 50 == 0 || log.step == steps {
+                println!(
+                    "step {:>5}  loss {:.3}  in-batch accuracy {:.2}  ({:.0} s)",
+                    log.step,
+                    log.loss,
+                    log.accuracy,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
+    model.save(out)?;
+    std::fs::copy(
+        bundled.join("tokenizer").join("tokenizer.json"),
+        out.join("tokenizer.json"),
+    )?;
+    println!("saved {}", out.display());
     Ok(())
 }
