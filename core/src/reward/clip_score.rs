@@ -152,9 +152,9 @@ impl ShapesClip {
         for layer in &self.vision.layers {
             x = layer.forward(x, self.config.heads, false, false);
         }
-        // The mean of the patch tokens, not CLIP's class token: on these flat scenes a fresh
-        // class token barely differs between images (measured: embedding variance 1e-4 against
-        // 1e-2 for text) and training collapsed to uniform logits.
+        // The mean of the patch tokens, not CLIP's class token: on flat scenes a fresh class
+        // token barely tells images apart (embedding variance 1e-4 against 1e-2 for text).
+        // What keeps training from collapsing to uniform logits is `train_clip`'s warm-up.
         // [b, 1+n, d] → [b, n, d] → [b, 1, d] → [b, d]
         let n = x.dims()[1];
         let pooled = self
