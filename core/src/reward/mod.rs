@@ -3,6 +3,8 @@
 //! the digits task. Trainers see only [`Reward`]; what a prompt asks for travels as a [`Task`].
 
 pub mod boxes;
+// Trains with autodiff and draws scenes as pretraining does: native builds only.
+#[cfg(feature = "native")]
 pub mod clip_score;
 pub mod http;
 pub mod remote;
