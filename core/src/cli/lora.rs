@@ -93,13 +93,19 @@ pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
 
 /// `PATH[:WEIGHT]`: the weight is what follows the last colon when it parses as a number.
 pub fn parse_spec(spec: &str) -> Result<(PathBuf, f64)> {
+    let (path, weight) = split_spec(spec)?;
+    Ok((path, weight.unwrap_or(1.0)))
+}
+
+/// `PATH[:WEIGHT]` with the weight absent when none is written.
+fn split_spec(spec: &str) -> Result<(PathBuf, Option<f64>)> {
     if let Some((path, weight)) = spec.rsplit_once(':')
         && let Ok(weight) = weight.parse::<f64>()
     {
         anyhow::ensure!(weight.is_finite(), "--lora {spec}: weight is not finite");
-        return Ok((PathBuf::from(path), weight));
+        return Ok((PathBuf::from(path), Some(weight)));
     }
-    Ok((PathBuf::from(spec), 1.0))
+    Ok((PathBuf::from(spec), None))
 }
 
 /// Reads and attaches `--lora` adapters in order, named `lora0`, `lora1`, …
@@ -176,18 +182,11 @@ fn target_name(path: &str) -> String {
 }
 
 fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
-    let n = specs.len() as f64;
     let mut read = Vec::new();
     for spec in specs {
-        let weight = if spec
-            .rsplit_once(':')
-            .is_some_and(|(_, w)| w.parse::<f64>().is_ok())
-        {
-            parse_spec(spec)?.1
-        } else {
-            1.0 / n
-        };
-        let path = parse_spec(spec)?.0;
+        let (path, weight) = split_spec(spec)?;
+        // No weight given: an equal share.
+        let weight = weight.unwrap_or(1.0 / specs.len() as f64);
         read.push((LoraWeights::read(&path)?, weight));
     }
     let parts: Vec<(&LoraWeights, f64)> = read.iter().map(|(w, x)| (w, *x)).collect();

@@ -270,27 +270,9 @@ pub fn convert_safetensors_dtype(
     let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, view) in file.tensors() {
         let source = view.dtype();
-        let values: Option<Vec<f32>> = match source {
+        let values = match source {
             _ if source == dtype.safetensors() => None,
-            Dtype::F32 => Some(
-                view.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::F16 => Some(
-                view.data()
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            Dtype::BF16 => Some(
-                view.data()
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            ),
-            _ => None,
+            _ => super::weights::float_values(source, view.data()),
         };
         let Some(values) = values else {
             report.kept += 1;

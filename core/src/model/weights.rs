@@ -43,6 +43,30 @@ pub enum LoadError {
     Unused { keys: Vec<String>, path: PathBuf },
 }
 
+/// The little-endian values of a float tensor as f32 (F32, F16, BF16, F64); `None` for other
+/// dtypes.
+pub(crate) fn float_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
 /// The first keys of a list for an error message, with a count of the rest.
 pub(crate) fn list(keys: &[String]) -> String {
     const SHOWN: usize = 12;
@@ -368,27 +392,12 @@ impl Weights {
             });
         }
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
-        let values: Vec<f32> = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
-                .collect(),
-            other => {
+        let values: Vec<f32> = match float_values(entry.dtype, bytes) {
+            Some(values) => values,
+            None => {
                 return Err(LoadError::DType {
                     key: key.into(),
-                    found: format!("{other:?}"),
+                    found: format!("{:?}", entry.dtype),
                     path: path.clone(),
                 });
             }

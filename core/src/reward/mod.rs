@@ -95,7 +95,9 @@ impl Reward for ByTaskReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(self.score_with_boxes(images, tasks)?.scores)
+        let shapes = ShapesReward.score(images, tasks)?;
+        let ocr = OcrReward.score(images, tasks)?;
+        Ok(shapes.into_iter().zip(ocr).map(|(s, o)| s.or(o)).collect())
     }
 
     fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
@@ -122,31 +124,40 @@ impl Reward for ShapesReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(self.score_with_boxes(images, tasks)?.scores)
+        Ok(self.judge(images, tasks, false).scores)
     }
 
     fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        Ok(self.judge(images, tasks, true))
+    }
+}
+
+impl ShapesReward {
+    /// One detection per image gives the score and, when asked, BoxFlow's defect boxes.
+    fn judge(&self, images: &[Image], tasks: &[Task], with_boxes: bool) -> Scored {
         let mut scored = Scored::default();
         for (image, task) in images.iter().zip(tasks) {
-            match task {
+            let (score, boxes) = match task {
                 Task::Shapes(spec) => {
                     let found = detect(image);
                     let verdict = evaluate(spec, &found.objects);
-                    scored.scores.push(Some(Score {
+                    let boxes = if with_boxes {
+                        defect_boxes(spec, &found, (image.width, image.height))
+                    } else {
+                        Vec::new()
+                    };
+                    let score = Score {
                         reward: verdict.score,
                         success: verdict.correct,
-                    }));
-                    scored
-                        .boxes
-                        .push(defect_boxes(spec, &found, (image.width, image.height)));
+                    };
+                    (Some(score), boxes)
                 }
-                Task::Digits { .. } => {
-                    scored.scores.push(None);
-                    scored.boxes.push(Vec::new());
-                }
-            }
+                Task::Digits { .. } => (None, Vec::new()),
+            };
+            scored.scores.push(score);
+            scored.boxes.push(boxes);
         }
-        Ok(scored)
+        scored
     }
 }
 

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::boxes::DefectBox;
-use super::http::{self, HttpError};
+use super::http;
 use super::{Reward, RewardError, Score, Scored, Task};
 use crate::image_io;
 use crate::world::render::Image;
@@ -157,7 +157,7 @@ impl RemoteReward {
         loop {
             attempt += 1;
             let outcome = http::post_json(&self.config.url, &body, timeout)
-                .map_err(|e| (true, describe_http(e)))
+                .map_err(|e| (true, e.to_string()))
                 .and_then(|(status, answer)| parse_answer(status, &answer, images.len()));
             match outcome {
                 Ok(scores) => return Ok(scores),
@@ -196,10 +196,6 @@ impl Reward for RemoteReward {
     fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
         self.ask(images, tasks)
     }
-}
-
-fn describe_http(error: HttpError) -> String {
-    error.to_string()
 }
 
 /// Checks an answer; `Err((retry, message))`.
