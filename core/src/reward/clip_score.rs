@@ -201,6 +201,25 @@ impl ShapesClip {
             })
     }
 
+    /// [`ShapesClip::load`] and the `tokenizer.json` `portaflow train clip` saves beside it.
+    pub fn load_with_tokenizer(
+        dir: &Path,
+        device: &Device,
+    ) -> Result<(Self, PromptTokenizer), LoadError> {
+        let model = Self::load(dir, device)?;
+        let path = dir.join("tokenizer.json");
+        let tokenizer = PromptTokenizer::from_file(
+            &path,
+            model.config.text.max_position_embeddings,
+            crate::text::tokenizer::PAD,
+        )
+        .map_err(|e| LoadError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok((model, tokenizer))
+    }
+
     pub fn load(dir: &Path, device: &Device) -> Result<Self, LoadError> {
         let config: ShapesClipConfig = crate::model::read_config(&dir.join("config.json"))?;
         Self::init(config, 0, device)

@@ -244,6 +244,29 @@ pub struct DenseReward {
     pub completion_steps: usize,
 }
 
+/// DRaFT-K / DRaFT-LV settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Draft {
+    /// A Shapes CLIP folder (`portaflow train clip`): its image–prompt cosine is the reward.
+    pub clip: PathBuf,
+    /// Sampling steps at the end that keep their graph (DRaFT-K; K = 1 recommended, larger K
+    /// tends to explode gradients).
+    #[serde(default = "one")]
+    pub k: usize,
+    /// DRaFT-LV: re-noised copies of the last step's x̂₀, each denoised again with gradient and
+    /// scored (n = 2 in the paper; 0 is plain DRaFT-K). Needs k = 1.
+    #[serde(default)]
+    pub lv_samples: usize,
+    /// Hinge: the loss is mean(ReLU(margin − r)) (FlowBP's `ReLU(0.55 − r)`); absent: −mean(r).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
 /// Which KL estimate regularises the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -292,6 +315,10 @@ pub struct TrainSection {
     /// over the group. Absent: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dense_reward: Option<DenseReward>,
+    /// DRaFT (ALGORITHMS.md §4): instead of a policy gradient, back-propagate a differentiable
+    /// reward through the last steps of the ODE sampler. Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft: Option<Draft>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -325,6 +352,7 @@ impl Default for TrainSection {
             ratio_norm: false,
             spatial: None,
             dense_reward: None,
+            draft: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -470,6 +498,36 @@ impl GrpoConfig {
         }
         if t.dense_reward.is_some() && t.spatial.is_some() {
             return Err("train.dense_reward and train.spatial do not combine (per-step or per-pixel credit, not both)".into());
+        }
+        if let Some(draft) = &t.draft {
+            if draft.k == 0 || draft.k > s.steps {
+                return Err(format!(
+                    "train.draft.k must be in 1..={} (sample.steps), got {}",
+                    s.steps, draft.k
+                ));
+            }
+            if draft.lv_samples > 0 && draft.k != 1 {
+                return Err(format!(
+                    "train.draft.lv_samples (DRaFT-LV) re-noises the last step only: it needs k = 1, got k = {}",
+                    draft.k
+                ));
+            }
+            if let Some(m) = draft.margin
+                && !m.is_finite()
+            {
+                return Err(format!("train.draft.margin must be finite, got {m}"));
+            }
+            let conflicts = [
+                ("train.spatial", t.spatial.is_some()),
+                ("train.dense_reward", t.dense_reward.is_some()),
+                ("train.ratio_norm", t.ratio_norm),
+                ("train.beta > 0", t.beta > 0.0),
+            ];
+            if let Some((name, _)) = conflicts.iter().find(|(_, on)| *on) {
+                return Err(format!(
+                    "train.draft back-propagates a reward; {name} belongs to the policy-gradient methods"
+                ));
+            }
         }
         if t.spatial.is_some() && t.ratio_norm {
             return Err("train.spatial and train.ratio_norm do not combine (per-pixel ratios have no RatioNorm)".into());

@@ -15,6 +15,7 @@
 
 pub mod advantage;
 pub mod config;
+mod draft;
 mod ema;
 pub mod loss;
 
@@ -158,6 +159,8 @@ pub struct GrpoTrainer {
     ema: Option<Ema>,
     /// The rewards and their weights (one, unless `data.rewards` lists several).
     rewards: Vec<(Box<dyn Reward>, f64)>,
+    /// DRaFT's differentiable reward (only with `train.draft`).
+    draft: Option<draft::DraftReward>,
     train: Vec<Task>,
     test: Vec<PromptSpec>,
     run_dir: PathBuf,
@@ -270,6 +273,7 @@ impl GrpoTrainer {
             }
         }
         let policy = lora::train_only(policy, POLICY);
+        let vae_with_graph = config.train.draft.as_ref().and(vae.clone());
         let plain = Pipeline {
             text: text.valid(),
             transformer: policy.valid(),
@@ -292,6 +296,19 @@ impl GrpoTrainer {
                 Ok((reward, term.weight))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let draft = match &config.train.draft {
+            Some(settings) => {
+                draft::check_clip_dir(&settings.clip)?;
+                let resolution = plain.resolution();
+                Some(draft::DraftReward::load(
+                    settings,
+                    resolution,
+                    vae_with_graph,
+                    device,
+                )?)
+            }
+            None => None,
+        };
         Ok(Self {
             config,
             policy,
@@ -300,6 +317,7 @@ impl GrpoTrainer {
             optimizer,
             ema,
             rewards,
+            draft,
             train,
             test,
             run_dir: run_dir.to_path_buf(),
@@ -371,6 +389,47 @@ impl GrpoTrainer {
             append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
             on_event(GrpoEvent::Eval(&eval));
         }
+        let (metrics, grid_images) = if self.draft.is_some() {
+            self.draft_epoch()?
+        } else {
+            self.policy_gradient_epoch()?
+        };
+        self.epoch += 1;
+        append_line(&self.run_dir.join("metrics.jsonl"), &metrics)?;
+        on_event(GrpoEvent::Epoch(&metrics));
+
+        // 5. bookkeeping.
+        let (done_epochs, last) = (self.epoch, self.done());
+        let due = |every: usize| every > 0 && (done_epochs % every == 0 || last);
+        if due(c.run.grid_every) {
+            let path = self
+                .run_dir
+                .join("grids")
+                .join(format!("epoch{:05}.png", self.epoch));
+            save_grid(&grid_images, &path)?;
+            on_event(GrpoEvent::Grid(&path));
+        }
+        if due(c.run.eval_every) && !self.test.is_empty() {
+            let eval = self.evaluate()?;
+            append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
+            on_event(GrpoEvent::Eval(&eval));
+        }
+        if due(c.run.save_every) {
+            let path = self.save_checkpoint()?;
+            on_event(GrpoEvent::Checkpoint(&path));
+        }
+        if self.done() {
+            let path = self.run_dir.join("adapter_final");
+            self.final_adapter().write_peft(&path, "transformer")?;
+            on_event(GrpoEvent::Checkpoint(&path));
+        }
+        Ok(metrics)
+    }
+
+    /// Steps 1–4 of a policy-gradient epoch; returns its metrics and the grid of its first batch.
+    fn policy_gradient_epoch(&mut self) -> Result<(EpochMetrics, Vec<(Image, String)>), GrpoError> {
+        let c = self.config.clone();
+        let epoch = self.epoch;
         let schedule = Schedule::shifted(c.sample.steps, self.plain.scheduler.shift)
             .map_err(PipelineError::from)?;
         let clock = TrainingClock {
@@ -680,36 +739,7 @@ impl GrpoTrainer {
             seconds_reward_wait: reward_wait,
             seconds_train,
         };
-        self.epoch += 1;
-        append_line(&self.run_dir.join("metrics.jsonl"), &metrics)?;
-        on_event(GrpoEvent::Epoch(&metrics));
-
-        // 5. bookkeeping.
-        let (done_epochs, last) = (self.epoch, self.done());
-        let due = |every: usize| every > 0 && (done_epochs % every == 0 || last);
-        if due(c.run.grid_every) {
-            let path = self
-                .run_dir
-                .join("grids")
-                .join(format!("epoch{:05}.png", self.epoch));
-            save_grid(&grid_images, &path)?;
-            on_event(GrpoEvent::Grid(&path));
-        }
-        if due(c.run.eval_every) && !self.test.is_empty() {
-            let eval = self.evaluate()?;
-            append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
-            on_event(GrpoEvent::Eval(&eval));
-        }
-        if due(c.run.save_every) {
-            let path = self.save_checkpoint()?;
-            on_event(GrpoEvent::Checkpoint(&path));
-        }
-        if self.done() {
-            let path = self.run_dir.join("adapter_final");
-            self.final_adapter().write_peft(&path, "transformer")?;
-            on_event(GrpoEvent::Checkpoint(&path));
-        }
-        Ok(metrics)
+        Ok((metrics, grid_images))
     }
 
     /// One rollout micro-batch with the plain policy snapshot; returns the images and what
