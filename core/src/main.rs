@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::train::TrainCommand,
     },
+    /// Distil the model into a few-step student: `distill acdmd --config FILE.toml --out RUN_DIR`.
+    Distill {
+        #[command(subcommand)]
+        command: cli::distill::DistillCommand,
+    },
     /// Time sampling (images/s at several step counts and batch sizes) and Flow-GRPO iterations,
     /// with peak memory, on the chosen device.
     Bench(cli::bench::BenchArgs),
@@ -142,6 +147,9 @@ struct GenerateArgs {
     /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9).
     #[arg(long, default_value = "euler")]
     sampler: String,
+    /// An explicit σ list instead of `--steps` (e.g. `1,0.9,0.75,0.5`, RTDMD's 4-step student).
+    #[arg(long, value_delimiter = ',')]
+    sigmas: Option<Vec<f64>>,
     /// Seed of the first image; image k uses seed + k. Random if absent.
     #[arg(long)]
     seed: Option<u64>,
@@ -244,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => cli::bench::run(request, args),
         Command::Lora { command } => cli::lora::run(request, command),
         Command::Train { command } => cli::train::run(request, command),
+        Command::Distill { command } => cli::distill::run(request, command),
     }
 }
 
@@ -445,6 +454,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             .as_deref()
             .map(|path| pipeline::read_noise(path, &chosen.device))
             .transpose()?,
+        sigmas: args.sigmas.clone(),
     };
     let loaded = start.elapsed();
     let progress =
@@ -667,6 +677,7 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
                 negative_prompt: String::new(),
                 size: None,
                 initial_noise: None,
+                sigmas: None,
             },
             seed: args.seed,
         };

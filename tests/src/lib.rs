@@ -205,6 +205,35 @@ pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pip
 }
 
 /// The `output` tensor of a golden fixture's `io.safetensors`.
+/// [`tiny_pipeline`] after two pretraining steps, which move its output layer off zero (a fresh
+/// one predicts nothing), on the autodiff version of `device`.
+pub fn tiny_pretrained_pipeline(device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
+    use portaflow::train::pretrain::{PretrainConfig, pretrain};
+    let dir = TempDir::new("tiny-pretrained");
+    let (train, _) = portaflow::world::prompt_sets::build();
+    let ad = device.clone().autodiff();
+    let short = PretrainConfig {
+        steps: 2,
+        batch_size: 4,
+        learning_rate: 3e-3,
+        warmup_steps: 1,
+        checkpoint_every: 2,
+        log_every: 1,
+        ..Default::default()
+    };
+    pretrain(
+        tiny_pipeline(3, &ad),
+        &short,
+        0,
+        &train,
+        dir.path(),
+        &ad,
+        |_| {},
+    )
+    .unwrap();
+    portaflow::pipeline::Pipeline::from_dir(&dir.path().join("checkpoint"), &ad).unwrap()
+}
+
 pub fn golden_output(fixture: &str) -> Vec<f32> {
     let mut io =
         portaflow::model::weights::Weights::open_file(&golden(fixture).join("io.safetensors"))

@@ -10,7 +10,6 @@ use portaflow::reward::{Reward, RewardError, Score, Task};
 use portaflow::sample::select::StepSelection;
 use portaflow::train::grpo::config::{GrpoConfig, KlType, SdeType, StdScope};
 use portaflow::train::grpo::{GrpoTrainer, POLICY};
-use portaflow::train::pretrain::{PretrainConfig, pretrain};
 use portaflow::world::prompt_sets;
 use portaflow::world::render::Image;
 use portaflow_tests::{TempDir, tiny_pipeline, vulkan};
@@ -89,31 +88,8 @@ fn config(epochs: usize) -> GrpoConfig {
     c
 }
 
-/// A tiny pipeline with its output layer moved off zero (a fresh one predicts nothing).
 fn base(device: &Device) -> Pipeline {
-    let dir = TempDir::new("grpo-base");
-    let (train, _) = prompt_sets::build();
-    let ad = device.clone().autodiff();
-    let short = PretrainConfig {
-        steps: 2,
-        batch_size: 4,
-        learning_rate: 3e-3,
-        warmup_steps: 1,
-        checkpoint_every: 2,
-        log_every: 1,
-        ..Default::default()
-    };
-    pretrain(
-        tiny_pipeline(3, &ad),
-        &short,
-        0,
-        &train,
-        dir.path(),
-        &ad,
-        |_| {},
-    )
-    .unwrap();
-    Pipeline::from_dir(&dir.path().join("checkpoint"), &ad).unwrap()
+    portaflow_tests::tiny_pretrained_pipeline(device)
 }
 
 /// `config` without held-out evaluation or grids (tests of one epoch's training).

@@ -34,6 +34,7 @@ fn options() -> GenerateOptions {
         negative_prompt: String::new(),
         size: None,
         initial_noise: None,
+        sigmas: None,
     }
 }
 

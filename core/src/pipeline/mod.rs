@@ -169,6 +169,9 @@ pub struct GenerateOptions {
     /// The initial noise `[b, c, h, w]` in the sampler's latent space instead of the seeds' (to
     /// reproduce another engine's image); the seeds still drive stochastic steps.
     pub initial_noise: Option<Tensor<4>>,
+    /// An explicit σ list (diffusers' `sigmas=`, e.g. RTDMD's 4-step `[1, 0.9, 0.75, 0.5]`; 0 is
+    /// appended) instead of the scheduler's `steps`-step schedule.
+    pub sigmas: Option<Vec<f64>>,
 }
 
 impl GenerateOptions {
@@ -182,6 +185,7 @@ impl GenerateOptions {
             negative_prompt: String::new(),
             size: None,
             initial_noise: None,
+            sigmas: None,
         }
     }
 }
@@ -694,7 +698,10 @@ impl Pipeline {
         let side = self.resolution();
         let (height, width) = options.size.unwrap_or((side, side));
         let shape = self.latent_shape(height, width)?;
-        let schedule = self.schedule(options.steps, shape)?;
+        let schedule = match &options.sigmas {
+            Some(sigmas) => Schedule::explicit(sigmas)?,
+            None => self.schedule(options.steps, shape)?,
+        };
         let embedded_guidance = self.transformer.guidance_embeds();
         if embedded_guidance {
             cond.guidance = Some(options.guidance_scale);

@@ -2,4 +2,5 @@
 //! distillation. This module holds their exact per-step objectives (ALGORITHMS.md §3.2, §5),
 //! each tested against the formula; the training loops build on them.
 
+pub mod acdmd;
 pub mod objectives;

@@ -1102,6 +1102,7 @@ impl GrpoTrainer {
                 negative_prompt: String::new(),
                 size: None,
                 initial_noise: None,
+                sigmas: None,
             },
             seed: c.run.seed,
         };
