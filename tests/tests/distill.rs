@@ -47,7 +47,7 @@ fn student_values(t: &AcDmdTrainer) -> Vec<f32> {
 }
 
 #[test]
-fn both_adapters_train_and_a_resumed_run_continues_exactly() {
+fn both_adapters_train_and_a_resumed_run_continues() {
     let run = TempDir::new("acdmd-run");
     let mut t = trainer(config(3), run.path());
     // RTDMD's 4 timesteps through the tiny model's shift.
