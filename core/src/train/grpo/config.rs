@@ -267,6 +267,67 @@ fn one() -> usize {
     1
 }
 
+/// Flow-OPD settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Opd {
+    /// The task teachers (LoRA adapters of this base model, e.g. Flow-GRPO runs' `adapter_final`)
+    /// and the prompts each one teaches: hard routing by the prompt's task.
+    pub teachers: Vec<OpdTeacher>,
+    /// A_j = kl_scale·(−KL_j) (Flow-OPD's code: `kl_scale = −1` on the positive KL).
+    #[serde(default = "unit")]
+    pub kl_scale: f64,
+    /// Add the task reward's group advantage to every step's (Flow-OPD's `mixed` mode; off is
+    /// its `kl_only`).
+    #[serde(default)]
+    pub with_task_advantage: bool,
+    /// Standardise each step's −KL over the epoch's samples (mean 0, std 1) before scaling: the
+    /// policy gradient then favours the samples that came closer to their teacher.
+    #[serde(default)]
+    pub normalize: bool,
+    /// Also descend the KL itself, |kl_scale|·KL(π_θ ‖ teacher) per trained step, as Flow-OPD's
+    /// code does by not detaching its reward. On by default: the paper's detached reward
+    /// credits step j's action with KL_j, which depends on x_j only, so alone it carries no
+    /// signal about the action (measured in `tests/tests/grpo.rs`: the KL does not fall).
+    #[serde(default = "yes")]
+    pub direct_kl: bool,
+    /// MAR: a task-agnostic teacher adapter that replaces the base model as the β·KL reference
+    /// (needs train.beta > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mar: Option<PathBuf>,
+}
+
+fn unit() -> f64 {
+    1.0
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One Flow-OPD teacher.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpdTeacher {
+    /// `"digits"`, `"shapes"` (every GenEval-style prompt) or a GenEval tag (`"counting"`, …),
+    /// which wins over `"shapes"` for its prompts.
+    pub route: String,
+    /// The teacher's adapter folder (PEFT, diffusers or kohya).
+    pub lora: PathBuf,
+}
+
+impl Opd {
+    /// The teacher of a prompt: its tag's, else its task's.
+    pub fn route(&self, task: &crate::reward::Task) -> Option<usize> {
+        use crate::reward::Task;
+        let find = |name: &str| self.teachers.iter().position(|t| t.route == name);
+        match task {
+            Task::Shapes(spec) => find(&spec.tag).or_else(|| find("shapes")),
+            Task::Digits { .. } => find("digits"),
+        }
+    }
+}
+
 /// Which KL estimate regularises the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -319,6 +380,11 @@ pub struct TrainSection {
     /// reward through the last steps of the ODE sampler. Absent: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub draft: Option<Draft>,
+    /// Flow-OPD (ALGORITHMS.md §5): on-policy distillation from task teachers; each trained
+    /// step's advantage is the negative KL of the policy's step to the routed teacher's. Absent:
+    /// off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opd: Option<Opd>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -353,6 +419,7 @@ impl Default for TrainSection {
             spatial: None,
             dense_reward: None,
             draft: None,
+            opd: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -526,6 +593,50 @@ impl GrpoConfig {
             if let Some((name, _)) = conflicts.iter().find(|(_, on)| *on) {
                 return Err(format!(
                     "train.draft back-propagates a reward; {name} belongs to the policy-gradient methods"
+                ));
+            }
+        }
+        if let Some(opd) = &t.opd {
+            if opd.teachers.is_empty() {
+                return Err(
+                    "train.opd.teachers is empty: name at least one { route, lora }".into(),
+                );
+            }
+            let routes = ["digits", "shapes"];
+            for (k, teacher) in opd.teachers.iter().enumerate() {
+                let known = routes.contains(&teacher.route.as_str())
+                    || crate::world::prompt::TAGS.contains(&teacher.route.as_str());
+                if !known {
+                    return Err(format!(
+                        "train.opd.teachers[{k}].route {:?} is not \"digits\", \"shapes\" or a GenEval tag ({})",
+                        teacher.route,
+                        crate::world::prompt::TAGS.join(", ")
+                    ));
+                }
+                if opd.teachers[..k].iter().any(|t| t.route == teacher.route) {
+                    return Err(format!(
+                        "train.opd.teachers: two teachers for the route {:?}",
+                        teacher.route
+                    ));
+                }
+            }
+            if !opd.kl_scale.is_finite() || opd.kl_scale == 0.0 {
+                return Err(format!(
+                    "train.opd.kl_scale must be finite and non-zero, got {}",
+                    opd.kl_scale
+                ));
+            }
+            if opd.mar.is_some() && t.beta == 0.0 {
+                return Err("train.opd.mar is the β·KL reference: it needs train.beta > 0".into());
+            }
+            let conflicts = [
+                ("train.spatial", t.spatial.is_some()),
+                ("train.dense_reward", t.dense_reward.is_some()),
+                ("train.draft", t.draft.is_some()),
+            ];
+            if let Some((name, _)) = conflicts.iter().find(|(_, on)| *on) {
+                return Err(format!(
+                    "train.opd sets each step's advantage from its teacher; it does not combine with {name}"
                 ));
             }
         }

@@ -316,6 +316,7 @@ impl GrpoTrainer {
             policy_loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
             first_ratio_error: 0.0,
             skipped_micro_batches: skipped,
+            teacher_kl: None,
             nonfinite_rewards: 0,
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),

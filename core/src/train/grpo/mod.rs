@@ -44,6 +44,7 @@ use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_v
 use crate::sample::schedule::{self, Schedule};
 use crate::sample::select::TrainingClock;
 use crate::sample::step::{self, StepKind};
+use crate::train::distill::objectives::opd_kl_reward;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 use advantage::{combine, keep_informative};
@@ -85,6 +86,9 @@ pub struct EpochMetrics {
     pub first_ratio_error: f64,
     /// Micro-batches dropped because a loss was NaN / infinite (they never reach the weights).
     pub skipped_micro_batches: usize,
+    /// Flow-OPD: mean KL of the rollout's trained steps to their routed teachers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_kl: Option<f64>,
     /// Rollout images whose reward was NaN / infinite (left out of advantages and training).
     pub nonfinite_rewards: usize,
     pub learning_rate: f64,
@@ -161,6 +165,8 @@ pub struct GrpoTrainer {
     rewards: Vec<(Box<dyn Reward>, f64)>,
     /// DRaFT's differentiable reward (only with `train.draft`).
     draft: Option<draft::DraftReward>,
+    /// Flow-OPD's teachers (base + each teacher adapter), plain device, in `train.opd` order.
+    teachers: Vec<Transformer>,
     train: Vec<Task>,
     test: Vec<PromptSpec>,
     run_dir: PathBuf,
@@ -181,6 +187,10 @@ struct EpochData {
     old_log_probs: BTreeMap<usize, Tensor<1>>,
     /// μ_old of each trained step (GRPO-Guard's RatioNorm only).
     old_means: BTreeMap<usize, Tensor<4>>,
+    /// Flow-OPD: −KL(π_old ‖ routed teacher) of each trained step, per sample.
+    teacher_rewards: BTreeMap<usize, Vec<f64>>,
+    /// Flow-OPD's `direct_kl`: the routed teacher's step mean of each trained step.
+    teacher_means: BTreeMap<usize, Tensor<4>>,
     cond: Conditioning,
     uncond: Option<Conditioning>,
 }
@@ -233,7 +243,37 @@ impl GrpoTrainer {
             scheduler,
         } = pipeline;
         let mut policy = transformer;
-        let reference = (config.train.beta > 0.0).then(|| policy.valid());
+        let mut reference = (config.train.beta > 0.0).then(|| policy.valid());
+        let mut teachers = Vec::new();
+        if let Some(opd) = &config.train.opd {
+            for (k, task) in train.iter().enumerate() {
+                if opd.route(task).is_none() {
+                    return Err(GrpoError::Config(format!(
+                        "train.opd: no teacher for training prompt {k} {:?} (task {})",
+                        task.prompt(),
+                        tag(task)
+                    )));
+                }
+            }
+            let with_adapter = |path: &Path, name: &str| -> Result<Transformer, GrpoError> {
+                let mut model = policy.valid();
+                let adapter = LoraWeights::read(path)?;
+                lora::attach(
+                    &mut model,
+                    name,
+                    adapter.component("transformer"),
+                    1.0,
+                    &plain_device,
+                )?;
+                Ok(model)
+            };
+            for teacher in &opd.teachers {
+                teachers.push(with_adapter(&teacher.lora, "teacher")?);
+            }
+            if let Some(mar) = &opd.mar {
+                reference = Some(with_adapter(mar, "mar")?);
+            }
+        }
         let (mut epoch, mut global_step) = (0, 0);
         let mut optimizer: ModuleOptimizer = AdamWConfig::new()
             .with_weight_decay(config.train.weight_decay as f32)
@@ -318,6 +358,7 @@ impl GrpoTrainer {
             ema,
             rewards,
             draft,
+            teachers,
             train,
             test,
             run_dir: run_dir.to_path_buf(),
@@ -454,6 +495,14 @@ impl GrpoTrainer {
             .iter()
             .map(|&g| self.train[chosen[g]].clone())
             .collect();
+        // Flow-OPD: each sample's teacher (every training prompt has one, checked at start).
+        let routes: Vec<usize> = match &c.train.opd {
+            Some(opd) => tasks
+                .iter()
+                .map(|t| opd.route(t).expect("routes checked in new"))
+                .collect(),
+            None => vec![0; tasks.len()],
+        };
 
         // 2. rollout, rewards overlapped on other threads.
         let start = Instant::now();
@@ -500,6 +549,7 @@ impl GrpoTrainer {
                         kind,
                         &plan,
                         &trained,
+                        &routes[offset..offset + chunk.len()],
                     )?;
                     if b == 0 {
                         grid_images = images.iter().cloned().zip(prompts.clone()).collect();
@@ -688,6 +738,51 @@ impl GrpoTrainer {
                 }
                 by_step
             });
+        // Flow-OPD: A_ij = kl_scale·(−KL_ij), plus the task advantage in `mixed` mode; images
+        // whose task reward is not finite stay out, as everywhere.
+        let teacher_kl = c.train.opd.as_ref().map(|_| {
+            let values: Vec<f64> = data
+                .teacher_rewards
+                .values()
+                .flatten()
+                .map(|r| -r)
+                .collect();
+            values.iter().sum::<f64>() / values.len().max(1) as f64
+        });
+        let step_advantages = match &c.train.opd {
+            Some(opd) => {
+                let mut by_step = BTreeMap::new();
+                for (&j, rewards) in &data.teacher_rewards {
+                    let (shift, scale) = if opd.normalize {
+                        let n = valid.len() as f64;
+                        let mean = valid.iter().map(|&i| rewards[i]).sum::<f64>() / n;
+                        let var = valid
+                            .iter()
+                            .map(|&i| (rewards[i] - mean).powi(2))
+                            .sum::<f64>()
+                            / n;
+                        (mean, var.sqrt() + 1e-4)
+                    } else {
+                        (0.0, 1.0)
+                    };
+                    let mut a = vec![0.0; samples.len()];
+                    for &i in &valid {
+                        let task = if opd.with_task_advantage {
+                            advantage[i]
+                        } else {
+                            0.0
+                        };
+                        a[i] = opd.kl_scale * (rewards[i] - shift) / scale + task;
+                    }
+                    by_step.insert(j, a);
+                }
+                for i in 0..samples.len() {
+                    advantage[i] = by_step.values().map(|a: &Vec<f64>| a[i].abs()).sum();
+                }
+                Some(by_step)
+            }
+            None => step_advantages,
+        };
         let valid_advantage: Vec<f64> = valid.iter().map(|&i| advantage[i]).collect();
         let kept_valid = keep_informative(&valid_advantage, c.sample.batch_size, &mut rng);
         let mut kept: Vec<usize> = kept_valid.iter().map(|&k| valid[k]).collect();
@@ -732,6 +827,7 @@ impl GrpoTrainer {
             policy_loss: stats.policy_loss,
             first_ratio_error,
             skipped_micro_batches,
+            teacher_kl,
             nonfinite_rewards: samples.len() - valid.len(),
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),
@@ -755,6 +851,7 @@ impl GrpoTrainer {
         kind: StepKind,
         plan: &crate::sample::select::StepPlan,
         trained: &[usize],
+        routes: &[usize],
     ) -> Result<(Vec<Image>, EpochData, Completions), GrpoError> {
         let c = &self.config;
         let device = &self.plain_device;
@@ -810,6 +907,58 @@ impl GrpoTrainer {
                 .expect("trained steps are stochastic");
             old_log_probs.insert(j, log_prob);
         }
+        // Flow-OPD: each trained step's −KL to the sample's teacher, every teacher on the batch.
+        let mut teacher_rewards = BTreeMap::new();
+        let mut teacher_means = BTreeMap::new();
+        let direct_kl = c.train.opd.as_ref().is_some_and(|o| o.direct_kl);
+        if !self.teachers.is_empty() {
+            let sigma_max = schedule.sigma_max();
+            for &j in trained {
+                let (sigma, sigma_next) = (schedule.sigmas[j], schedule.sigmas[j + 1]);
+                let g = kl_std(kind, sigma, sigma_next, sigma_max);
+                let (by_teacher, means): (Vec<Vec<f32>>, Vec<Tensor<4>>) = self
+                    .teachers
+                    .iter()
+                    .map(|teacher| {
+                        let denoiser = PipelineDenoiser {
+                            transformer: teacher,
+                            prediction: self.plain.index.prediction,
+                        };
+                        let x = rollout.latents[j].clone();
+                        let v = guided_velocity(
+                            &denoiser,
+                            x.clone(),
+                            sigma,
+                            &cond,
+                            uncond.as_ref(),
+                            c.sample.guidance_scale,
+                        );
+                        let (mean, _) = step::policy_mean(kind, x, v, sigma, sigma_next, sigma_max);
+                        let reward = opd_kl_reward(rollout.means[j].clone(), mean.clone(), g)
+                            .into_data()
+                            .convert::<f32>()
+                            .try_to_vec::<f32>()
+                            .expect("f32");
+                        (reward, mean)
+                    })
+                    .unzip();
+                if direct_kl {
+                    // Row i from its own teacher: [b, c, h, w] → [1, c, h, w] each → [b, c, h, w]
+                    let rows: Vec<Tensor<4>> = routes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &k)| means[k].clone().narrow(0, i, 1))
+                        .collect();
+                    teacher_means.insert(j, Tensor::cat(rows, 0));
+                }
+                let values: Vec<f64> = routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| by_teacher[k][i] as f64)
+                    .collect();
+                teacher_rewards.insert(j, values);
+            }
+        }
         // DenseGRPO: an ODE completion from every latent a trained step starts or ends at
         // (the last latent is the rollout's own image).
         let mut completions = Completions::new();
@@ -860,6 +1009,8 @@ impl GrpoTrainer {
                 latents,
                 old_log_probs,
                 old_means,
+                teacher_rewards,
+                teacher_means,
                 cond,
                 uncond,
             },
@@ -968,6 +1119,13 @@ impl GrpoTrainer {
                     None => clipped_surrogate(log_prob, old, step_adv(j), t.clip_range),
                 };
                 let mut loss = policy_loss.clone();
+                if let Some(teacher_mean) = data.teacher_means.get(&j) {
+                    let g = kl_std(kind, sigma, sigma_next, sigma_max);
+                    let scale = c.train.opd.as_ref().map_or(1.0, |o| o.kl_scale.abs());
+                    let teacher_mean = pick4(teacher_mean).autodiff();
+                    let kl = opd_kl_reward(mean.clone(), teacher_mean, g).mean().neg();
+                    loss = loss + kl.mul_scalar(scale);
+                }
                 let mut kl_value = 0.0;
                 if let Some(reference) = &self.reference {
                     let base = PipelineDenoiser {
@@ -1176,6 +1334,7 @@ impl EpochData {
         let keys: Vec<usize> = first.latents.keys().copied().collect();
         let steps: Vec<usize> = first.old_log_probs.keys().copied().collect();
         let mean_steps: Vec<usize> = first.old_means.keys().copied().collect();
+        let teacher_steps: Vec<usize> = first.teacher_means.keys().copied().collect();
         let cat4 =
             |f: &dyn Fn(&EpochData) -> Tensor<4>| Tensor::cat(batches.iter().map(f).collect(), 0);
         let latents = keys
@@ -1201,6 +1360,16 @@ impl EpochData {
             .iter()
             .map(|&k| (k, cat4(&|b| b.old_means[&k].clone())))
             .collect();
+        let teacher_means = teacher_steps
+            .iter()
+            .map(|&k| (k, cat4(&|b| b.teacher_means[&k].clone())))
+            .collect();
+        let mut teacher_rewards: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for batch in &batches {
+            for (&j, values) in &batch.teacher_rewards {
+                teacher_rewards.entry(j).or_default().extend(values);
+            }
+        }
         let cond = Conditioning::cat(&batches.iter().map(|b| b.cond.clone()).collect::<Vec<_>>());
         let uncond = first.uncond.as_ref().map(|_| {
             Conditioning::cat(
@@ -1214,6 +1383,8 @@ impl EpochData {
             latents,
             old_log_probs,
             old_means,
+            teacher_rewards,
+            teacher_means,
             cond,
             uncond,
         }
