@@ -18,9 +18,15 @@ pub enum ImageError {
     Png { path: String, message: String },
 }
 
-/// Writes an 8-bit RGB PNG with `text` as `tEXt` chunks.
+/// Writes an 8-bit RGB PNG with `text` as `tEXt` chunks, creating missing parent folders.
 pub fn save_png(image: &Image, path: &Path, text: &[(&str, String)]) -> Result<(), ImageError> {
     let name = path.display().to_string();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| ImageError::Io {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
     let file = File::create(path).map_err(|source| ImageError::Io {
         path: name.clone(),
         source,

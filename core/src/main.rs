@@ -205,6 +205,12 @@ struct PretrainArgs {
     /// Loss weight 1/max(σ, floor)² of sample-predicting models (0.05: JiT's v-loss).
     #[arg(long)]
     loss_sigma_floor: Option<f64>,
+    /// Training noise levels σ = sigmoid(mean + std·u), u ~ N(0, 1): SD3's (0, 1) or JiT's
+    /// noisier (0.8, 0.8), the default.
+    #[arg(long)]
+    sigma_mean: Option<f64>,
+    #[arg(long)]
+    sigma_std: Option<f64>,
     /// Start a new run from this pipeline folder's weights (e.g. `assets/models/shapes-base`)
     /// with a fresh optimizer, instead of from a seeded initialisation.
     #[arg(long, requires = "init_step")]
@@ -525,8 +531,10 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
                 args.batch_size.is_none()
                     && args.lr.is_none()
                     && args.seed.is_none()
-                    && args.ema_decay.is_none(),
-                "{} is resumed with its stored settings; --batch-size, --lr, --seed and --ema-decay cannot change",
+                    && args.ema_decay.is_none()
+                    && args.sigma_mean.is_none()
+                    && args.sigma_std.is_none(),
+                "{} is resumed with its stored settings; --batch-size, --lr, --seed, --ema-decay, --sigma-mean and --sigma-std cannot change",
                 args.out.display()
             );
             stored.clone()
@@ -550,6 +558,17 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     }
     if let Some(v) = args.decay_steps {
         config.decay_steps = v;
+    }
+    if let Some(v) = args.sigma_mean {
+        anyhow::ensure!(v.is_finite(), "--sigma-mean must be finite, got {v}");
+        config.sigma_mean = v;
+    }
+    if let Some(v) = args.sigma_std {
+        anyhow::ensure!(
+            v.is_finite() && v > 0.0,
+            "--sigma-std must be > 0, got {v}"
+        );
+        config.sigma_std = v;
     }
     if let Some(v) = args.loss_sigma_floor {
         anyhow::ensure!(
