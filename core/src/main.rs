@@ -564,10 +564,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         config.sigma_mean = v;
     }
     if let Some(v) = args.sigma_std {
-        anyhow::ensure!(
-            v.is_finite() && v > 0.0,
-            "--sigma-std must be > 0, got {v}"
-        );
+        anyhow::ensure!(v.is_finite() && v > 0.0, "--sigma-std must be > 0, got {v}");
         config.sigma_std = v;
     }
     if let Some(v) = args.loss_sigma_floor {

@@ -278,7 +278,7 @@ fn every_preset_in_configs_parses_and_validates() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if !["grpo-", "draft-", "opd-"]
+        if !["grpo-", "draft-", "opd-", "rtdmd-"]
             .iter()
             .any(|p| name.starts_with(p))
         {
@@ -740,4 +740,48 @@ fn flow_opd_pulls_the_policy_toward_the_routed_teacher() {
     assert!(err.contains("no teacher for training prompt 0"), "{err}");
     c.train.opd.as_mut().unwrap().teachers[0].route = "poetry".into();
     assert!(c.validate().unwrap_err().contains("\"poetry\" is not"));
+}
+
+#[test]
+fn rtdmd_stacking_trains_a_fresh_adapter_on_the_merged_student_at_its_own_sigmas() {
+    let device = ChosenDevice::cpu().device;
+    let student = TempDir::new("rtdmd-student");
+    teacher_adapter(student.path(), 5);
+    let run = TempDir::new("rtdmd-run");
+    let mut c = without_eval(config(1));
+    c.model.merge_adapters = vec![student.path().to_path_buf()];
+    c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
+    c.sample.steps = 4;
+    c.sample.eval_steps = 4;
+    c.sample.sde_type = SdeType::Cps;
+    c.sample.noise_level = 0.9;
+    c.train.steps = StepSelection::RandomSubset {
+        candidates: vec![0, 1, 2],
+        count: 2,
+        seed_offset: 104729,
+    };
+    c.train.beta = 0.0;
+    c.validate().unwrap();
+    let mut t = trainer(c.clone(), run.path(), &device);
+    let before = adapter_values(&t);
+    assert!(before.iter().any(|&v| v != 0.0), "A is drawn");
+    let m = t.epoch(|_| {}).unwrap();
+    assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+    assert_eq!(m.trained_steps.len(), 2);
+    assert!(
+        m.trained_steps.iter().all(|j| *j <= 2),
+        "{:?}",
+        m.trained_steps
+    );
+    assert_ne!(before, adapter_values(&t));
+    // Only the fresh adapter is the policy's; the stacked one is in the base weights.
+    assert_eq!(lora::adapters(t.policy()).len(), 1);
+
+    let mut bad = c;
+    bad.sample.eval_steps = 20;
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .contains("sample.sigmas has 4 steps")
+    );
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraConfig;
 use crate::reward::remote::RemoteConfig;
+use crate::sample::schedule::Schedule;
 use crate::sample::select::{OffSelection, StepSelection};
 use crate::sample::step::StepKind;
 
@@ -39,6 +40,11 @@ pub struct ModelSection {
     pub lora_alpha: f64,
     /// PEFT `target_modules` (suffix match).
     pub lora_targets: Vec<String>,
+    /// Adapters merged into the base weights, in order, before the trained adapter is created:
+    /// RTDMD's LoRA stacking (the cold-start student, then RL on a fresh adapter). Inference
+    /// stacks them the same way: `--lora FIRST --lora TRAINED`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merge_adapters: Vec<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -49,6 +55,7 @@ impl Default for ModelSection {
             lora_rank: flow_grpo.r,
             lora_alpha: flow_grpo.lora_alpha,
             lora_targets: flow_grpo.target_list(),
+            merge_adapters: Vec::new(),
         }
     }
 }
@@ -200,6 +207,11 @@ pub struct SampleSection {
     pub batch_size: usize,
     /// All members of a group start from the same x(σ = 1) (`same_latent`).
     pub same_initial_noise: bool,
+    /// An explicit σ list for rollouts and evaluation instead of the scheduler's (a few-step
+    /// student's, e.g. RTDMD's [1, 0.75, 0.5, 0.25] on the bundled model); `steps` and
+    /// `eval_steps` must equal its length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigmas: Option<Vec<f64>>,
 }
 
 impl Default for SampleSection {
@@ -215,6 +227,7 @@ impl Default for SampleSection {
             groups_per_epoch: 4,
             batch_size: 8,
             same_initial_noise: false,
+            sigmas: None,
         }
     }
 }
@@ -491,6 +504,14 @@ impl GrpoConfig {
         LoraConfig::new(self.model.lora_rank, self.model.lora_alpha, &targets)
     }
 
+    /// The rollout schedule for a model whose scheduler has static `shift`.
+    pub fn schedule(&self, shift: f64) -> Result<Schedule, crate::sample::schedule::ScheduleError> {
+        match &self.sample.sigmas {
+            Some(sigmas) => Schedule::explicit(sigmas),
+            None => Schedule::shifted(self.sample.steps, shift),
+        }
+    }
+
     /// Rollout images per epoch.
     pub fn samples_per_epoch(&self) -> usize {
         self.sample.group_size * self.sample.groups_per_epoch
@@ -652,6 +673,18 @@ impl GrpoConfig {
                 self.samples_per_epoch(),
                 s.batch_size
             ));
+        }
+        if let Some(sigmas) = &s.sigmas {
+            Schedule::explicit(sigmas).map_err(|e| format!("sample.sigmas: {e}"))?;
+            if s.steps != sigmas.len() || s.eval_steps != sigmas.len() {
+                return Err(format!(
+                    "sample.sigmas has {} steps: sample.steps and sample.eval_steps must both be {} (found {} and {})",
+                    sigmas.len(),
+                    sigmas.len(),
+                    s.steps,
+                    s.eval_steps
+                ));
+            }
         }
         if s.steps < 2 {
             return Err("sample.steps must be at least 2 (the last step is never trained)".into());

@@ -107,7 +107,8 @@ impl GrpoTrainer {
             .clone()
             .expect("draft_epoch needs train.draft");
         let epoch = self.epoch;
-        let schedule = Schedule::shifted(c.sample.steps, self.plain.scheduler.shift)
+        let schedule = c
+            .schedule(self.plain.scheduler.shift)
             .map_err(PipelineError::from)?;
         let n = schedule.steps();
         let first_graph_step = n - settings.k;

@@ -243,6 +243,20 @@ impl GrpoTrainer {
             scheduler,
         } = pipeline;
         let mut policy = transformer;
+        // Flow-OPD's teachers are adapters of the base as given, before any stacking.
+        let unmerged = config.train.opd.as_ref().map(|_| policy.valid());
+        for (k, path) in config.model.merge_adapters.iter().enumerate() {
+            let name = format!("merged{k}");
+            let adapter = LoraWeights::read(path)?;
+            lora::attach(
+                &mut policy,
+                &name,
+                adapter.component("transformer"),
+                1.0,
+                device,
+            )?;
+            lora::merge_and_unload(&mut policy, &name)?;
+        }
         let mut reference = (config.train.beta > 0.0).then(|| policy.valid());
         let mut teachers = Vec::new();
         if let Some(opd) = &config.train.opd {
@@ -256,7 +270,7 @@ impl GrpoTrainer {
                 }
             }
             let with_adapter = |path: &Path, name: &str| -> Result<Transformer, GrpoError> {
-                let mut model = policy.valid();
+                let mut model = unmerged.clone().expect("kept for Flow-OPD");
                 let adapter = LoraWeights::read(path)?;
                 lora::attach(
                     &mut model,
@@ -471,7 +485,8 @@ impl GrpoTrainer {
     fn policy_gradient_epoch(&mut self) -> Result<(EpochMetrics, Vec<(Image, String)>), GrpoError> {
         let c = self.config.clone();
         let epoch = self.epoch;
-        let schedule = Schedule::shifted(c.sample.steps, self.plain.scheduler.shift)
+        let schedule = c
+            .schedule(self.plain.scheduler.shift)
             .map_err(PipelineError::from)?;
         let clock = TrainingClock {
             seed: c.run.seed,
@@ -1260,7 +1275,7 @@ impl GrpoTrainer {
                 negative_prompt: String::new(),
                 size: None,
                 initial_noise: None,
-                sigmas: None,
+                sigmas: c.sample.sigmas.clone(),
             },
             seed: c.run.seed,
         };
