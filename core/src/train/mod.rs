@@ -17,3 +17,44 @@ pub fn peak_memory_mib() -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// Appends `value` as one JSON line (a run's `metrics.jsonl`, `eval.jsonl`).
+pub fn append_jsonl(path: &std::path::Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(file, "{}", serde_json::to_string(value).expect("json"))
+}
+
+/// Drops the JSON lines whose `counter` field is past `last` (written after the checkpoint a
+/// resumed run restarts from), so the log holds each epoch or iteration once. A missing file is
+/// left missing.
+pub fn truncate_jsonl(path: &std::path::Path, counter: &str, last: usize) -> std::io::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v[counter].as_u64())
+                .is_some_and(|n| n as usize <= last)
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(path, kept)
+}
+
+/// A TOML run config read and checked by `validate`; errors start with the file's path.
+pub fn read_toml_config<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config: T = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    validate(&config).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config)
+}

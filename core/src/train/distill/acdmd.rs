@@ -111,12 +111,7 @@ impl Default for AcDmdConfig {
 
 impl AcDmdConfig {
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(config)
+        crate::train::read_toml_config(path, Self::validate)
     }
 
     pub fn to_toml(&self) -> String {
@@ -333,16 +328,8 @@ impl AcDmdTrainer {
             let state: RunState = crate::model::read_config(&checkpoint.join("state.json"))
                 .map_err(PipelineError::from)?;
             iteration = state.iteration;
-            truncate_log(&run_dir.join("metrics.jsonl"), |line| {
-                serde_json::from_str::<AcDmdMetrics>(line)
-                    .map(|m| m.iteration <= iteration)
-                    .unwrap_or(false)
-            })?;
-            truncate_log(&run_dir.join("eval.jsonl"), |line| {
-                serde_json::from_str::<AcDmdEval>(line)
-                    .map(|m| m.iteration <= iteration)
-                    .unwrap_or(false)
-            })?;
+            truncate_log(&run_dir.join("metrics.jsonl"), iteration)?;
+            truncate_log(&run_dir.join("eval.jsonl"), iteration)?;
         } else {
             lora::init_adapter(&mut generator, GENERATOR, &lora_config, config.seed, device)?;
             lora::init_adapter(
@@ -768,25 +755,9 @@ fn mix(seed: u64, stream: u64) -> u64 {
 }
 
 fn append_line(path: &Path, value: &impl Serialize) -> Result<(), DistillError> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| run_error(path, e))?;
-    writeln!(file, "{}", serde_json::to_string(value).expect("json"))
-        .map_err(|e| run_error(path, e))
+    crate::train::append_jsonl(path, value).map_err(|e| run_error(path, e))
 }
 
-/// Keeps the lines `keep` accepts (a resumed run drops what was logged after its checkpoint).
-fn truncate_log(path: &Path, keep: impl Fn(&str) -> bool) -> Result<(), DistillError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| keep(l))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(path, kept).map_err(|e| run_error(path, e))
+fn truncate_log(path: &Path, iteration: usize) -> Result<(), DistillError> {
+    crate::train::truncate_jsonl(path, "iteration", iteration).map_err(|e| run_error(path, e))
 }

@@ -480,12 +480,7 @@ impl Default for RunSection {
 
 impl GrpoConfig {
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(config)
+        crate::train::read_toml_config(path, Self::validate)
     }
 
     pub fn to_toml(&self) -> String {

@@ -20,7 +20,6 @@ mod ema;
 pub mod loss;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -1537,32 +1536,11 @@ fn tag(task: &Task) -> String {
 }
 
 fn append_line(path: &Path, value: &impl Serialize) -> Result<(), GrpoError> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| run_error(path, e))?;
-    writeln!(file, "{}", serde_json::to_string(value).expect("json"))
-        .map_err(|e| run_error(path, e))
+    crate::train::append_jsonl(path, value).map_err(|e| run_error(path, e))
 }
 
-/// Drops log lines of epochs after `epoch` (written after the checkpoint a resumed run restarts
-/// from), so the log has each epoch once.
 fn truncate_log(path: &Path, epoch: usize) -> Result<(), GrpoError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| {
-            serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v["epoch"].as_u64())
-                .is_some_and(|e| e as usize <= epoch)
-        })
-        .collect();
-    let body = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
-    std::fs::write(path, body).map_err(|e| run_error(path, e))
+    crate::train::truncate_jsonl(path, "epoch", epoch).map_err(|e| run_error(path, e))
 }
 
 /// A grid of the epoch's first rollout images (8 per row), with the prompts in the PNG's text.
