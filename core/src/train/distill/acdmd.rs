@@ -172,6 +172,9 @@ impl AcDmdConfig {
         if self.model.lora_targets.is_empty() {
             return Err("model.lora_targets is empty".into());
         }
+        if !self.model.merge_adapters.is_empty() {
+            return Err("model.merge_adapters is a GRPO setting (LoRA stacking for the RL stage); AC-DMD distils the base model as given".into());
+        }
         Ok(())
     }
 
