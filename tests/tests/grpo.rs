@@ -785,3 +785,87 @@ fn rtdmd_stacking_trains_a_fresh_adapter_on_the_merged_student_at_its_own_sigmas
             .contains("sample.sigmas has 4 steps")
     );
 }
+
+#[test]
+fn rtdmd_final_step_reward_backprop_climbs_its_reward_beside_the_policy_gradient() {
+    use portaflow::train::grpo::config::{Draft, RewardBackprop};
+    let device = ChosenDevice::cpu().device;
+    let clip = TempDir::new("bp-clip");
+    tiny_clip(clip.path());
+    // RTDMD's RL stage at toy size: 4 CPS steps at explicit σ, SubGRPO on {0, 1, 2}, the last
+    // step deterministic; `scale` weighs L_BP (1e-12: the policy gradient alone).
+    let settings = |scale: f64| -> GrpoConfig {
+        let mut c = without_eval(config(12));
+        c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
+        c.sample.sde_type = SdeType::Cps;
+        c.sample.noise_level = 0.9;
+        c.sample.guidance_scale = 1.0;
+        c.train.cfg = false;
+        c.train.beta = 0.0;
+        c.train.steps = StepSelection::RandomSubset {
+            candidates: vec![0, 1, 2],
+            count: 2,
+            seed_offset: 104729,
+        };
+        c.train.reward_backprop = Some(RewardBackprop {
+            clip: clip.path().to_path_buf(),
+            margin: 3.0,
+            scale,
+        });
+        c.validate().unwrap();
+        c
+    };
+    let rewards = |scale: f64| -> Vec<f64> {
+        let run = TempDir::new("bp-run");
+        let mut t = trainer(settings(scale), run.path(), &device);
+        (0..12)
+            .map(|_| {
+                let m = t.epoch(|_| {}).unwrap();
+                assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+                m.final_step_reward.expect("logged with reward_backprop")
+            })
+            .collect()
+    };
+    let trained = rewards(1.0);
+    let control = rewards(1e-12);
+    println!("final-step CLIP reward {trained:?}, policy gradient alone {control:?}");
+    assert!(
+        (trained[0] - control[0]).abs() < 1e-3,
+        "{trained:?} {control:?}"
+    );
+    let gain: f64 = (6..12).map(|e| trained[e] - control[e]).sum::<f64>() / 6.0;
+    assert!(
+        gain > 0.05,
+        "L_BP did not raise the final-step reward: {gain:.3}"
+    );
+
+    let mut bad = settings(1.0);
+    bad.train.reward_backprop.as_mut().unwrap().scale = 0.0;
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .contains("train.reward_backprop.scale")
+    );
+    let mut bad = settings(1.0);
+    bad.train.draft = Some(Draft {
+        clip: clip.path().to_path_buf(),
+        k: 1,
+        lv_samples: 0,
+        margin: None,
+    });
+    assert!(bad.validate().unwrap_err().contains("train.draft"));
+    let mut bad = settings(1.0);
+    bad.train.reward_backprop.as_mut().unwrap().clip = "nowhere".into();
+    let run = TempDir::new("bp-missing-clip");
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
+    let ad = device.clone().autodiff();
+    let err = GrpoTrainer::new(bad, base(&device), tasks, test, run.path(), &ad)
+        .err()
+        .expect("a missing CLIP folder is an error")
+        .to_string();
+    assert!(
+        err.contains("train.reward_backprop.clip") && err.contains("portaflow train clip"),
+        "{err}"
+    );
+}

@@ -283,6 +283,50 @@ fn denoising_probe() {
         let spread = (out - mean.clone()).square().mean().into_scalar::<f32>();
         println!("σ {sigma:.2}  error {error:.4}  distance from the mean image {spread:.4}");
     }
+    // Receptive field at σ 0.8: how much each patch's x̂₀ moves when only patch (row 3, col 3)
+    // of the input gets fresh noise (mean |Δ| per 8×8 patch, in units of 1e-3).
+    let sigma = 0.8f64;
+    let draw = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let noise: Vec<f32> = (0..b * c * h * w)
+            .map(|_| rand_distr::StandardNormal.sample(rng))
+            .collect();
+        Tensor::<4>::from_data(TensorData::new(noise, [b, c, h, w]), &device)
+    };
+    let noise = draw(&mut rng);
+    let other = draw(&mut rng);
+    let p = 8;
+    let mask: Vec<f32> = (0..b * c * h * w)
+        .map(|i| {
+            let (y, x) = ((i / w) % h, i % w);
+            if y / p == 3 && x / p == 3 { 1.0 } else { 0.0 }
+        })
+        .collect();
+    let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, c, h, w]), &device);
+    let noise2 = noise.clone() * (mask.clone().neg().add_scalar(1.0)) + other * mask;
+    let run = |n: Tensor<4>| {
+        t.forward(
+            x0.clone() * (1.0 - sigma) + n * sigma,
+            &vec![sigma * 1000.0; b],
+            cond.sequence.clone(),
+            cond.pooled.clone().expect("pooled"),
+        )
+    };
+    let delta = (run(noise) - run(noise2)).abs().mean_dim(0).mean_dim(1); // [1, 1, h, w]
+    let delta: Vec<f32> = delta.into_data().to_vec().unwrap();
+    for py in 0..h / p {
+        let row: Vec<String> = (0..w / p)
+            .map(|px| {
+                let mut s = 0.0;
+                for y in py * p..(py + 1) * p {
+                    for x in px * p..(px + 1) * p {
+                        s += delta[y * w + x];
+                    }
+                }
+                format!("{:6.1}", 1e3 * s / (p * p) as f32)
+            })
+            .collect();
+        println!("{}", row.join(""));
+    }
     if let Ok(path) = std::env::var("PORTAFLOW_PROBE_OUT") {
         let mut grid = portaflow::world::render::Image {
             width: w * shown,

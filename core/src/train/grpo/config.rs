@@ -276,6 +276,29 @@ pub struct Draft {
     pub margin: Option<f64>,
 }
 
+/// RTDMD's `L_BP` on the rollout's last step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardBackprop {
+    /// A Shapes CLIP folder (`portaflow train clip`): its image–prompt cosine is the reward.
+    pub clip: PathBuf,
+    /// Hinge margin (RTDMD: 3.0 on the sum of three rewards; with the one cosine reward here,
+    /// any margin above 1 keeps the hinge open and the loss is −scale·mean(r)).
+    #[serde(default = "rtdmd_margin")]
+    pub margin: f64,
+    /// Gradient scale (RTDMD: 1e-4).
+    #[serde(default = "rtdmd_bp_scale")]
+    pub scale: f64,
+}
+
+fn rtdmd_margin() -> f64 {
+    3.0
+}
+
+fn rtdmd_bp_scale() -> f64 {
+    1e-4
+}
+
 fn one() -> usize {
     1
 }
@@ -398,6 +421,11 @@ pub struct TrainSection {
     /// off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opd: Option<Opd>,
+    /// RTDMD's final-step reward back-propagation (ALGORITHMS.md §3.3, `L_BP`): beside the policy
+    /// gradient, x̂₀ = x_last − σ_last·v_θ of the rollout's last step is scored with a
+    /// differentiable reward and scale·mean(ReLU(margin − r)) is descended. Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_backprop: Option<RewardBackprop>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -433,6 +461,7 @@ impl Default for TrainSection {
             dense_reward: None,
             draft: None,
             opd: None,
+            reward_backprop: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -610,6 +639,23 @@ impl GrpoConfig {
                 return Err(format!(
                     "train.draft back-propagates a reward; {name} belongs to the policy-gradient methods"
                 ));
+            }
+        }
+        if let Some(bp) = &t.reward_backprop {
+            if !bp.margin.is_finite() {
+                return Err(format!(
+                    "train.reward_backprop.margin must be finite, got {}",
+                    bp.margin
+                ));
+            }
+            if !(bp.scale.is_finite() && bp.scale > 0.0) {
+                return Err(format!(
+                    "train.reward_backprop.scale must be positive, got {}",
+                    bp.scale
+                ));
+            }
+            if t.draft.is_some() {
+                return Err("train.reward_backprop is the policy-gradient methods' final-step term; train.draft already back-propagates its reward".into());
             }
         }
         if let Some(opd) = &t.opd {

@@ -20,7 +20,6 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::config::Draft;
 use super::{EpochMetrics, GrpoError, GrpoTrainer, mix, run_error, tag};
 use crate::model::vae::Vae;
 use crate::pipeline::{PipelineDenoiser, PipelineError, to_images};
@@ -33,27 +32,31 @@ use crate::sample::step::StepKind;
 use crate::text::tokenizer::PromptTokenizer;
 use crate::world::render::Image;
 
-/// The differentiable reward and the decoder the gradient passes through (autodiff device).
-pub(super) struct DraftReward {
+/// The differentiable reward and the decoder the gradient passes through (autodiff device):
+/// DRaFT's objective and RTDMD's final-step `L_BP`.
+pub(super) struct DifferentiableReward {
     /// Frozen: gradients flow through it to the image, never into it.
     clip: ShapesClip,
     tokenizer: PromptTokenizer,
     vae: Option<Vae>,
 }
 
-impl DraftReward {
-    /// Loads the CLIP of `settings` for a pipeline drawing `resolution`-pixel images.
+impl DifferentiableReward {
+    /// Loads the CLIP folder `clip` (the config field `field` names it) for a pipeline drawing
+    /// `resolution`-pixel images.
     pub(super) fn load(
-        settings: &Draft,
+        clip_dir: &Path,
+        field: &str,
         resolution: usize,
         vae: Option<Vae>,
         device: &Device,
     ) -> Result<Self, GrpoError> {
-        let (clip, tokenizer) = ShapesClip::load_with_tokenizer(&settings.clip, device)
-            .map_err(|e| GrpoError::Config(format!("train.draft.clip: {e}")))?;
+        check_clip_dir(clip_dir, field)?;
+        let (clip, tokenizer) = ShapesClip::load_with_tokenizer(clip_dir, device)
+            .map_err(|e| GrpoError::Config(format!("{field}: {e}")))?;
         if clip.config.image_size != resolution {
             return Err(run_error(
-                &settings.clip,
+                clip_dir,
                 format!(
                     "the CLIP reads {0}×{0} images but the model draws {1}×{1}",
                     clip.config.image_size, resolution
@@ -68,7 +71,11 @@ impl DraftReward {
     }
 
     /// Cosine of each image with its prompt, `[b]`, differentiable in `latents`.
-    fn score(&self, latents: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>, GrpoError> {
+    pub(super) fn score(
+        &self,
+        latents: Tensor<4>,
+        prompts: &[String],
+    ) -> Result<Tensor<1>, GrpoError> {
         let device = latents.device();
         let pixels = match &self.vae {
             Some(vae) => vae.decode(latents),
@@ -78,7 +85,7 @@ impl DraftReward {
         let ids = self
             .tokenizer
             .encode(prompts)
-            .map_err(|e| GrpoError::Config(format!("train.draft.clip tokenizer: {e}")))?;
+            .map_err(|e| GrpoError::Config(format!("CLIP tokenizer: {e}")))?;
         let images = self.clip.embed_images(pixels);
         let texts = self.clip.embed_texts(&ids, &device);
         let b = prompts.len();
@@ -88,7 +95,7 @@ impl DraftReward {
 }
 
 /// −r, or ReLU(margin − r).
-fn draft_loss(reward: Tensor<1>, margin: Option<f64>) -> Tensor<1> {
+pub(super) fn draft_loss(reward: Tensor<1>, margin: Option<f64>) -> Tensor<1> {
     match margin {
         Some(m) => reward.neg().add_scalar(m).clamp_min(0.0),
         None => reward.neg(),
@@ -318,6 +325,7 @@ impl GrpoTrainer {
             first_ratio_error: 0.0,
             skipped_micro_batches: skipped,
             teacher_kl: None,
+            final_step_reward: None,
             nonfinite_rewards: 0,
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),
@@ -328,20 +336,21 @@ impl GrpoTrainer {
         Ok((metrics, grid))
     }
 
-    fn draft_reward(&self) -> &DraftReward {
-        self.draft.as_ref().expect("train.draft loaded its reward")
+    fn draft_reward(&self) -> &DifferentiableReward {
+        self.differentiable
+            .as_ref()
+            .expect("train.draft loaded its reward")
     }
 }
 
-/// Whether `dir` looks like a Shapes CLIP folder (for early, named errors).
-pub(super) fn check_clip_dir(dir: &Path) -> Result<(), GrpoError> {
+/// Whether `dir` (the config field `field`) looks like a Shapes CLIP folder (for early, named
+/// errors).
+fn check_clip_dir(dir: &Path, field: &str) -> Result<(), GrpoError> {
     for file in ["config.json", "model.bpk", "tokenizer.json"] {
         if !dir.join(file).is_file() {
             return Err(run_error(
                 dir,
-                format!(
-                    "train.draft.clip: no {file} here (make one with `portaflow train clip --out DIR`)"
-                ),
+                format!("{field}: no {file} here (make one with `portaflow train clip --out DIR`)"),
             ));
         }
     }

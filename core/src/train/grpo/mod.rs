@@ -88,6 +88,9 @@ pub struct EpochMetrics {
     /// Flow-OPD: mean KL of the rollout's trained steps to their routed teachers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_kl: Option<f64>,
+    /// `train.reward_backprop`: mean differentiable reward of the kept samples' final-step x̂₀.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_step_reward: Option<f64>,
     /// Rollout images whose reward was NaN / infinite (left out of advantages and training).
     pub nonfinite_rewards: usize,
     pub learning_rate: f64,
@@ -162,8 +165,8 @@ pub struct GrpoTrainer {
     ema: Option<Ema>,
     /// The rewards and their weights (one, unless `data.rewards` lists several).
     rewards: Vec<(Box<dyn Reward>, f64)>,
-    /// DRaFT's differentiable reward (only with `train.draft`).
-    draft: Option<draft::DraftReward>,
+    /// The differentiable reward of `train.draft` or `train.reward_backprop`.
+    differentiable: Option<draft::DifferentiableReward>,
     /// Flow-OPD's teachers (base + each teacher adapter), plain device, in `train.opd` order.
     teachers: Vec<Transformer>,
     train: Vec<Task>,
@@ -173,6 +176,16 @@ pub struct GrpoTrainer {
     pub global_step: usize,
     device: Device,
     plain_device: Device,
+}
+
+/// What an epoch's training pass reports.
+struct TrainOutcome {
+    stats: StepStats,
+    /// max |ρ − 1| over the first micro-batch, before any update.
+    first_ratio_error: f64,
+    skipped_micro_batches: usize,
+    /// `train.reward_backprop`: mean reward of the final-step x̂₀ over the trained micro-batches.
+    final_step_reward: Option<f64>,
 }
 
 /// DenseGRPO's ODE completions of a batch: images by the step index they start from.
@@ -326,7 +339,8 @@ impl GrpoTrainer {
             }
         }
         let policy = lora::train_only(policy, POLICY);
-        let vae_with_graph = config.train.draft.as_ref().and(vae.clone());
+        let needs_graph = config.train.draft.is_some() || config.train.reward_backprop.is_some();
+        let vae_with_graph = needs_graph.then(|| vae.clone()).flatten();
         let plain = Pipeline {
             text: text.valid(),
             transformer: policy.valid(),
@@ -349,19 +363,22 @@ impl GrpoTrainer {
                 Ok((reward, term.weight))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let draft = match &config.train.draft {
-            Some(settings) => {
-                draft::check_clip_dir(&settings.clip)?;
-                let resolution = plain.resolution();
-                Some(draft::DraftReward::load(
-                    settings,
-                    resolution,
+        let clip = match (&config.train.draft, &config.train.reward_backprop) {
+            (Some(d), _) => Some((&d.clip, "train.draft.clip")),
+            (None, Some(bp)) => Some((&bp.clip, "train.reward_backprop.clip")),
+            (None, None) => None,
+        };
+        let differentiable = clip
+            .map(|(dir, field)| {
+                draft::DifferentiableReward::load(
+                    dir,
+                    field,
+                    plain.resolution(),
                     vae_with_graph,
                     device,
-                )?)
-            }
-            None => None,
-        };
+                )
+            })
+            .transpose()?;
         Ok(Self {
             config,
             policy,
@@ -370,7 +387,7 @@ impl GrpoTrainer {
             optimizer,
             ema,
             rewards,
-            draft,
+            differentiable,
             teachers,
             train,
             test,
@@ -443,7 +460,7 @@ impl GrpoTrainer {
             append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
             on_event(GrpoEvent::Eval(&eval));
         }
-        let (metrics, grid_images) = if self.draft.is_some() {
+        let (metrics, grid_images) = if self.config.train.draft.is_some() {
             self.draft_epoch()?
         } else {
             self.policy_gradient_epoch()?
@@ -804,8 +821,15 @@ impl GrpoTrainer {
 
         // 4. training.
         let train_start = Instant::now();
-        let (stats, first_ratio_error, skipped_micro_batches) = self.train_on(
+        let prompts: Vec<String> = tasks.iter().map(|t| t.prompt().to_string()).collect();
+        let TrainOutcome {
+            stats,
+            first_ratio_error,
+            skipped_micro_batches,
+            final_step_reward,
+        } = self.train_on(
             &data,
+            &prompts,
             &kept,
             &advantage,
             advantage_maps.as_deref(),
@@ -842,6 +866,7 @@ impl GrpoTrainer {
             first_ratio_error,
             skipped_micro_batches,
             teacher_kl,
+            final_step_reward,
             nonfinite_rewards: samples.len() - valid.len(),
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),
@@ -920,6 +945,10 @@ impl GrpoTrainer {
                 .clone()
                 .expect("trained steps are stochastic");
             old_log_probs.insert(j, log_prob);
+        }
+        if c.train.reward_backprop.is_some() {
+            let last = schedule.steps() - 1;
+            latents.insert(last, rollout.latents[last].clone());
         }
         // Flow-OPD: each trained step's −KL to the sample's teacher, every teacher on the batch.
         let mut teacher_rewards = BTreeMap::new();
@@ -1032,10 +1061,12 @@ impl GrpoTrainer {
         ))
     }
 
-    /// Step 4: the clipped policy loss (+ β·KL) on every kept sample and trained step.
+    /// Step 4: the clipped policy loss (+ β·KL) on every kept sample and trained step, and
+    /// RTDMD's final-step reward back-propagation when configured. `prompts[i]` is sample i's.
     fn train_on(
         &mut self,
         data: &EpochData,
+        prompts: &[String],
         kept: &[usize],
         advantage: &[f64],
         advantage_maps: Option<&[Vec<f32>]>,
@@ -1043,7 +1074,7 @@ impl GrpoTrainer {
         schedule: &Schedule,
         kind: StepKind,
         trained: &[usize],
-    ) -> Result<(StepStats, f64, usize), GrpoError> {
+    ) -> Result<TrainOutcome, GrpoError> {
         let c = self.config.clone();
         let t = &c.train;
         let batch = c.sample.batch_size;
@@ -1056,6 +1087,7 @@ impl GrpoTrainer {
         let mut first_ratio_error: f64 = 0.0;
         let mut pending = 0;
         let mut skipped = 0;
+        let mut final_step_rewards = Vec::new();
         for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
             // This micro-batch's gradients join the optimizer's only if every loss was finite.
             let mut local = GradientsAccumulator::<Transformer>::new();
@@ -1200,6 +1232,43 @@ impl GrpoTrainer {
                 let pg = policy_loss.into_scalar::<f32>() as f64;
                 local_stats.push(StepStats::from_values(&ratios, pg, kl_value, t.clip_range));
             }
+            if finite && let Some(bp) = &t.reward_backprop {
+                // RTDMD's L_BP: x̂₀ of the last (deterministic) step, scored with gradient.
+                let last = schedule.steps() - 1;
+                let sigma = schedule.sigmas[last];
+                let x = pick4(&data.latents[&last]).autodiff();
+                let denoiser = PipelineDenoiser {
+                    transformer: &self.policy,
+                    prediction: self.plain.index.prediction,
+                };
+                let v =
+                    guided_velocity(&denoiser, x.clone(), sigma, &cond, uncond.as_ref(), w_train);
+                let x0 = x - v.mul_scalar(sigma);
+                let row_prompts: Vec<String> = rows.iter().map(|&r| prompts[r].clone()).collect();
+                let reward = self
+                    .differentiable
+                    .as_ref()
+                    .expect("train.reward_backprop loaded its reward")
+                    .score(x0, &row_prompts)?;
+                let reward_mean = reward.clone().mean().into_scalar::<f32>() as f64;
+                let loss = draft::draft_loss(reward, Some(bp.margin))
+                    .mean()
+                    .mul_scalar(bp.scale / t.grad_accum as f64);
+                let loss_value = loss.clone().into_scalar::<f32>() as f64;
+                if loss_value.is_finite() {
+                    local.accumulate(
+                        &self.policy,
+                        GradientsParams::from_grads(loss.backward(), &self.policy),
+                    );
+                    final_step_rewards.push(reward_mean);
+                } else {
+                    tracing::warn!(
+                        "epoch {}: final-step reward loss {loss_value} in micro-batch {m}; the micro-batch is skipped",
+                        self.epoch + 1
+                    );
+                    finite = false;
+                }
+            }
             if finite {
                 accumulator.accumulate(&self.policy, local.grads());
                 all_stats.extend(local_stats);
@@ -1215,7 +1284,13 @@ impl GrpoTrainer {
                 pending = 0;
             }
         }
-        Ok((StepStats::mean(&all_stats), first_ratio_error, skipped))
+        Ok(TrainOutcome {
+            stats: StepStats::mean(&all_stats),
+            first_ratio_error,
+            skipped_micro_batches: skipped,
+            final_step_reward: (!final_step_rewards.is_empty())
+                .then(|| final_step_rewards.iter().sum::<f64>() / final_step_rewards.len() as f64),
+        })
     }
 
     fn optimizer_step(&mut self, mut grads: GradientsParams) {
