@@ -869,3 +869,87 @@ fn rtdmd_final_step_reward_backprop_climbs_its_reward_beside_the_policy_gradient
         "{err}"
     );
 }
+
+#[test]
+fn flow_opd_cold_starts_from_the_combined_teachers() {
+    use portaflow::train::grpo::config::{Opd, OpdTeacher};
+    let device = ChosenDevice::cpu().device;
+    let (t1, t2, combined) = (
+        TempDir::new("cold-t1"),
+        TempDir::new("cold-t2"),
+        TempDir::new("cold-combined"),
+    );
+    teacher_adapter(t1.path(), 11);
+    teacher_adapter(t2.path(), 12);
+    let (a, b) = (
+        LoraWeights::read(t1.path()).unwrap(),
+        LoraWeights::read(t2.path()).unwrap(),
+    );
+    // `portaflow lora combine T1 T2`: ΔW = ½ΔW₁ + ½ΔW₂ exactly, rank 4 + 4.
+    let merged = LoraWeights::sum_of_deltas(&[(&a, 0.5), (&b, 0.5)]).unwrap();
+    merged.write_peft(combined.path(), "transformer").unwrap();
+    let settings = |init: bool, rank: usize| {
+        let mut c = without_eval(config(1));
+        c.train.beta = 0.0;
+        c.model.lora_rank = rank;
+        c.model.lora_alpha = rank as f64;
+        c.model.init_adapter = init.then(|| combined.path().to_path_buf());
+        c.train.opd = Some(Opd {
+            teachers: vec![OpdTeacher {
+                route: "shapes".into(),
+                lora: t1.path().to_path_buf(),
+            }],
+            kl_scale: 1.0,
+            with_task_advantage: false,
+            normalize: false,
+            direct_kl: true,
+            mar: None,
+        });
+        c.validate().unwrap();
+        c
+    };
+    let new = |c: GrpoConfig, run: &std::path::Path| {
+        let (train, test) = prompt_sets::build();
+        let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
+        let ad = device.clone().autodiff();
+        GrpoTrainer::new(c, base(&device), tasks, test, run, &ad)
+            .map(|t| t.with_reward(Box::new(Redness)))
+    };
+    // The policy starts as the combination, module for module.
+    let run = TempDir::new("cold-run");
+    let mut cold = new(settings(true, 8), run.path()).unwrap();
+    let start = lora::extract(cold.policy(), POLICY).unwrap();
+    assert_eq!(start.len(), merged.modules.len());
+    for (path, m) in &start {
+        let want = &merged.modules[&format!("transformer.{path}")];
+        assert_eq!((&m.a, &m.b, m.rank), (&want.a, &want.b, 8), "{path}");
+    }
+    let m = cold.epoch(|_| {}).unwrap();
+    assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+    // Half of the teacher's ΔW is already in: the first rollout is closer to it than the base's.
+    let run = TempDir::new("fresh-run");
+    let fresh = new(settings(false, 8), run.path())
+        .unwrap()
+        .epoch(|_| {})
+        .unwrap();
+    let (cold_kl, fresh_kl) = (m.teacher_kl.unwrap(), fresh.teacher_kl.unwrap());
+    println!(
+        "KL to the teacher at the first rollout: cold start {cold_kl:.3e}, fresh {fresh_kl:.3e}"
+    );
+    assert!(cold_kl < 0.8 * fresh_kl, "{cold_kl} vs {fresh_kl}");
+    // A rank that does not fit is named before any compute.
+    let run = TempDir::new("cold-bad");
+    let err = new(settings(true, 4), run.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.init_adapter") && err.contains("rank 8") && err.contains("rank 4"),
+        "{err}"
+    );
+    let mut scaled = settings(true, 8);
+    scaled.model.lora_alpha = 16.0;
+    let run = TempDir::new("cold-bad-alpha");
+    let err = new(scaled, run.path()).err().unwrap().to_string();
+    assert!(err.contains("α/r = 1") && err.contains("make 2"), "{err}");
+}

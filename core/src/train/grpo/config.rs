@@ -45,6 +45,12 @@ pub struct ModelSection {
     /// stacks them the same way: `--lora FIRST --lora TRAINED`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub merge_adapters: Vec<PathBuf>,
+    /// The trained adapter starts from this one instead of A random, B = 0: Flow-OPD's cold
+    /// start from its teachers (`portaflow lora combine` of their adapters). Its modules must be
+    /// the ones `lora_rank`, `lora_alpha` and `lora_targets` make (`portaflow lora combine` of n
+    /// rank-r adapters writes rank n·r with α = n·r).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -56,6 +62,7 @@ impl Default for ModelSection {
             lora_alpha: flow_grpo.lora_alpha,
             lora_targets: flow_grpo.target_list(),
             merge_adapters: Vec::new(),
+            init_adapter: None,
         }
     }
 }

@@ -334,6 +334,52 @@ impl GrpoTrainer {
             truncate_log(&run_dir.join("eval.jsonl"), epoch)?;
         } else {
             lora::init_adapter(&mut policy, POLICY, &config.lora(), config.run.seed, device)?;
+            if let Some(path) = &config.model.init_adapter {
+                let start = LoraWeights::read(path)?;
+                let fresh = lora::extract(&policy, POLICY)?;
+                let given: BTreeMap<&str, &lora::LoraModule> =
+                    start.component("transformer").into_iter().collect();
+                let mismatch = |m: &lora::LoraModule, p: &str| match given.get(p) {
+                    None => Some(format!("has no module {p}")),
+                    Some(g) if (g.rank, g.d_in, g.d_out) != (m.rank, m.d_in, m.d_out) => {
+                        Some(format!(
+                            "{p} is rank {} ({} → {}) but model.lora_rank / lora_targets make rank {} ({} → {})",
+                            g.rank, g.d_in, g.d_out, m.rank, m.d_in, m.d_out
+                        ))
+                    }
+                    Some(g) if (g.scaling - m.scaling).abs() > 1e-9 * m.scaling.abs() => {
+                        Some(format!(
+                            "{p} has scale α/r = {} but model.lora_alpha / lora_rank make {} (`lora combine` writes α = r)",
+                            g.scaling, m.scaling
+                        ))
+                    }
+                    Some(_) => None,
+                };
+                let mut problems: Vec<String> =
+                    fresh.iter().filter_map(|(p, m)| mismatch(m, p)).collect();
+                if given.len() > fresh.len() {
+                    problems.push(format!(
+                        "has {} modules, model.lora_targets make {}",
+                        given.len(),
+                        fresh.len()
+                    ));
+                }
+                if let Some(first) = problems.first() {
+                    return Err(run_error(
+                        path,
+                        format!(
+                            "model.init_adapter {first}{}",
+                            if problems.len() > 1 {
+                                format!(" (and {} more)", problems.len() - 1)
+                            } else {
+                                String::new()
+                            }
+                        ),
+                    ));
+                }
+                lora::remove(&mut policy, POLICY);
+                lora::attach(&mut policy, POLICY, given.into_iter(), 1.0, device)?;
+            }
             if config.train.ema {
                 ema = Some(Ema::new(lora::extract(&policy, POLICY)?));
             }
