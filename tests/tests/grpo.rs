@@ -953,3 +953,82 @@ fn flow_opd_cold_starts_from_the_combined_teachers() {
     let err = new(scaled, run.path()).err().unwrap().to_string();
     assert!(err.contains("α/r = 1") && err.contains("make 2"), "{err}");
 }
+
+#[test]
+fn rtdmd_final_step_dmd_trains_its_fake_score_and_resumes_exactly() {
+    use portaflow::train::grpo::config::FinalStepDmd;
+    let device = ChosenDevice::cpu().device;
+    let student = TempDir::new("dmd-student");
+    teacher_adapter(student.path(), 5);
+    let settings = |dmd: bool| -> GrpoConfig {
+        let mut c = config(2);
+        c.run.eval_every = 0;
+        c.run.grid_every = 0;
+        c.model.merge_adapters = vec![student.path().to_path_buf()];
+        c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
+        c.sample.sde_type = SdeType::Cps;
+        c.sample.noise_level = 0.9;
+        c.sample.guidance_scale = 1.0;
+        c.train.cfg = false;
+        c.train.beta = 0.0;
+        c.train.steps = StepSelection::RandomSubset {
+            candidates: vec![0, 1, 2],
+            count: 2,
+            seed_offset: 104729,
+        };
+        c.train.final_step_dmd = dmd.then(|| FinalStepDmd {
+            weight: 1.0,
+            fake_lora: None,
+            fake_updates: 2,
+            fake_learning_rate: Some(1e-2),
+            teacher_guidance: 3.0,
+            renoise_range: [20.0, 980.0],
+        });
+        c.validate().unwrap();
+        c
+    };
+    let straight = TempDir::new("dmd-straight");
+    let mut a = trainer(settings(true), straight.path(), &device);
+    let m = a.epoch(|_| {}).unwrap();
+    assert!(m.first_ratio_error < 1e-5, "{}", m.first_ratio_error);
+    let (dmd, fake) = (m.final_step_dmd.unwrap(), m.fake_score_loss.unwrap());
+    println!("epoch 1: weighted DMD loss {dmd:.4e}, fake-score loss {fake:.4}");
+    assert!(dmd.is_finite() && dmd > 0.0 && fake.is_finite() && fake > 0.0);
+    a.epoch(|_| {}).unwrap();
+    assert!(straight.path().join("checkpoint/fake_score").is_dir());
+
+    // The term reaches the weights: the same run without it ends elsewhere.
+    let plain = TempDir::new("dmd-off");
+    let mut p = trainer(settings(false), plain.path(), &device);
+    p.epoch(|_| {}).unwrap();
+    p.epoch(|_| {}).unwrap();
+    assert_ne!(adapter_values(&a), adapter_values(&p));
+
+    // Killed after epoch 1, resumed: the fake score and its optimizer come back too.
+    let resumed = TempDir::new("dmd-resumed");
+    let mut b = trainer(settings(true), resumed.path(), &device);
+    b.epoch(|_| {}).unwrap();
+    drop(b);
+    let mut b = trainer(settings(true), resumed.path(), &device);
+    assert_eq!(b.epoch, 1);
+    b.epoch(|_| {}).unwrap();
+    assert_same(
+        &adapter_values(&a),
+        &adapter_values(&b),
+        "the resumed run diverged",
+    );
+    let fake = |d: &std::path::Path| {
+        LoraWeights::read(&d.join("checkpoint/fake_score"))
+            .unwrap()
+            .modules
+    };
+    assert_eq!(fake(straight.path()), fake(resumed.path()));
+
+    let mut bad = settings(true);
+    bad.train.final_step_dmd.as_mut().unwrap().renoise_range = [980.0, 20.0];
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .contains("train.final_step_dmd.renoise_range")
+    );
+}

@@ -298,6 +298,45 @@ pub struct RewardBackprop {
     pub scale: f64,
 }
 
+/// RTDMD's final-step AC-DMD term. The teacher is the base model as given (before
+/// `model.merge_adapters`); the fake score is the base plus `fake_lora` merged, plus a fresh
+/// adapter of the policy's LoRA shape trained on every epoch's rollout images with AC-DMD's
+/// fake-score loss at s = 0.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinalStepDmd {
+    /// Weight of the DMD loss (RTDMD: 0.001).
+    #[serde(default = "rtdmd_dmd_weight")]
+    pub weight: f64,
+    /// The cold start's fake-score adapter (`distill acdmd` run: `checkpoint/fake_score`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake_lora: Option<PathBuf>,
+    /// Fake-score updates per epoch, each on a batch of the epoch's rollout images.
+    #[serde(default = "one")]
+    pub fake_updates: usize,
+    /// The fake score's AdamW learning rate (absent: `train.learning_rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake_learning_rate: Option<f64>,
+    /// The teacher's CFG scale (RTDMD: 4.5).
+    #[serde(default = "rtdmd_teacher_guidance")]
+    pub teacher_guidance: f64,
+    /// Re-noising timesteps τ ~ U[10, 1000] clamped to this range (RTDMD: [20, 980]).
+    #[serde(default = "rtdmd_renoise_range")]
+    pub renoise_range: [f64; 2],
+}
+
+fn rtdmd_dmd_weight() -> f64 {
+    1e-3
+}
+
+fn rtdmd_teacher_guidance() -> f64 {
+    4.5
+}
+
+fn rtdmd_renoise_range() -> [f64; 2] {
+    [20.0, 980.0]
+}
+
 fn rtdmd_margin() -> f64 {
     3.0
 }
@@ -433,6 +472,11 @@ pub struct TrainSection {
     /// differentiable reward and scale·mean(ReLU(margin − r)) is descended. Absent: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_backprop: Option<RewardBackprop>,
+    /// RTDMD's final-step AC-DMD term (ALGORITHMS.md §3.3, `0.001·L_AC-DMD`): the last step's
+    /// x̂₀ is pulled toward the base model (teacher, with CFG) and away from a fake score that
+    /// learns the policy's own images each epoch. Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_step_dmd: Option<FinalStepDmd>,
     pub std_scope: StdScope,
     /// Apply CFG in the training forward too (`train.cfg`); needs guidance_scale ≠ 1.
     pub cfg: bool,
@@ -469,6 +513,7 @@ impl Default for TrainSection {
             draft: None,
             opd: None,
             reward_backprop: None,
+            final_step_dmd: None,
             std_scope: StdScope::Global,
             cfg: false,
             learning_rate: 3e-4,
@@ -663,6 +708,39 @@ impl GrpoConfig {
             }
             if t.draft.is_some() {
                 return Err("train.reward_backprop is the policy-gradient methods' final-step term; train.draft already back-propagates its reward".into());
+            }
+        }
+        if let Some(dmd) = &t.final_step_dmd {
+            if !(dmd.weight.is_finite() && dmd.weight > 0.0) {
+                return Err(format!(
+                    "train.final_step_dmd.weight must be positive, got {}",
+                    dmd.weight
+                ));
+            }
+            if dmd.fake_updates == 0 {
+                return Err("train.final_step_dmd.fake_updates must be at least 1".into());
+            }
+            if let Some(lr) = dmd.fake_learning_rate
+                && !(lr.is_finite() && lr > 0.0)
+            {
+                return Err(format!(
+                    "train.final_step_dmd.fake_learning_rate must be positive, got {lr}"
+                ));
+            }
+            if !(dmd.teacher_guidance.is_finite() && dmd.teacher_guidance >= 1.0) {
+                return Err(format!(
+                    "train.final_step_dmd.teacher_guidance must be ≥ 1, got {}",
+                    dmd.teacher_guidance
+                ));
+            }
+            let [lo, hi] = dmd.renoise_range;
+            if !(1.0 <= lo && lo < hi && hi <= 999.0) {
+                return Err(format!(
+                    "train.final_step_dmd.renoise_range must be [lo, hi] with 1 ≤ lo < hi ≤ 999 (RTDMD: [20, 980]), got [{lo}, {hi}]"
+                ));
+            }
+            if t.draft.is_some() {
+                return Err("train.final_step_dmd is a policy-gradient run's final-step term; it does not combine with train.draft".into());
             }
         }
         if let Some(opd) = &t.opd {

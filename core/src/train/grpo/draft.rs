@@ -326,6 +326,8 @@ impl GrpoTrainer {
             skipped_micro_batches: skipped,
             teacher_kl: None,
             final_step_reward: None,
+            final_step_dmd: None,
+            fake_score_loss: None,
             nonfinite_rewards: 0,
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),

@@ -17,6 +17,7 @@ pub mod advantage;
 pub mod config;
 mod draft;
 mod ema;
+mod final_dmd;
 pub mod loss;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,12 @@ pub struct EpochMetrics {
     /// `train.reward_backprop`: mean differentiable reward of the kept samples' final-step x̂₀.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_step_reward: Option<f64>,
+    /// `train.final_step_dmd`: mean weighted DMD loss of the final-step x̂₀.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_step_dmd: Option<f64>,
+    /// `train.final_step_dmd`: mean fake-score loss of the epoch's updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fake_score_loss: Option<f64>,
     /// Rollout images whose reward was NaN / infinite (left out of advantages and training).
     pub nonfinite_rewards: usize,
     pub learning_rate: f64,
@@ -167,6 +174,8 @@ pub struct GrpoTrainer {
     rewards: Vec<(Box<dyn Reward>, f64)>,
     /// The differentiable reward of `train.draft` or `train.reward_backprop`.
     differentiable: Option<draft::DifferentiableReward>,
+    /// RTDMD's final-step DMD term: teacher and fake score (only with `train.final_step_dmd`).
+    final_dmd: Option<final_dmd::FinalDmd>,
     /// Flow-OPD's teachers (base + each teacher adapter), plain device, in `train.opd` order.
     teachers: Vec<Transformer>,
     train: Vec<Task>,
@@ -186,6 +195,12 @@ struct TrainOutcome {
     skipped_micro_batches: usize,
     /// `train.reward_backprop`: mean reward of the final-step x̂₀ over the trained micro-batches.
     final_step_reward: Option<f64>,
+    /// `train.final_step_dmd`: mean weighted DMD loss over the trained micro-batches.
+    final_step_dmd: Option<f64>,
+}
+
+fn mean_of(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 /// DenseGRPO's ODE completions of a batch: images by the step index they start from.
@@ -257,6 +272,19 @@ impl GrpoTrainer {
         let mut policy = transformer;
         // Flow-OPD's teachers are adapters of the base as given, before any stacking.
         let unmerged = config.train.opd.as_ref().map(|_| policy.valid());
+        let final_dmd = match &config.train.final_step_dmd {
+            Some(settings) => Some(final_dmd::FinalDmd::new(
+                settings.clone(),
+                &policy,
+                &config.lora(),
+                config.run.seed,
+                resuming.then_some(checkpoint.as_path()),
+                index.prediction,
+                scheduler.shift,
+                device,
+            )?),
+            None => None,
+        };
         for (k, path) in config.model.merge_adapters.iter().enumerate() {
             let name = format!("merged{k}");
             let adapter = LoraWeights::read(path)?;
@@ -434,6 +462,7 @@ impl GrpoTrainer {
             ema,
             rewards,
             differentiable,
+            final_dmd,
             teachers,
             train,
             test,
@@ -865,14 +894,16 @@ impl GrpoTrainer {
         let mut kept: Vec<usize> = kept_valid.iter().map(|&k| valid[k]).collect();
         kept.shuffle(&mut rng);
 
-        // 4. training.
+        // 4. training (RTDMD's fake score first learns this epoch's images).
         let train_start = Instant::now();
+        let fake_score_loss = self.train_fake_score(&data, &schedule)?;
         let prompts: Vec<String> = tasks.iter().map(|t| t.prompt().to_string()).collect();
         let TrainOutcome {
             stats,
             first_ratio_error,
             skipped_micro_batches,
             final_step_reward,
+            final_step_dmd,
         } = self.train_on(
             &data,
             &prompts,
@@ -913,6 +944,8 @@ impl GrpoTrainer {
             skipped_micro_batches,
             teacher_kl,
             final_step_reward,
+            final_step_dmd,
+            fake_score_loss,
             nonfinite_rewards: samples.len() - valid.len(),
             learning_rate: c.train.learning_rate,
             peak_memory_mib: crate::train::peak_memory_mib(),
@@ -992,9 +1025,13 @@ impl GrpoTrainer {
                 .expect("trained steps are stochastic");
             old_log_probs.insert(j, log_prob);
         }
-        if c.train.reward_backprop.is_some() {
+        if c.train.reward_backprop.is_some() || c.train.final_step_dmd.is_some() {
             let last = schedule.steps() - 1;
             latents.insert(last, rollout.latents[last].clone());
+        }
+        if c.train.final_step_dmd.is_some() {
+            let n = schedule.steps();
+            latents.insert(n, rollout.latents[n].clone());
         }
         // Flow-OPD: each trained step's −KL to the sample's teacher, every teacher on the batch.
         let mut teacher_rewards = BTreeMap::new();
@@ -1134,6 +1171,22 @@ impl GrpoTrainer {
         let mut pending = 0;
         let mut skipped = 0;
         let mut final_step_rewards = Vec::new();
+        let mut final_step_dmd = Vec::new();
+        // The DMD teacher's unconditional branch (the rollout may have had no CFG).
+        let teacher_cfg = c
+            .train
+            .final_step_dmd
+            .as_ref()
+            .is_some_and(|d| d.teacher_guidance != 1.0);
+        let dmd_uncond = if teacher_cfg {
+            Some(
+                self.plain
+                    .encode(&vec![String::new(); batch], &self.plain_device)
+                    .map_err(PipelineError::from)?,
+            )
+        } else {
+            None
+        };
         for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
             // This micro-batch's gradients join the optimizer's only if every loss was finite.
             let mut local = GradientsAccumulator::<Transformer>::new();
@@ -1278,8 +1331,9 @@ impl GrpoTrainer {
                 let pg = policy_loss.into_scalar::<f32>() as f64;
                 local_stats.push(StepStats::from_values(&ratios, pg, kl_value, t.clip_range));
             }
-            if finite && let Some(bp) = &t.reward_backprop {
-                // RTDMD's L_BP: x̂₀ of the last (deterministic) step, scored with gradient.
+            // RTDMD's final-step terms on x̂₀ = x_last − σ_last·v_θ of the last (deterministic)
+            // step, where PPO has no gradient: L_BP and weight·L_DMD.
+            if finite && (t.reward_backprop.is_some() || self.final_dmd.is_some()) {
                 let last = schedule.steps() - 1;
                 let sigma = schedule.sigmas[last];
                 let x = pick4(&data.latents[&last]).autodiff();
@@ -1290,26 +1344,43 @@ impl GrpoTrainer {
                 let v =
                     guided_velocity(&denoiser, x.clone(), sigma, &cond, uncond.as_ref(), w_train);
                 let x0 = x - v.mul_scalar(sigma);
-                let row_prompts: Vec<String> = rows.iter().map(|&r| prompts[r].clone()).collect();
-                let reward = self
-                    .differentiable
-                    .as_ref()
-                    .expect("train.reward_backprop loaded its reward")
-                    .score(x0, &row_prompts)?;
-                let reward_mean = reward.clone().mean().into_scalar::<f32>() as f64;
-                let loss = draft::draft_loss(reward, Some(bp.margin))
-                    .mean()
-                    .mul_scalar(bp.scale / t.grad_accum as f64);
+                let mut loss = Tensor::<1>::zeros([1], &self.device);
+                let mut reward_mean = None;
+                if let Some(bp) = &t.reward_backprop {
+                    let row_prompts: Vec<String> =
+                        rows.iter().map(|&r| prompts[r].clone()).collect();
+                    let reward = self
+                        .differentiable
+                        .as_ref()
+                        .expect("train.reward_backprop loaded its reward")
+                        .score(x0.clone(), &row_prompts)?;
+                    reward_mean = Some(reward.clone().mean().into_scalar::<f32>() as f64);
+                    loss = loss
+                        + draft::draft_loss(reward, Some(bp.margin))
+                            .mean()
+                            .mul_scalar(bp.scale);
+                }
+                let mut dmd_value = None;
+                if let Some(dmd) = &self.final_dmd {
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(mix(c.run.seed, self.epoch as u64, m as u64, 8));
+                    let dmd_loss =
+                        dmd.generator_loss(x0, &cond_plain, dmd_uncond.as_ref(), &mut rng);
+                    dmd_value = Some(dmd_loss.clone().into_scalar::<f32>() as f64);
+                    loss = loss + dmd_loss;
+                }
+                let loss = loss.div_scalar(t.grad_accum as f64);
                 let loss_value = loss.clone().into_scalar::<f32>() as f64;
                 if loss_value.is_finite() {
                     local.accumulate(
                         &self.policy,
                         GradientsParams::from_grads(loss.backward(), &self.policy),
                     );
-                    final_step_rewards.push(reward_mean);
+                    final_step_rewards.extend(reward_mean);
+                    final_step_dmd.extend(dmd_value);
                 } else {
                     tracing::warn!(
-                        "epoch {}: final-step reward loss {loss_value} in micro-batch {m}; the micro-batch is skipped",
+                        "epoch {}: final-step loss {loss_value} in micro-batch {m}; the micro-batch is skipped",
                         self.epoch + 1
                     );
                     finite = false;
@@ -1334,9 +1405,44 @@ impl GrpoTrainer {
             stats: StepStats::mean(&all_stats),
             first_ratio_error,
             skipped_micro_batches: skipped,
-            final_step_reward: (!final_step_rewards.is_empty())
-                .then(|| final_step_rewards.iter().sum::<f64>() / final_step_rewards.len() as f64),
+            final_step_reward: mean_of(&final_step_rewards),
+            final_step_dmd: mean_of(&final_step_dmd),
         })
+    }
+
+    /// RTDMD: the fake score's updates on the epoch's rollout images (each on `batch_size`
+    /// samples drawn with a (seed, epoch) RNG); returns their mean loss.
+    fn train_fake_score(
+        &mut self,
+        data: &EpochData,
+        schedule: &Schedule,
+    ) -> Result<Option<f64>, GrpoError> {
+        let c = self.config.clone();
+        let (Some(dmd), Some(settings)) = (&mut self.final_dmd, &c.train.final_step_dmd) else {
+            return Ok(None);
+        };
+        let images = &data.latents[&schedule.steps()];
+        let total = images.dims()[0];
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(c.run.seed, self.epoch as u64, 0, 7));
+        let mut losses = Vec::new();
+        for _ in 0..settings.fake_updates {
+            let mut rows: Vec<usize> = (0..total).collect();
+            rows.shuffle(&mut rng);
+            rows.truncate(c.sample.batch_size);
+            let index = Tensor::<1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+                &self.plain_device,
+            );
+            let loss = dmd.train_fake(
+                images.clone().select(0, index.clone()),
+                &data.cond.select(&index),
+                &mut rng,
+                settings.fake_learning_rate.unwrap_or(c.train.learning_rate),
+                c.train.grad_clip,
+            )?;
+            losses.push(loss);
+        }
+        Ok(mean_of(&losses))
     }
 
     fn optimizer_step(&mut self, mut grads: GradientsParams) {
@@ -1436,6 +1542,9 @@ impl GrpoTrainer {
         self.optimizer
             .save(&optimizer_path)
             .map_err(|e| run_error(&optimizer_path, e))?;
+        if let Some(dmd) = &self.final_dmd {
+            dmd.save(&tmp, &self.config.lora())?;
+        }
         let state = RunState {
             epoch: self.epoch,
             global_step: self.global_step,
