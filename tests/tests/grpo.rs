@@ -742,25 +742,33 @@ fn flow_opd_pulls_the_policy_toward_the_routed_teacher() {
     assert!(c.validate().unwrap_err().contains("\"poetry\" is not"));
 }
 
+/// RTDMD's RL stage at toy size (ALGORITHMS.md §3.3): 4 CPS steps (η 0.9) at an explicit σ
+/// list, no CFG, no KL, SubGRPO training 2 of the stochastic steps {0, 1, 2}; the last step is
+/// deterministic.
+fn rtdmd_config(epochs: usize) -> GrpoConfig {
+    let mut c = without_eval(config(epochs));
+    c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
+    c.sample.sde_type = SdeType::Cps;
+    c.sample.noise_level = 0.9;
+    c.sample.guidance_scale = 1.0;
+    c.train.cfg = false;
+    c.train.beta = 0.0;
+    c.train.steps = StepSelection::RandomSubset {
+        candidates: vec![0, 1, 2],
+        count: 2,
+        seed_offset: 104729,
+    };
+    c
+}
+
 #[test]
 fn rtdmd_stacking_trains_a_fresh_adapter_on_the_merged_student_at_its_own_sigmas() {
     let device = ChosenDevice::cpu().device;
     let student = TempDir::new("rtdmd-student");
     teacher_adapter(student.path(), 5);
     let run = TempDir::new("rtdmd-run");
-    let mut c = without_eval(config(1));
+    let mut c = rtdmd_config(1);
     c.model.merge_adapters = vec![student.path().to_path_buf()];
-    c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
-    c.sample.steps = 4;
-    c.sample.eval_steps = 4;
-    c.sample.sde_type = SdeType::Cps;
-    c.sample.noise_level = 0.9;
-    c.train.steps = StepSelection::RandomSubset {
-        candidates: vec![0, 1, 2],
-        count: 2,
-        seed_offset: 104729,
-    };
-    c.train.beta = 0.0;
     c.validate().unwrap();
     let mut t = trainer(c.clone(), run.path(), &device);
     let before = adapter_values(&t);
@@ -792,21 +800,9 @@ fn rtdmd_final_step_reward_backprop_climbs_its_reward_beside_the_policy_gradient
     let device = ChosenDevice::cpu().device;
     let clip = TempDir::new("bp-clip");
     tiny_clip(clip.path());
-    // RTDMD's RL stage at toy size: 4 CPS steps at explicit σ, SubGRPO on {0, 1, 2}, the last
-    // step deterministic; `scale` weighs L_BP (1e-12: the policy gradient alone).
+    // `scale` weighs L_BP (1e-12: the policy gradient alone).
     let settings = |scale: f64| -> GrpoConfig {
-        let mut c = without_eval(config(12));
-        c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
-        c.sample.sde_type = SdeType::Cps;
-        c.sample.noise_level = 0.9;
-        c.sample.guidance_scale = 1.0;
-        c.train.cfg = false;
-        c.train.beta = 0.0;
-        c.train.steps = StepSelection::RandomSubset {
-            candidates: vec![0, 1, 2],
-            count: 2,
-            seed_offset: 104729,
-        };
+        let mut c = rtdmd_config(12);
         c.train.reward_backprop = Some(RewardBackprop {
             clip: clip.path().to_path_buf(),
             margin: 3.0,
@@ -961,21 +957,8 @@ fn rtdmd_final_step_dmd_trains_its_fake_score_and_resumes_exactly() {
     let student = TempDir::new("dmd-student");
     teacher_adapter(student.path(), 5);
     let settings = |dmd: bool| -> GrpoConfig {
-        let mut c = config(2);
-        c.run.eval_every = 0;
-        c.run.grid_every = 0;
+        let mut c = rtdmd_config(2);
         c.model.merge_adapters = vec![student.path().to_path_buf()];
-        c.sample.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
-        c.sample.sde_type = SdeType::Cps;
-        c.sample.noise_level = 0.9;
-        c.sample.guidance_scale = 1.0;
-        c.train.cfg = false;
-        c.train.beta = 0.0;
-        c.train.steps = StepSelection::RandomSubset {
-            candidates: vec![0, 1, 2],
-            count: 2,
-            seed_offset: 104729,
-        };
         c.train.final_step_dmd = dmd.then(|| FinalStepDmd {
             weight: 1.0,
             fake_lora: None,

@@ -739,8 +739,8 @@ impl AcDmdTrainer {
     }
 }
 
-/// AdamW as RTDMD's cold start configures it: betas (0.9, 0.999), no weight decay.
-fn adam() -> ModuleOptimizer {
+/// AdamW as RTDMD configures its generator and fake score: betas (0.9, 0.999), no weight decay.
+pub(crate) fn adam() -> ModuleOptimizer {
     AdamWConfig::new()
         .with_beta_1(0.9)
         .with_beta_2(0.999)

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +20,7 @@ use crate::lora::{self, LoraConfig, LoraWeights};
 use crate::pipeline::{PipelineDenoiser, Prediction, Transformer};
 use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource, guided_velocity};
 use crate::sample::schedule::{NUM_TRAIN_TIMESTEPS, static_shift};
+use crate::train::distill::acdmd::adam;
 use crate::train::distill::objectives::{dmd_loss, fake_score_loss, renoise};
 
 /// The fake score's trained adapter.
@@ -197,14 +198,4 @@ impl FinalDmd {
         let path = dir.join(FAKE_OPTIMIZER);
         self.optimizer.save(&path).map_err(|e| run_error(&path, e))
     }
-}
-
-/// AdamW as RTDMD configures its fake score: betas (0.9, 0.999), no weight decay.
-fn adam() -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.0)
-        .init()
 }
