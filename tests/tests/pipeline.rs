@@ -312,7 +312,7 @@ fn denoising_probe() {
         )
     };
     let delta = (run(noise) - run(noise2)).abs().mean_dim(0).mean_dim(1); // [1, 1, h, w]
-    let delta: Vec<f32> = delta.into_data().to_vec().unwrap();
+    let delta: Vec<f32> = delta.into_data().try_to_vec().unwrap();
     for py in 0..h / p {
         let row: Vec<String> = (0..w / p)
             .map(|px| {
