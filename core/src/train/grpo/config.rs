@@ -816,6 +816,9 @@ impl GrpoConfig {
             return Err("sample.steps must be at least 2 (the last step is never trained)".into());
         }
         s.step_kind().validate()?;
+        if s.noise_level == 0.0 && t.draft.is_none() {
+            return Err("sample.noise_level is 0: every rollout step is deterministic and there is no policy to train (DRaFT alone samples with the ODE)".into());
+        }
         t.steps.validate(s.steps)?;
         for (name, value) in [
             ("train.clip_range", t.clip_range),
