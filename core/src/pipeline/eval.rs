@@ -160,5 +160,10 @@ pub fn table(report: &Report) -> String {
         100.0 * report.overall,
         report.images.len()
     ));
+    out.push_str(&format!(
+        "partial-credit score (mean) {:.3}, artifacts per image {:.2}\n",
+        report.score_mean(),
+        report.artifact_rate()
+    ));
     out
 }

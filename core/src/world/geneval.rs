@@ -255,7 +255,13 @@ impl Report {
         }
     }
 
-    /// Tags of GenEval's six that have no image in this report.
+    /// Mean of Flow-GRPO's partial-credit training score over the images: finer-grained than
+    /// the strict accuracy, which moves by a whole image per tag.
+    pub fn score_mean(&self) -> f64 {
+        let n = self.images.len().max(1) as f64;
+        self.images.iter().map(|i| i.score as f64).sum::<f64>() / n
+    }
+
     /// Mean artifacts per image.
     pub fn artifact_rate(&self) -> f64 {
         let n = self.images.len().max(1) as f64;
