@@ -1,4 +1,6 @@
-//! `portaflow distill acdmd --config FILE.toml --out RUN_DIR`.
+//! `portaflow distill acdmd|rtdmd|opd --config FILE.toml --out RUN_DIR`: the AC-DMD cold start
+//! has its own trainer; RTDMD's RL stage and Flow-OPD run on the GRPO trainer with a config that
+//! must be theirs.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -8,6 +10,9 @@ use anyhow::{Context, Result};
 use portaflow::device::{self, DeviceRequest};
 use portaflow::pipeline::{self, Pipeline};
 use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdEval, AcDmdTrainer};
+use portaflow::train::grpo::config::{GrpoConfig, SdeType};
+
+use super::train::run_grpo_config;
 use portaflow::world::prompt;
 
 #[derive(clap::Subcommand)]
@@ -29,6 +34,71 @@ pub enum DistillCommand {
         #[arg(long)]
         print_config: bool,
     },
+    /// RTDMD's RL stage on the GRPO trainer: SubGRPO on the few-step CPS student, the
+    /// final-step auxiliary loss, LoRA stacking (default config: configs/rtdmd-shapes.toml).
+    Rtdmd {
+        /// A GRPO config with `sample.sde_type = "cps"` and a few-step `sample.sigmas`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run directory (as `train grpo`'s; resumed when it holds a checkpoint).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override run.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Flow-OPD on the GRPO trainer: on-policy distillation from routed task teachers (default
+    /// config: configs/opd-shapes.toml).
+    Opd {
+        /// A GRPO config with a `[train.opd]` section.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run directory (as `train grpo`'s; resumed when it holds a checkpoint).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override run.epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        print_config: bool,
+    },
+}
+
+/// The config of `distill rtdmd` / `distill opd`: the file given, or the preset; `check` names
+/// what makes it that method's config.
+fn method_config(
+    given: Option<PathBuf>,
+    preset: &str,
+    check: impl Fn(&GrpoConfig) -> Result<(), String>,
+) -> Result<GrpoConfig> {
+    let path = given.unwrap_or_else(|| repo_file(preset));
+    let config = GrpoConfig::from_file(&path).map_err(anyhow::Error::msg)?;
+    check(&config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(config)
+}
+
+/// What `distill rtdmd` needs beyond a valid GRPO config.
+pub fn check_rtdmd(c: &GrpoConfig) -> Result<(), String> {
+    if c.sample.sde_type != SdeType::Cps {
+        return Err("RTDMD rolls out with CPS: sample.sde_type must be \"cps\"".into());
+    }
+    if c.sample.sigmas.is_none() {
+        return Err(
+            "RTDMD trains a few-step student: set sample.sigmas (e.g. [1.0, 0.75, 0.5, 0.25])"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// What `distill opd` needs beyond a valid GRPO config.
+pub fn check_opd(c: &GrpoConfig) -> Result<(), String> {
+    if c.train.opd.is_none() {
+        return Err("Flow-OPD needs a [train.opd] section with its teachers".into());
+    }
+    Ok(())
 }
 
 pub fn run(request: DeviceRequest, command: DistillCommand) -> Result<()> {
@@ -51,6 +121,24 @@ pub fn run(request: DeviceRequest, command: DistillCommand) -> Result<()> {
                 return Ok(());
             }
             acdmd(request, config, &out)
+        }
+        DistillCommand::Rtdmd {
+            config,
+            out,
+            epochs,
+            print_config,
+        } => {
+            let config = method_config(config, "configs/rtdmd-shapes.toml", check_rtdmd)?;
+            run_grpo_config(request, config, epochs, print_config, &out)
+        }
+        DistillCommand::Opd {
+            config,
+            out,
+            epochs,
+            print_config,
+        } => {
+            let config = method_config(config, "configs/opd-shapes.toml", check_opd)?;
+            run_grpo_config(request, config, epochs, print_config, &out)
         }
     }
 }
@@ -147,4 +235,21 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
             .join(",")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_presets_are_their_methods_configs_and_a_plain_grpo_config_is_named_as_neither() {
+        let read = |p: &str| GrpoConfig::from_file(&repo_file(p)).unwrap();
+        check_rtdmd(&read("configs/rtdmd-shapes.toml")).unwrap();
+        check_opd(&read("configs/opd-shapes.toml")).unwrap();
+        let plain = read("configs/grpo-shapes.toml");
+        assert!(check_rtdmd(&plain).unwrap_err().contains("sample.sigmas"));
+        assert!(check_opd(&plain).unwrap_err().contains("[train.opd]"));
+        let sde = read("configs/grpo-shapes-flow-grpo.toml");
+        assert!(check_rtdmd(&sde).unwrap_err().contains("sample.sde_type"));
+    }
 }

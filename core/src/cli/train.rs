@@ -67,20 +67,31 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
             epochs,
             print_config,
         } => {
-            let mut config = match &config {
+            let config = match &config {
                 Some(path) => GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?,
                 None => GrpoConfig::default(),
             };
-            if let Some(e) = epochs {
-                config.run.epochs = e;
-            }
-            if print_config {
-                print!("{}", config.to_toml());
-                return Ok(());
-            }
-            grpo(request, config, &out)
+            run_grpo_config(request, config, epochs, print_config, &out)
         }
     }
+}
+
+/// Applies `--epochs`, then prints the config (`--print-config`) or runs it.
+pub(crate) fn run_grpo_config(
+    request: DeviceRequest,
+    mut config: GrpoConfig,
+    epochs: Option<usize>,
+    print_config: bool,
+    out: &Path,
+) -> Result<()> {
+    if let Some(e) = epochs {
+        config.run.epochs = e;
+    }
+    if print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    grpo(request, config, out)
 }
 
 fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
