@@ -2,7 +2,7 @@
 portaflow computed.
 
 Reads assets/golden/lora/roundtrip/ (written by
-`PORTAFLOW_WRITE_ROUNDTRIP=1 cargo test --workspace --test lora roundtrip`):
+`PORTAFLOW_WRITE_ROUNDTRIP=1 cargo test --workspace --test suite lora::roundtrip`):
   adapter/                          PEFT folder, loaded with peft's `PeftModel.from_pretrained`
   pytorch_lora_weights.safetensors  diffusers file, loaded with `load_lora_adapter`
   portaflow_output.safetensors      portaflow's output of sd3_tiny + adapter on sd3_tiny's inputs

@@ -110,7 +110,7 @@ impl<T: Linears> Linears for Option<T> {
 }
 
 /// Implements [`Linears`] for a struct by listing the fields that hold linears. Put it next to the
-/// struct; `tests/tests/lora.rs` checks that the walk finds every linear burn's visitor finds.
+/// struct; `tests/tests/suite/lora.rs` checks that the walk finds every linear burn's visitor finds.
 #[macro_export]
 macro_rules! linears {
     ($ty:ty: $($field:ident),+ $(,)?) => {

@@ -370,7 +370,7 @@ pub struct Opd {
     /// Also descend the KL itself, |kl_scale|·KL(π_θ ‖ teacher) per trained step, as Flow-OPD's
     /// code does by not detaching its reward. On by default: the paper's detached reward
     /// credits step j's action with KL_j, which depends on x_j only, so alone it carries no
-    /// signal about the action (measured in `tests/tests/grpo.rs`: the KL does not fall).
+    /// signal about the action (measured in `tests/tests/suite/grpo.rs`: the KL does not fall).
     #[serde(default = "yes")]
     pub direct_kl: bool,
     /// MAR: a task-agnostic teacher adapter that replaces the base model as the β·KL reference
