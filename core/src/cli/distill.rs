@@ -12,7 +12,7 @@ use portaflow::pipeline::{self, Pipeline};
 use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdEval, AcDmdTrainer};
 use portaflow::train::grpo::config::{GrpoConfig, SdeType};
 
-use super::train::run_grpo_config;
+use super::train::{GrpoRunArgs, run_grpo_config};
 use portaflow::world::prompt;
 
 #[derive(clap::Subcommand)]
@@ -35,45 +35,22 @@ pub enum DistillCommand {
         print_config: bool,
     },
     /// RTDMD's RL stage on the GRPO trainer: SubGRPO on the few-step CPS student, the
-    /// final-step auxiliary loss, LoRA stacking (default config: configs/rtdmd-shapes.toml).
-    Rtdmd {
-        /// A GRPO config with `sample.sde_type = "cps"` and a few-step `sample.sigmas`.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Run directory (as `train grpo`'s; resumed when it holds a checkpoint).
-        #[arg(long)]
-        out: PathBuf,
-        /// Override run.epochs.
-        #[arg(long)]
-        epochs: Option<usize>,
-        #[arg(long)]
-        print_config: bool,
-    },
+    /// final-step auxiliary loss, LoRA stacking (default config: configs/rtdmd-shapes.toml; it
+    /// must roll out with CPS at a few-step `sample.sigmas`).
+    Rtdmd(GrpoRunArgs),
     /// Flow-OPD on the GRPO trainer: on-policy distillation from routed task teachers (default
-    /// config: configs/opd-shapes.toml).
-    Opd {
-        /// A GRPO config with a `[train.opd]` section.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Run directory (as `train grpo`'s; resumed when it holds a checkpoint).
-        #[arg(long)]
-        out: PathBuf,
-        /// Override run.epochs.
-        #[arg(long)]
-        epochs: Option<usize>,
-        #[arg(long)]
-        print_config: bool,
-    },
+    /// config: configs/opd-shapes.toml; it must have `[train.opd]`).
+    Opd(GrpoRunArgs),
 }
 
 /// The config of `distill rtdmd` / `distill opd`: the file given, or the preset; `check` names
 /// what makes it that method's config.
 fn method_config(
-    given: Option<PathBuf>,
+    args: &GrpoRunArgs,
     preset: &str,
     check: impl Fn(&GrpoConfig) -> Result<(), String>,
 ) -> Result<GrpoConfig> {
-    let path = given.unwrap_or_else(|| repo_file(preset));
+    let path = args.config.clone().unwrap_or_else(|| repo_file(preset));
     let config = GrpoConfig::from_file(&path).map_err(anyhow::Error::msg)?;
     check(&config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(config)
@@ -122,23 +99,13 @@ pub fn run(request: DeviceRequest, command: DistillCommand) -> Result<()> {
             }
             acdmd(request, config, &out)
         }
-        DistillCommand::Rtdmd {
-            config,
-            out,
-            epochs,
-            print_config,
-        } => {
-            let config = method_config(config, "configs/rtdmd-shapes.toml", check_rtdmd)?;
-            run_grpo_config(request, config, epochs, print_config, &out)
+        DistillCommand::Rtdmd(args) => {
+            let config = method_config(&args, "configs/rtdmd-shapes.toml", check_rtdmd)?;
+            run_grpo_config(request, config, &args)
         }
-        DistillCommand::Opd {
-            config,
-            out,
-            epochs,
-            print_config,
-        } => {
-            let config = method_config(config, "configs/opd-shapes.toml", check_opd)?;
-            run_grpo_config(request, config, epochs, print_config, &out)
+        DistillCommand::Opd(args) => {
+            let config = method_config(&args, "configs/opd-shapes.toml", check_opd)?;
+            run_grpo_config(request, config, &args)
         }
     }
 }

@@ -33,21 +33,25 @@ pub enum TrainCommand {
         seed: u64,
     },
     /// Flow-GRPO on a LoRA adapter (presets: configs/grpo-*.toml).
-    Grpo {
-        /// The run config (TOML); every field has a default, see configs/grpo-*.toml.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Run directory: metrics.jsonl, eval.jsonl, grids/, checkpoint/, adapter_final/. A run
-        /// directory with a checkpoint is resumed.
-        #[arg(long)]
-        out: PathBuf,
-        /// Override run.epochs (the only setting a resumed run may change).
-        #[arg(long)]
-        epochs: Option<usize>,
-        /// Print the effective config and exit.
-        #[arg(long)]
-        print_config: bool,
-    },
+    Grpo(GrpoRunArgs),
+}
+
+/// A run of the GRPO trainer: `train grpo`, `distill rtdmd`, `distill opd`.
+#[derive(clap::Args)]
+pub struct GrpoRunArgs {
+    /// The run config (TOML); every field has a default, see configs/*.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, eval.jsonl, grids/, checkpoint/, adapter_final/. A run
+    /// directory with a checkpoint is resumed.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override run.epochs (the only setting a resumed run may change).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Print the effective config and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
@@ -61,17 +65,12 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
             layers,
             seed,
         } => clip(request, &out, steps, batch_size, lr, width, layers, seed),
-        TrainCommand::Grpo {
-            config,
-            out,
-            epochs,
-            print_config,
-        } => {
-            let config = match &config {
+        TrainCommand::Grpo(args) => {
+            let config = match &args.config {
                 Some(path) => GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?,
                 None => GrpoConfig::default(),
             };
-            run_grpo_config(request, config, epochs, print_config, &out)
+            run_grpo_config(request, config, &args)
         }
     }
 }
@@ -80,18 +79,16 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
 pub(crate) fn run_grpo_config(
     request: DeviceRequest,
     mut config: GrpoConfig,
-    epochs: Option<usize>,
-    print_config: bool,
-    out: &Path,
+    args: &GrpoRunArgs,
 ) -> Result<()> {
-    if let Some(e) = epochs {
+    if let Some(e) = args.epochs {
         config.run.epochs = e;
     }
-    if print_config {
+    if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    grpo(request, config, out)
+    grpo(request, config, &args.out)
 }
 
 fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
