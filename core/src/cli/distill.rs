@@ -11,9 +11,9 @@ use portaflow::device::{self, DeviceRequest};
 use portaflow::pipeline::{self, Pipeline};
 use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdEval, AcDmdTrainer};
 use portaflow::train::grpo::config::{GrpoConfig, SdeType};
+use portaflow::world::prompt;
 
 use super::train::{GrpoRunArgs, run_grpo_config};
-use portaflow::world::prompt;
 
 #[derive(clap::Subcommand)]
 pub enum DistillCommand {

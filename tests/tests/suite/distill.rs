@@ -126,6 +126,9 @@ fn settings_that_cannot_run_are_named() {
     let mut c = config(1);
     c.model.merge_adapters = vec!["runs/acdmd/generator_final".into()];
     assert!(c.validate().unwrap_err().contains("merge_adapters"));
+    let mut c = config(1);
+    c.model.init_adapter = Some("runs/opd-cold".into());
+    assert!(c.validate().unwrap_err().contains("model.init_adapter"));
     let run = TempDir::new("acdmd-other-config");
     let mut t = trainer(config(1), run.path());
     t.iterate().unwrap();

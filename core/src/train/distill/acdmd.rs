@@ -175,6 +175,9 @@ impl AcDmdConfig {
         if !self.model.merge_adapters.is_empty() {
             return Err("model.merge_adapters is a GRPO setting (LoRA stacking for the RL stage); AC-DMD distils the base model as given".into());
         }
+        if self.model.init_adapter.is_some() {
+            return Err("model.init_adapter is a GRPO setting (the trained adapter's starting point); AC-DMD starts its generator and fake score fresh".into());
+        }
         Ok(())
     }
 

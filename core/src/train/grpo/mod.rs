@@ -203,6 +203,46 @@ fn mean_of(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
+/// `model.init_adapter` must be the adapter the config would create: the same modules, ranks
+/// and scale α/r (`fresh` is that adapter, `given` the file's transformer modules).
+fn check_init_adapter(
+    path: &Path,
+    fresh: &[(String, lora::LoraModule)],
+    given: &[(&str, &lora::LoraModule)],
+) -> Result<(), GrpoError> {
+    let given: BTreeMap<&str, &lora::LoraModule> = given.iter().copied().collect();
+    let mut problems: Vec<String> = fresh
+        .iter()
+        .filter_map(|(p, m)| match given.get(p.as_str()) {
+            None => Some(format!("has no module {p}")),
+            Some(g) if (g.rank, g.d_in, g.d_out) != (m.rank, m.d_in, m.d_out) => Some(format!(
+                "{p} is rank {} ({} → {}) but model.lora_rank / lora_targets make rank {} ({} → {})",
+                g.rank, g.d_in, g.d_out, m.rank, m.d_in, m.d_out
+            )),
+            Some(g) if (g.scaling - m.scaling).abs() > 1e-9 * m.scaling.abs() => Some(format!(
+                "{p} has scale α/r = {} but model.lora_alpha / lora_rank make {} (`lora combine` writes α = r)",
+                g.scaling, m.scaling
+            )),
+            Some(_) => None,
+        })
+        .collect();
+    if given.len() > fresh.len() {
+        problems.push(format!(
+            "has {} modules, model.lora_targets make {}",
+            given.len(),
+            fresh.len()
+        ));
+    }
+    match problems.as_slice() {
+        [] => Ok(()),
+        [one] => Err(run_error(path, format!("model.init_adapter {one}"))),
+        [first, rest @ ..] => Err(run_error(
+            path,
+            format!("model.init_adapter {first} (and {} more)", rest.len()),
+        )),
+    }
+}
+
 /// DenseGRPO's ODE completions of a batch: images by the step index they start from.
 type Completions = BTreeMap<usize, Vec<Image>>;
 
@@ -364,49 +404,10 @@ impl GrpoTrainer {
             lora::init_adapter(&mut policy, POLICY, &config.lora(), config.run.seed, device)?;
             if let Some(path) = &config.model.init_adapter {
                 let start = LoraWeights::read(path)?;
-                let fresh = lora::extract(&policy, POLICY)?;
-                let given: BTreeMap<&str, &lora::LoraModule> =
-                    start.component("transformer").into_iter().collect();
-                let mismatch = |m: &lora::LoraModule, p: &str| match given.get(p) {
-                    None => Some(format!("has no module {p}")),
-                    Some(g) if (g.rank, g.d_in, g.d_out) != (m.rank, m.d_in, m.d_out) => {
-                        Some(format!(
-                            "{p} is rank {} ({} → {}) but model.lora_rank / lora_targets make rank {} ({} → {})",
-                            g.rank, g.d_in, g.d_out, m.rank, m.d_in, m.d_out
-                        ))
-                    }
-                    Some(g) if (g.scaling - m.scaling).abs() > 1e-9 * m.scaling.abs() => {
-                        Some(format!(
-                            "{p} has scale α/r = {} but model.lora_alpha / lora_rank make {} (`lora combine` writes α = r)",
-                            g.scaling, m.scaling
-                        ))
-                    }
-                    Some(_) => None,
-                };
-                let mut problems: Vec<String> =
-                    fresh.iter().filter_map(|(p, m)| mismatch(m, p)).collect();
-                if given.len() > fresh.len() {
-                    problems.push(format!(
-                        "has {} modules, model.lora_targets make {}",
-                        given.len(),
-                        fresh.len()
-                    ));
-                }
-                if let Some(first) = problems.first() {
-                    return Err(run_error(
-                        path,
-                        format!(
-                            "model.init_adapter {first}{}",
-                            if problems.len() > 1 {
-                                format!(" (and {} more)", problems.len() - 1)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                    ));
-                }
+                let given = start.component("transformer");
+                check_init_adapter(path, &lora::extract(&policy, POLICY)?, &given)?;
                 lora::remove(&mut policy, POLICY);
-                lora::attach(&mut policy, POLICY, given.into_iter(), 1.0, device)?;
+                lora::attach(&mut policy, POLICY, given, 1.0, device)?;
             }
             if config.train.ema {
                 ema = Some(Ema::new(lora::extract(&policy, POLICY)?));
@@ -1173,19 +1174,13 @@ impl GrpoTrainer {
         let mut final_step_rewards = Vec::new();
         let mut final_step_dmd = Vec::new();
         // The DMD teacher's unconditional branch (the rollout may have had no CFG).
-        let teacher_cfg = c
-            .train
-            .final_step_dmd
-            .as_ref()
-            .is_some_and(|d| d.teacher_guidance != 1.0);
-        let dmd_uncond = if teacher_cfg {
-            Some(
+        let dmd_uncond = match &t.final_step_dmd {
+            Some(d) if d.teacher_guidance != 1.0 => Some(
                 self.plain
                     .encode(&vec![String::new(); batch], &self.plain_device)
                     .map_err(PipelineError::from)?,
-            )
-        } else {
-            None
+            ),
+            _ => None,
         };
         for (m, rows) in kept.chunks(batch).enumerate().take(micro_batches) {
             // This micro-batch's gradients join the optimizer's only if every loss was finite.
