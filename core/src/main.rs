@@ -221,9 +221,14 @@ struct PretrainArgs {
     /// Decay of the weight average saved as the checkpoint (0: raw weights).
     #[arg(long)]
     ema_decay: Option<f64>,
-    /// A new model's patch side in pixels (a divisor of 64).
+    /// A new model's patch side in pixels, or in latent cells with --vae (a divisor of the
+    /// grid side; default 8 in pixels, 2 on latents).
     #[arg(long)]
     patch_size: Option<usize>,
+    /// Pretrain a new model on the latents of this frozen autoencoder folder (from
+    /// `portaflow train vae`) instead of in pixel space.
+    #[arg(long)]
+    vae: Option<PathBuf>,
     /// A new model's width (a multiple of 32).
     #[arg(long)]
     width: Option<usize>,
@@ -583,23 +588,37 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     }
     let defaults = pipeline::ShapesArchitecture::default();
     let arch = pipeline::ShapesArchitecture {
-        patch_size: args.patch_size.unwrap_or(defaults.patch_size),
+        patch_size: args.patch_size.unwrap_or(match args.vae {
+            Some(_) => 2,
+            None => defaults.patch_size,
+        }),
         width: args.width.unwrap_or(defaults.width),
         layers: args.layers.unwrap_or(defaults.layers),
     };
+    let new_shape =
+        args.patch_size.is_some() || args.width.is_some() || args.layers.is_some() || args.vae.is_some();
     anyhow::ensure!(
-        arch == defaults || (resumed.is_none() && args.init.is_none()),
-        "--patch-size, --width and --layers shape a new model; {} keeps its own",
+        !new_shape || (resumed.is_none() && args.init.is_none()),
+        "--patch-size, --width, --layers and --vae shape a new model; {} keeps its own",
         if resumed.is_some() {
             "a resumed run"
         } else {
             "an --init model"
         }
     );
+    let vae = match &args.vae {
+        Some(dir) => Some(
+            portaflow::model::vae::load_dir(dir, &device)
+                .with_context(|| format!("loading the autoencoder from {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let grid = vae.as_ref().map_or(pipeline::SHAPES_RESOLUTION, |v| {
+        pipeline::SHAPES_RESOLUTION >> v.config.block_out_channels.len().saturating_sub(1)
+    });
     anyhow::ensure!(
-        arch.patch_size > 0 && pipeline::SHAPES_RESOLUTION % arch.patch_size == 0,
-        "--patch-size must divide {}, got {}",
-        pipeline::SHAPES_RESOLUTION,
+        arch.patch_size > 0 && grid % arch.patch_size == 0,
+        "--patch-size must divide the grid side {grid}, got {}",
         arch.patch_size
     );
     anyhow::ensure!(
@@ -632,15 +651,18 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             .token_to_id(tokenizer::START)
             .expect("start token");
         let end_id = word_level.token_to_id(tokenizer::END).expect("end token");
-        let (text, transformer) =
+        let (text, mut transformer) =
             pipeline::shapes_configs(word_level.get_vocab_size(true), start_id, end_id, arch);
+        if let Some(vae) = &vae {
+            transformer = pipeline::on_latents(transformer, &vae.config);
+        }
         let tok = tokenizer::PromptTokenizer {
             tokenizer: word_level,
             max_length: text.max_position_embeddings,
             pad_id: 0,
             truncate: false,
         };
-        Pipeline::fresh(tok, text, transformer, config.seed, &device)?
+        Pipeline::fresh(tok, text, transformer, vae, config.seed, &device)?
     };
     let params = pipe.transformer.parameters() + pipe.text.parameters();
     println!(

@@ -158,6 +158,32 @@ pub fn flux2_forward_on_golden_inputs(
 
 /// A fresh 16×16 pixel-space pipeline (2-layer CLIP, 2-block SD3 MMDiT) on the Shapes vocabulary.
 pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
+    let (tok, text, transformer) = tiny_configs();
+    portaflow::pipeline::Pipeline::fresh(tok, text, transformer, None, seed, device).unwrap()
+}
+
+/// [`tiny_pipeline`]'s text side and transformer on the latents of a fresh Shapes autoencoder
+/// (64×64 images ↔ 16×16×4 latents, patch 4).
+pub fn tiny_latent_pipeline(
+    seed: u64,
+    device: &burn::tensor::Device,
+) -> portaflow::pipeline::Pipeline {
+    let (tok, text, transformer) = tiny_configs();
+    let vae = portaflow::model::vae::Vae::init(
+        portaflow::train::vae::shapes_vae_config(),
+        seed.wrapping_add(7),
+        device,
+    )
+    .unwrap();
+    let transformer = portaflow::pipeline::on_latents(transformer, &vae.config);
+    portaflow::pipeline::Pipeline::fresh(tok, text, transformer, Some(vae), seed, device).unwrap()
+}
+
+fn tiny_configs() -> (
+    portaflow::text::tokenizer::PromptTokenizer,
+    portaflow::text::clip::ClipTextConfig,
+    portaflow::model::sd3::Sd3Config,
+) {
     use portaflow::model::sd3::Sd3Config;
     use portaflow::text::clip::ClipTextConfig;
     use portaflow::text::tokenizer::{self, PromptTokenizer};
@@ -201,7 +227,7 @@ pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pip
         pad_id: 0,
         truncate: false,
     };
-    portaflow::pipeline::Pipeline::fresh(tok, text, transformer, seed, device).unwrap()
+    (tok, text, transformer)
 }
 
 /// The `output` tensor of a golden fixture's `io.safetensors`.

@@ -32,6 +32,25 @@ pub enum TrainCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// The Shapes autoencoder (64×64 RGB ↔ 16×16×4) that a latent bundled model is pretrained
+    /// on (`portaflow pretrain --vae RUN/vae`).
+    Vae {
+        /// Run directory: vae/ (the diffusers folder), metrics.jsonl and the resumable state.
+        /// A run directory with a checkpoint is resumed.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Weight of the KL term against the reconstruction error (both means over values).
+        #[arg(long)]
+        kl_weight: Option<f64>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Flow-GRPO on a LoRA adapter (presets: configs/grpo-*.toml).
     Grpo(GrpoRunArgs),
 }
@@ -65,6 +84,14 @@ pub fn run(request: DeviceRequest, command: TrainCommand) -> Result<()> {
             layers,
             seed,
         } => clip(request, &out, steps, batch_size, lr, width, layers, seed),
+        TrainCommand::Vae {
+            out,
+            steps,
+            batch_size,
+            lr,
+            kl_weight,
+            seed,
+        } => vae(request, &out, steps, batch_size, lr, kl_weight, seed),
         TrainCommand::Grpo(args) => {
             let config = match &args.config {
                 Some(path) => GrpoConfig::from_file(path).map_err(anyhow::Error::msg)?,
@@ -260,5 +287,63 @@ fn clip(
         out.join("tokenizer.json"),
     )?;
     println!("saved {}", out.display());
+    Ok(())
+}
+
+fn vae(
+    request: DeviceRequest,
+    out: &Path,
+    steps: Option<usize>,
+    batch_size: Option<usize>,
+    lr: Option<f64>,
+    kl_weight: Option<f64>,
+    seed: Option<u64>,
+) -> Result<()> {
+    use portaflow::model::vae::Vae;
+    use portaflow::train::vae::{self, VaeTrainConfig};
+    let resumed = vae::resumed_config(out)?;
+    let mut config = match &resumed {
+        Some(stored) => {
+            anyhow::ensure!(
+                batch_size.is_none() && lr.is_none() && kl_weight.is_none() && seed.is_none(),
+                "{} is resumed with its stored settings; only --steps can change",
+                out.display()
+            );
+            stored.clone()
+        }
+        None => VaeTrainConfig::default(),
+    };
+    config.steps = steps.unwrap_or(config.steps);
+    config.batch_size = batch_size.unwrap_or(config.batch_size);
+    config.learning_rate = lr.unwrap_or(config.learning_rate);
+    config.kl_weight = kl_weight.unwrap_or(config.kl_weight);
+    config.seed = seed.unwrap_or(config.seed);
+    config.validate().map_err(anyhow::Error::msg)?;
+    let chosen = device::select(request)?;
+    let device = chosen.device.clone().autodiff();
+    let (train, _) = portaflow::world::prompt_sets::build();
+    let fresh = Vae::init(vae::shapes_vae_config(), config.seed, &device)?;
+    if resumed.is_some() {
+        println!("resuming {}", out.display());
+    }
+    println!(
+        "training the Shapes autoencoder on {chosen}: {} steps of {} images",
+        config.steps, config.batch_size
+    );
+    let start = Instant::now();
+    vae::train_vae(fresh, &config, &train, out, &device, |m| {
+        println!(
+            "step {:>5}  loss {:.5}  mse {:.5}  PSNR {:.1} dB  KL {:.2}  lr {:.2e}  {:.2} s/step  ({:.0} s)",
+            m.step,
+            m.loss,
+            m.reconstruction_mse,
+            m.psnr_db,
+            m.kl,
+            m.learning_rate,
+            m.seconds_per_step,
+            start.elapsed().as_secs_f64()
+        );
+    })?;
+    println!("saved {}", out.join("vae").display());
     Ok(())
 }

@@ -575,12 +575,53 @@ impl Vae {
 
     /// Raw encoder: image → latent mean (the pipelines' "argmax" of the posterior).
     pub fn encode_mean(&self, image: Tensor<4>) -> Tensor<4> {
+        self.encode_moments(image).0
+    }
+
+    /// Raw encoder: image → the posterior's mean and log-variance, each `[b, latent, h/f, w/f]`.
+    pub fn encode_moments(&self, image: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let moments = self.encoder.forward(image);
         let moments = match &self.quant_conv {
             Some(conv) => conv.forward(moments),
             None => moments,
         };
-        moments.narrow(1, 0, self.config.latent_channels)
+        let c = self.config.latent_channels;
+        (moments.clone().narrow(1, 0, c), moments.narrow(1, c, c))
+    }
+
+    /// A fresh, untrained autoencoder (parameters from [`super::init`], seeded).
+    pub fn init(config: VaeConfig, seed: u64, device: &Device) -> Result<Self, LoadError> {
+        config.validate().map_err(|message| LoadError::Config {
+            path: "<new VAE config>".into(),
+            message,
+        })?;
+        if config.is_flux2() {
+            return Err(LoadError::Config {
+                path: "<new VAE config>".into(),
+                message: "a fresh AutoencoderKLFlux2 has no BatchNorm statistics to start from".into(),
+            });
+        }
+        Self::load(config, Weights::initializer(seed), device)
+    }
+
+    /// Writes `config.json` and `diffusion_pytorch_model.safetensors` in diffusers'
+    /// `AutoencoderKL` layout (the inverse of [`load_dir`]).
+    pub fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
+        let mut config = serde_json::to_value(&self.config).expect("config serialises");
+        if self.config.class_name.is_empty() {
+            config["_class_name"] = "AutoencoderKL".into();
+        }
+        let tensors = super::export::checkpoint_tensors(self, &Default::default())
+            .into_iter()
+            .map(|(key, tensor)| (diffusers_vae_key(&key), tensor))
+            .collect();
+        super::export::save_component(
+            dir,
+            &config,
+            "diffusion_pytorch_model.safetensors",
+            &tensors,
+            None,
+        )
     }
 
     /// FLUX.2's BatchNorm mean and std, broadcastable over patchified latents: `[1, 4·latent, 1, 1]`.
@@ -616,6 +657,18 @@ impl Vae {
                 .mul_scalar(self.config.scaling_factor.unwrap_or(1.0)),
         }
     }
+}
+
+/// Our field path → diffusers' key: levels resample through `downsamplers.0.conv` (encoder) or
+/// `upsamplers.0.conv` (decoder); the mid block's attention is `attentions.0`.
+fn diffusers_vae_key(key: &str) -> String {
+    let resample = if key.starts_with("encoder.") {
+        ".downsamplers.0.conv."
+    } else {
+        ".upsamplers.0.conv."
+    };
+    key.replace(".resample.", resample)
+        .replace(".attention.", ".attentions.0.")
 }
 
 impl super::Family for Vae {

@@ -263,6 +263,20 @@ pub fn shapes_configs(
     (text, transformer)
 }
 
+/// A Shapes transformer config moved onto an autoencoder's latent grid: 64 px / f cells a side
+/// of `latent_channels` each (the patch size stays the architecture's).
+pub fn on_latents(config: Sd3Config, vae: &crate::model::vae::VaeConfig) -> Sd3Config {
+    let factor = 1 << vae.block_out_channels.len().saturating_sub(1);
+    let side = SHAPES_RESOLUTION / factor;
+    Sd3Config {
+        sample_size: side,
+        in_channels: vae.latent_channels,
+        out_channels: vae.latent_channels,
+        pos_embed_max_size: side / config.patch_size,
+        ..config
+    }
+}
+
 /// Image side of the bundled model.
 pub const SHAPES_RESOLUTION: usize = 64;
 /// Patch side of the bundled model.
@@ -312,7 +326,11 @@ impl Pipeline {
         let (transformer, vae) = match index.class_name.as_str() {
             BUNDLED_CLASS => (
                 Transformer::Sd3(sd3::load_dir(&transformer_dir, device)?),
-                None,
+                // a latent Shapes model lists its autoencoder; a pixel-space one has none
+                match index.components.contains_key("vae") {
+                    true => Some(vae()?),
+                    false => None,
+                },
             ),
             "StableDiffusion3Pipeline" => (
                 Transformer::Sd3(sd3::load_dir(&transformer_dir, device)?),
@@ -359,16 +377,21 @@ impl Pipeline {
         })
     }
 
-    /// A fresh (untrained) pipeline with the given architecture.
+    /// A fresh (untrained) pipeline with the given architecture: in pixel space predicting the
+    /// clean sample, or, given a trained autoencoder, in its latent space predicting the
+    /// velocity as SD3 does.
     pub fn fresh(
         tokenizer: PromptTokenizer,
         text_config: ClipTextConfig,
         transformer_config: Sd3Config,
+        vae: Option<Vae>,
         seed: u64,
         device: &Device,
     ) -> Result<Self, PipelineError> {
         let resolution = transformer_config.sample_size;
         let component = |library: &str, class: &str| serde_json::json!([library, class]);
+        let latent = vae.is_some();
+        let vae_component = latent.then(|| ("vae", component("diffusers", "AutoencoderKL")));
         Ok(Self {
             text: TextStack::Clip(Encoder {
                 tokenizer,
@@ -379,11 +402,14 @@ impl Pipeline {
                 seed.wrapping_add(1),
                 device,
             )?),
-            vae: None,
+            vae,
             index: ModelIndex {
                 class_name: BUNDLED_CLASS.into(),
-                pixel_resolution: Some(resolution),
-                prediction: Prediction::Sample,
+                pixel_resolution: (!latent).then_some(resolution),
+                prediction: match latent {
+                    true => Prediction::Velocity,
+                    false => Prediction::Sample,
+                },
                 components: [
                     (
                         "transformer",
@@ -400,6 +426,7 @@ impl Pipeline {
                     ),
                 ]
                 .into_iter()
+                .chain(vae_component)
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             },
@@ -536,6 +563,9 @@ impl Pipeline {
         write(dir.join("tokenizer/tokenizer.json"), tokenizer_json)?;
         clip.model.save_dir(&dir.join("text_encoder"))?;
         transformer.save_dir(&dir.join("transformer"))?;
+        if let Some(vae) = &self.vae {
+            vae.save_dir(&dir.join("vae"))?;
+        }
         Ok(())
     }
 

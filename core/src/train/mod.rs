@@ -1,8 +1,10 @@
-//! Training: rectified-flow pretraining of the bundled model and Flow-GRPO on LoRA adapters.
+//! Training: the Shapes autoencoder, rectified-flow pretraining of the bundled model and
+//! Flow-GRPO on LoRA adapters.
 
 pub mod distill;
 pub mod grpo;
 pub mod pretrain;
+pub mod vae;
 
 /// Restarts the peak that [`peak_memory_mib`] reports at the current resident size (Linux ≥ 4.0;
 /// elsewhere nothing happens and the peak stays the process's).

@@ -1,4 +1,5 @@
-//! Rectified-flow pretraining of a text-to-image pipeline on the Shapes world, as SD3 trains:
+//! Rectified-flow pretraining of a text-to-image pipeline on the Shapes world (in pixel space, or
+//! on the latents of a frozen autoencoder from `train::vae`), as SD3 trains:
 //! x_σ = (1 − σ)·x₀ + σ·ε, loss ‖v̂ − v‖² with v = ε − x₀. A velocity model outputs v̂; a
 //! sample-predicting (pixel-space) model outputs x̂₀ and v̂ = (x_σ − x̂₀)/max(σ, 0.05), JiT's
 //! "x-prediction with v-loss". σ ~ logit-normal(`sigma_mean`, `sigma_std`): SD3 uses (0, 1);
@@ -240,16 +241,19 @@ pub fn pretrain(
                 model: text_encoder,
             }),
         transformer: Transformer::Sd3(transformer),
-        vae: None,
+        vae,
         index,
         scheduler,
     } = pipeline
     else {
         return Err(PipelineError::Folder {
             path: run_dir.to_path_buf(),
-            message: "pretraining builds the bundled architecture (one CLIP and an SD3 transformer in pixel space)".into(),
+            message: "pretraining builds the bundled architecture (one CLIP and an SD3 transformer, in pixel space or on a frozen autoencoder's latents)".into(),
         });
     };
+    // The autoencoder is frozen: it encodes each batch without a graph.
+    let vae = vae.map(|v| v.valid());
+    let plain_device = device.clone().inner();
     let mut network = Network {
         text_encoder,
         transformer,
@@ -296,9 +300,12 @@ pub fn pretrain(
         .append(true)
         .open(run_dir.join("metrics.jsonl"))
         .map_err(io(run_dir.join("metrics.jsonl")))?;
+    let vae_scale = vae.as_ref().map_or(1, |v| {
+        1 << v.config.block_out_channels.len().saturating_sub(1)
+    });
     let size = index
         .pixel_resolution
-        .unwrap_or(network.transformer.config.sample_size);
+        .unwrap_or(network.transformer.config.sample_size * vae_scale);
     let mut loss_sum = 0.0;
     let mut timer = Instant::now();
     let pipeline_parts = (tokenizer, index, scheduler);
@@ -313,7 +320,13 @@ pub fn pretrain(
                 prompt.clear();
             }
         }
-        let x0 = from_images(&images, device);
+        let x0 = match &vae {
+            None => from_images(&images, device),
+            Some(vae) => {
+                let latents = vae.encode(from_images(&images, &plain_device));
+                Tensor::from_data(latents.into_data(), device)
+            }
+        };
         let [b, c, h, w] = x0.dims();
         let sigmas: Vec<f64> = (0..b)
             .map(|_| {
@@ -391,7 +404,7 @@ pub fn pretrain(
                     model: weights.text_encoder,
                 }),
                 transformer: Transformer::Sd3(weights.transformer),
-                vae: None,
+                vae: vae.clone(),
                 index: pipeline_parts.1.clone(),
                 scheduler: pipeline_parts.2.clone(),
             };
@@ -446,7 +459,7 @@ pub fn pretrain(
             model: network.text_encoder,
         }),
         transformer: Transformer::Sd3(network.transformer),
-        vae: None,
+        vae,
         index: pipeline_parts.1,
         scheduler: pipeline_parts.2,
     })
