@@ -229,6 +229,11 @@ struct PretrainArgs {
     /// `portaflow train vae`) instead of in pixel space.
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// A new model copies every text-encoder and transformer weight whose name and shape match
+    /// this trained Shapes pipeline folder's (e.g. a latent model from the pixel model: all but
+    /// the patch embedding and output projection).
+    #[arg(long, conflicts_with = "init")]
+    warm_start: Option<PathBuf>,
     /// A new model's width (a multiple of 32).
     #[arg(long)]
     width: Option<usize>,
@@ -595,11 +600,14 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         width: args.width.unwrap_or(defaults.width),
         layers: args.layers.unwrap_or(defaults.layers),
     };
-    let new_shape =
-        args.patch_size.is_some() || args.width.is_some() || args.layers.is_some() || args.vae.is_some();
+    let new_shape = args.patch_size.is_some()
+        || args.width.is_some()
+        || args.layers.is_some()
+        || args.vae.is_some()
+        || args.warm_start.is_some();
     anyhow::ensure!(
         !new_shape || (resumed.is_none() && args.init.is_none()),
-        "--patch-size, --width, --layers and --vae shape a new model; {} keeps its own",
+        "--patch-size, --width, --layers, --vae and --warm-start shape a new model; {} keeps its own",
         if resumed.is_some() {
             "a resumed run"
         } else {
@@ -662,7 +670,22 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             pad_id: 0,
             truncate: false,
         };
-        Pipeline::fresh(tok, text, transformer, vae, config.seed, &device)?
+        let fresh = Pipeline::fresh(tok, text, transformer, vae, config.seed, &device)?;
+        match &args.warm_start {
+            None => fresh,
+            Some(dir) => {
+                let source = Pipeline::from_dir(dir, &chosen.device)
+                    .with_context(|| format!("loading the warm start {}", dir.display()))?;
+                let (pipe, report) = pretrain::warm_start(fresh, &source)?;
+                println!(
+                    "warm start from {}: {} tensors copied; fresh: {}",
+                    dir.display(),
+                    report.copied,
+                    report.kept.join(", ")
+                );
+                pipe
+            }
+        }
     };
     let params = pipe.transformer.parameters() + pipe.text.parameters();
     println!(

@@ -142,6 +142,134 @@ fn update_average(average: Network, network: &Network, decay: f64) -> Network {
     })
 }
 
+/// Float parameters by module path (`transformer_blocks.0.attn.to_q.weight`), as values and shape.
+#[derive(Default)]
+struct ByPath {
+    path: Vec<String>,
+    found: std::collections::HashMap<String, TensorData>,
+}
+
+impl ModuleVisitor for ByPath {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.found.insert(self.path.join("."), param.val().into_data());
+    }
+}
+
+/// Replaces each parameter whose path and shape match one in `source`.
+struct CopyMatching {
+    path: Vec<String>,
+    source: std::collections::HashMap<String, TensorData>,
+    copied: usize,
+    kept: Vec<String>,
+}
+
+impl ModuleMapper for CopyMatching {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let key = self.path.join(".");
+        let fresh_shape = param.val().dims().to_vec();
+        match self.source.get(&key) {
+            Some(data) if data.shape().as_slice() == fresh_shape.as_slice() => {
+                self.copied += 1;
+                let data = data.clone();
+                param.map(|fresh| Tensor::from_data(data, &fresh.device()))
+            }
+            _ => {
+                self.kept.push(key);
+                param
+            }
+        }
+    }
+}
+
+/// What [`warm_start`] did.
+#[derive(Debug)]
+pub struct WarmStart {
+    pub copied: usize,
+    /// Parameters that kept their fresh initialisation (absent or shaped differently in the source).
+    pub kept: Vec<String>,
+}
+
+/// A new model's text encoder and transformer take every weight whose path and shape match
+/// `source`'s (a trained Shapes pipeline of the same width and depth); the rest, e.g. a latent
+/// model's patch embedding and output projection, keep their fresh initialisation. A latent
+/// model on an 8×8 token grid so inherits a pixel model's text understanding and token-level
+/// layout instead of learning them again.
+pub fn warm_start(pipeline: Pipeline, source: &Pipeline) -> Result<(Pipeline, WarmStart), PipelineError> {
+    let (
+        TextStack::Clip(source_text),
+        Transformer::Sd3(source_transformer),
+        TextStack::Clip(_),
+        Transformer::Sd3(_),
+    ) = (
+        &source.text,
+        &source.transformer,
+        &pipeline.text,
+        &pipeline.transformer,
+    )
+    else {
+        return Err(PipelineError::Folder {
+            path: PathBuf::from("<warm start>"),
+            message: "warm starts copy between Shapes pipelines (one CLIP and an SD3 transformer)".into(),
+        });
+    };
+    let mut collect = ByPath::default();
+    source_text.model.visit(&mut collect);
+    let text_weights = std::mem::take(&mut collect.found);
+    source_transformer.visit(&mut collect);
+    let transformer_weights = collect.found;
+    let Pipeline {
+        text: TextStack::Clip(Encoder { tokenizer, model }),
+        transformer: Transformer::Sd3(transformer),
+        vae,
+        index,
+        scheduler,
+    } = pipeline
+    else {
+        unreachable!("matched above")
+    };
+    let mut report = WarmStart { copied: 0, kept: Vec::new() };
+    let copy = |source| CopyMatching {
+        path: Vec::new(),
+        source,
+        copied: 0,
+        kept: Vec::new(),
+    };
+    let mut text_copy = copy(text_weights);
+    let model = model.map(&mut text_copy);
+    let mut transformer_copy = copy(transformer_weights);
+    let transformer = transformer.map(&mut transformer_copy);
+    for (prefix, done) in [("text_encoder", text_copy), ("transformer", transformer_copy)] {
+        report.copied += done.copied;
+        report.kept.extend(done.kept.into_iter().map(|k| format!("{prefix}.{k}")));
+    }
+    Ok((
+        Pipeline {
+            text: TextStack::Clip(Encoder { tokenizer, model }),
+            transformer: Transformer::Sd3(transformer),
+            vae,
+            index,
+            scheduler,
+        },
+        report,
+    ))
+}
+
 /// EMA decay warm-up after `n` steps of this run (n ≥ 1).
 fn ema_decay(cap: f64, n: usize) -> f64 {
     ((1 + n) as f64 / (10 + n) as f64).min(cap)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
-use portaflow::pipeline::{GenerateOptions, Pipeline};
+use portaflow::pipeline::{GenerateOptions, Pipeline, Transformer};
 use portaflow::sample::step::StepKind;
 use portaflow::train::pretrain::{PretrainConfig, pretrain};
 use portaflow::world::prompt_sets;
@@ -237,6 +237,36 @@ fn latent_pretraining_writes_a_pipeline_with_its_autoencoder() {
     assert_eq!((a[0].width, a[0].height), (64, 64));
     let diff = max_abs_diff(&pixels(&a), &pixels(&b));
     assert!(diff <= 1.0, "the saved latent pipeline draws {diff} levels away from the trained one");
+}
+
+/// A warm start copies what fits: a latent model takes a pixel model's text encoder and MMDiT
+/// blocks, and keeps its own patch embedding and output projection (their shapes differ).
+#[test]
+fn a_latent_model_warm_starts_from_a_pixel_model() {
+    let cpu = ChosenDevice::cpu().device;
+    let pixel = tiny_pipeline(3, &cpu);
+    let (latent, report) =
+        portaflow::train::pretrain::warm_start(tiny_latent_pipeline(4, &cpu), &pixel).unwrap();
+    let mut kept = report.kept.clone();
+    kept.sort();
+    assert_eq!(
+        kept,
+        // the embedding's bias has the width's shape in both, so it is copied
+        [
+            "transformer.pos_embed.proj.weight",
+            "transformer.proj_out.bias",
+            "transformer.proj_out.weight",
+        ],
+        "copied {}",
+        report.copied
+    );
+    let Transformer::Sd3(a) = &pixel.transformer else { unreachable!() };
+    let Transformer::Sd3(b) = &latent.transformer else { unreachable!() };
+    let weights = |t: &portaflow::model::sd3::Sd3Transformer| -> Vec<f32> {
+        t.transformer_blocks[1].attn.to_k.weight.val().into_data().try_to_vec().unwrap()
+    };
+    assert_eq!(weights(a), weights(b));
+    assert_eq!(b.config.in_channels, 4, "the latent model's own config is kept");
 }
 
 /// The README's main command works out of the box: the bundled model loads from the repository,

@@ -175,3 +175,99 @@ mod training {
         assert_eq!(again.config, saved.config, "calibration is not deterministic");
     }
 }
+
+/// Diagnostic, not a check: how faithfully a trained Shapes autoencoder reconstructs scenes, as
+/// the detector sees them. Renders of the held-out prompts (correct by construction) and digit
+/// renders are encoded and decoded; prints PSNR, the share of reconstructions GenEval still
+/// calls correct, verdict agreement with the originals, and OCR agreement on digits.
+/// `PORTAFLOW_PROBE_VAE=/path/to/vae cargo test --workspace --test suite vae::reconstruction_probe -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn reconstruction_probe() {
+    use portaflow::pipeline::{from_images, to_images};
+    use portaflow::world::{compose, digits, geneval, prompt_sets, render};
+    use rand::SeedableRng;
+    let dir = std::env::var("PORTAFLOW_PROBE_VAE").expect("PORTAFLOW_PROBE_VAE");
+    let device = Device::flex();
+    let model = vae::load_dir(std::path::Path::new(&dir), &device).unwrap();
+    let (_, test) = prompt_sets::build();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let mut scenes = Vec::new();
+    for _ in 0..4 {
+        for spec in &test {
+            if let Some(scene) = compose::scene_for(&mut rng, spec) {
+                scenes.push((spec.clone(), render::render(&scene, 64)));
+            }
+        }
+    }
+    let numbers: Vec<(String, render::Image)> = (0..200)
+        .map(|_| {
+            let n = digits::random_number(&mut rng);
+            let image = digits::render_number(&mut rng, &n, 64);
+            (n, image)
+        })
+        .collect();
+    let reconstruct = |images: Vec<render::Image>| -> (Vec<render::Image>, f64) {
+        let mut out = Vec::new();
+        let mut squared = 0.0;
+        for chunk in images.chunks(32) {
+            let x = from_images(chunk, &device);
+            let y = model.decode(model.encode(x.clone())).clamp(-1.0, 1.0);
+            squared += (y.clone() - x).square().mean().into_scalar::<f32>() as f64 * chunk.len() as f64;
+            out.extend(to_images(y));
+        }
+        let mse = squared / images.len() as f64;
+        (out, 10.0 * (4.0 / mse).log10())
+    };
+    let (rebuilt, psnr) = reconstruct(scenes.iter().map(|(_, i)| i.clone()).collect());
+    let (mut agree, mut correct, mut originals_correct) = (0, 0, 0);
+    for ((spec, original), rebuilt) in scenes.iter().zip(&rebuilt) {
+        let (a, b) = (geneval::evaluate_image(spec, original), geneval::evaluate_image(spec, rebuilt));
+        agree += usize::from(a.correct == b.correct);
+        correct += usize::from(b.correct);
+        originals_correct += usize::from(a.correct);
+    }
+    let n = scenes.len() as f64;
+    println!(
+        "scenes: {} · PSNR {psnr:.1} dB · GenEval-correct originals {:.1}%, reconstructions {:.1}% · verdict agreement {:.1}%",
+        scenes.len(),
+        100.0 * originals_correct as f64 / n,
+        100.0 * correct as f64 / n,
+        100.0 * agree as f64 / n
+    );
+    let (rebuilt_digits, psnr) = reconstruct(numbers.iter().map(|(_, i)| i.clone()).collect());
+    let (mut same, mut right) = (0, 0);
+    for ((number, original), rebuilt) in numbers.iter().zip(&rebuilt_digits) {
+        let (a, b) = (digits::read_digits(original), digits::read_digits(rebuilt));
+        same += usize::from(a == b);
+        right += usize::from(&b == number);
+    }
+    println!(
+        "digits: {} · PSNR {psnr:.1} dB · OCR reads the reconstruction as the original {:.1}%, correctly {:.1}%",
+        numbers.len(),
+        100.0 * same as f64 / numbers.len() as f64,
+        100.0 * right as f64 / numbers.len() as f64
+    );
+    if let Ok(path) = std::env::var("PORTAFLOW_PROBE_OUT") {
+        let pairs: Vec<&render::Image> = scenes
+            .iter()
+            .map(|(_, i)| i)
+            .take(8)
+            .chain(rebuilt.iter().take(8))
+            .collect();
+        let mut grid = render::Image {
+            width: 64 * 8,
+            height: 128,
+            pixels: vec![[255; 3]; 64 * 8 * 128],
+        };
+        for (k, image) in pairs.iter().enumerate() {
+            for y in 0..64 {
+                for x in 0..64 {
+                    grid.pixels[((k / 8) * 64 + y) * grid.width + (k % 8) * 64 + x] = image.get(x, y);
+                }
+            }
+        }
+        portaflow::image_io::save_png(&grid, std::path::Path::new(&path), &[]).unwrap();
+        println!("wrote {path}: originals, then reconstructions");
+    }
+}
