@@ -598,7 +598,8 @@ impl Vae {
         if config.is_flux2() {
             return Err(LoadError::Config {
                 path: "<new VAE config>".into(),
-                message: "a fresh AutoencoderKLFlux2 has no BatchNorm statistics to start from".into(),
+                message: "a fresh AutoencoderKLFlux2 has no BatchNorm statistics to start from"
+                    .into(),
             });
         }
         Self::load(config, Weights::initializer(seed), device)

@@ -1,6 +1,7 @@
 //! A pipeline from files held in memory: what the browser fetched. Only the bundled architecture
-//! (pixel-space SD3 transformer + one CLIP text encoder) loads this way; its folder has five
-//! files, listed in [`BUNDLED_FILES`].
+//! (an SD3 transformer + one CLIP text encoder, in pixel space or on a Shapes autoencoder's
+//! latents) loads this way; its folder has the files listed in [`BUNDLED_FILES`], plus
+//! [`AUTOENCODER_FILES`] for a latent model.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use super::text::{Encoder, TextStack};
 use super::{BUNDLED_CLASS, ModelIndex, Pipeline, PipelineError, SchedulerConfig, Transformer};
 use crate::model::Family;
 use crate::model::sd3::Sd3Transformer;
+use crate::model::vae::Vae;
 use crate::text::clip::ClipTextModel;
 use crate::text::tokenizer::{self, PromptTokenizer};
 
@@ -24,6 +26,10 @@ pub const BUNDLED_FILES: [&str; 7] = [
     "transformer/config.json",
     "transformer/diffusion_pytorch_model.safetensors",
 ];
+
+/// The autoencoder's files, present when `model_index.json` lists a `vae` (a latent Shapes model).
+pub const AUTOENCODER_FILES: [&str; 2] =
+    ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"];
 
 impl Pipeline {
     /// Builds the pipeline from its folder's files (relative path → bytes, as in
@@ -59,6 +65,21 @@ impl Pipeline {
                 ),
             });
         }
+        let latent = index.components.contains_key("vae");
+        let missing_vae: Vec<&str> = AUTOENCODER_FILES
+            .iter()
+            .copied()
+            .filter(|f| latent && !files.contains_key(*f))
+            .collect();
+        if !missing_vae.is_empty() {
+            return Err(PipelineError::Folder {
+                path: folder,
+                message: format!(
+                    "model_index.json lists a vae; missing {}",
+                    missing_vae.join(", ")
+                ),
+            });
+        }
         let scheduler: SchedulerConfig =
             serde_json::from_slice(&files["scheduler/scheduler_config.json"])
                 .map_err(|e| json_error("scheduler/scheduler_config.json", e))?;
@@ -83,10 +104,19 @@ impl Pipeline {
             take("transformer/diffusion_pytorch_model.safetensors"),
             device,
         )?;
+        let vae = match latent {
+            true => Some(Vae::load_bytes(
+                "vae",
+                &take("vae/config.json"),
+                take("vae/diffusion_pytorch_model.safetensors"),
+                device,
+            )?),
+            false => None,
+        };
         Ok(Pipeline {
             text: TextStack::Clip(Encoder { tokenizer, model }),
             transformer: Transformer::Sd3(transformer),
-            vae: None,
+            vae,
             index,
             scheduler,
         })

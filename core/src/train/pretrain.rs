@@ -159,7 +159,8 @@ impl ModuleVisitor for ByPath {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.found.insert(self.path.join("."), param.val().into_data());
+        self.found
+            .insert(self.path.join("."), param.val().into_data());
     }
 }
 
@@ -210,7 +211,10 @@ pub struct WarmStart {
 /// model's patch embedding and output projection, keep their fresh initialisation. A latent
 /// model on an 8×8 token grid so inherits a pixel model's text understanding and token-level
 /// layout instead of learning them again.
-pub fn warm_start(pipeline: Pipeline, source: &Pipeline) -> Result<(Pipeline, WarmStart), PipelineError> {
+pub fn warm_start(
+    pipeline: Pipeline,
+    source: &Pipeline,
+) -> Result<(Pipeline, WarmStart), PipelineError> {
     let (
         TextStack::Clip(source_text),
         Transformer::Sd3(source_transformer),
@@ -225,7 +229,8 @@ pub fn warm_start(pipeline: Pipeline, source: &Pipeline) -> Result<(Pipeline, Wa
     else {
         return Err(PipelineError::Folder {
             path: PathBuf::from("<warm start>"),
-            message: "warm starts copy between Shapes pipelines (one CLIP and an SD3 transformer)".into(),
+            message: "warm starts copy between Shapes pipelines (one CLIP and an SD3 transformer)"
+                .into(),
         });
     };
     let mut collect = ByPath::default();
@@ -243,7 +248,10 @@ pub fn warm_start(pipeline: Pipeline, source: &Pipeline) -> Result<(Pipeline, Wa
     else {
         unreachable!("matched above")
     };
-    let mut report = WarmStart { copied: 0, kept: Vec::new() };
+    let mut report = WarmStart {
+        copied: 0,
+        kept: Vec::new(),
+    };
     let copy = |source| CopyMatching {
         path: Vec::new(),
         source,
@@ -254,9 +262,14 @@ pub fn warm_start(pipeline: Pipeline, source: &Pipeline) -> Result<(Pipeline, Wa
     let model = model.map(&mut text_copy);
     let mut transformer_copy = copy(transformer_weights);
     let transformer = transformer.map(&mut transformer_copy);
-    for (prefix, done) in [("text_encoder", text_copy), ("transformer", transformer_copy)] {
+    for (prefix, done) in [
+        ("text_encoder", text_copy),
+        ("transformer", transformer_copy),
+    ] {
         report.copied += done.copied;
-        report.kept.extend(done.kept.into_iter().map(|k| format!("{prefix}.{k}")));
+        report
+            .kept
+            .extend(done.kept.into_iter().map(|k| format!("{prefix}.{k}")));
     }
     Ok((
         Pipeline {

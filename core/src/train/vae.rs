@@ -73,7 +73,10 @@ impl VaeTrainConfig {
             ));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(format!("learning_rate must be > 0, got {}", self.learning_rate));
+            return Err(format!(
+                "learning_rate must be > 0, got {}",
+                self.learning_rate
+            ));
         }
         if !(self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
             return Err(format!("kl_weight must be ≥ 0, got {}", self.kl_weight));
@@ -214,9 +217,7 @@ pub fn train_vae(
     let mut vae = vae;
     let mut optimizer: ModuleOptimizer = AdamWConfig::new()
         .with_weight_decay(0.0)
-        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(
-            1.0,
-        )))
+        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
         .init();
     let mut start = 0;
     if state_path.exists() {

@@ -208,35 +208,93 @@ fn latent_pretraining_writes_a_pipeline_with_its_autoencoder() {
     };
     let (train, _) = prompt_sets::build();
     let start = tiny_latent_pipeline(2, &ad);
-    let vae_before: Vec<f32> = start.vae.as_ref().unwrap().decoder.conv_out.weight.val().into_data().try_to_vec().unwrap();
+    let vae_before: Vec<f32> = start
+        .vae
+        .as_ref()
+        .unwrap()
+        .decoder
+        .conv_out
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
     let trained = pretrain(start, &config, 0, &train, &dir, &ad, |m| {
         assert!(m.loss.is_finite())
     })
     .unwrap();
     let saved = Pipeline::from_dir(&dir.join("checkpoint"), &cpu).unwrap();
     let index = std::fs::read_to_string(dir.join("checkpoint/model_index.json")).unwrap();
-    assert!(index.contains("\"vae\""), "model_index.json lists no vae: {index}");
+    assert!(
+        index.contains("\"vae\""),
+        "model_index.json lists no vae: {index}"
+    );
     assert_eq!(
         saved.index.prediction,
         portaflow::pipeline::Prediction::Velocity
     );
-    let vae = saved.vae.as_ref().expect("the checkpoint loads with its autoencoder");
-    let vae_after: Vec<f32> = vae.decoder.conv_out.weight.val().into_data().try_to_vec().unwrap();
-    assert_eq!(vae_before, vae_after, "pretraining changed the frozen autoencoder");
+    let vae = saved
+        .vae
+        .as_ref()
+        .expect("the checkpoint loads with its autoencoder");
+    let vae_after: Vec<f32> = vae
+        .decoder
+        .conv_out
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    assert_eq!(
+        vae_before, vae_after,
+        "pretraining changed the frozen autoencoder"
+    );
     assert_eq!(saved.latent_shape(64, 64).unwrap(), [4, 16, 16]);
     assert_eq!(saved.resolution(), 64);
-    let prompts = vec!["a photo of a red circle".to_string(), "a photo of a blue square".into()];
+    let prompts = vec![
+        "a photo of a red circle".to_string(),
+        "a photo of a blue square".into(),
+    ];
     let mut opts = options();
     opts.kind = StepKind::Euler;
     let a = trained
         .generate(&prompts, &opts, &ad, |_| {}, None)
         .unwrap();
-    let b = saved
-        .generate(&prompts, &opts, &cpu, |_| {}, None)
-        .unwrap();
+    let b = saved.generate(&prompts, &opts, &cpu, |_| {}, None).unwrap();
     assert_eq!((a[0].width, a[0].height), (64, 64));
     let diff = max_abs_diff(&pixels(&a), &pixels(&b));
-    assert!(diff <= 1.0, "the saved latent pipeline draws {diff} levels away from the trained one");
+    assert!(
+        diff <= 1.0,
+        "the saved latent pipeline draws {diff} levels away from the trained one"
+    );
+
+    // The browser's path: the same folder from memory, and a clear error without its vae.
+    use portaflow::pipeline::memory::{AUTOENCODER_FILES, BUNDLED_FILES};
+    let checkpoint = dir.join("checkpoint");
+    let files = |names: &[&str]| -> std::collections::BTreeMap<String, Vec<u8>> {
+        names
+            .iter()
+            .map(|f| (f.to_string(), std::fs::read(checkpoint.join(f)).unwrap()))
+            .collect()
+    };
+    let all: Vec<&str> = BUNDLED_FILES
+        .iter()
+        .chain(&AUTOENCODER_FILES)
+        .copied()
+        .collect();
+    let from_memory = Pipeline::from_memory(files(&all), &cpu).unwrap();
+    let c = from_memory
+        .generate(&prompts, &opts, &cpu, |_| {}, None)
+        .unwrap();
+    assert_eq!(b, c, "the latent pipeline draws differently from memory");
+    let err = Pipeline::from_memory(files(&all[..all.len() - 1]), &cpu)
+        .err()
+        .expect("a latent model without its autoencoder weights loads");
+    assert!(
+        err.to_string()
+            .contains("vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 }
 
 /// A warm start copies what fits: a latent model takes a pixel model's text encoder and MMDiT
@@ -260,13 +318,27 @@ fn a_latent_model_warm_starts_from_a_pixel_model() {
         "copied {}",
         report.copied
     );
-    let Transformer::Sd3(a) = &pixel.transformer else { unreachable!() };
-    let Transformer::Sd3(b) = &latent.transformer else { unreachable!() };
+    let Transformer::Sd3(a) = &pixel.transformer else {
+        unreachable!()
+    };
+    let Transformer::Sd3(b) = &latent.transformer else {
+        unreachable!()
+    };
     let weights = |t: &portaflow::model::sd3::Sd3Transformer| -> Vec<f32> {
-        t.transformer_blocks[1].attn.to_k.weight.val().into_data().try_to_vec().unwrap()
+        t.transformer_blocks[1]
+            .attn
+            .to_k
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec()
+            .unwrap()
     };
     assert_eq!(weights(a), weights(b));
-    assert_eq!(b.config.in_channels, 4, "the latent model's own config is kept");
+    assert_eq!(
+        b.config.in_channels, 4,
+        "the latent model's own config is kept"
+    );
 }
 
 /// The README's main command works out of the box: the bundled model loads from the repository,

@@ -97,7 +97,9 @@ fn a_saved_autoencoder_has_the_keys_diffusers_wrote() {
     let reloaded = vae::load_dir(out.path(), &device).unwrap();
     let z = Tensor::<4>::from_data(
         TensorData::new(
-            (0..16 * 4 * 6).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect(),
+            (0..16 * 4 * 6)
+                .map(|i| ((i % 7) as f32 - 3.0) / 3.0)
+                .collect(),
             [1, 16, 4, 6],
         ),
         &device,
@@ -127,7 +129,13 @@ mod training {
     }
 
     fn decoder_out(vae: &Vae) -> Vec<f32> {
-        vae.decoder.conv_out.weight.val().into_data().try_to_vec().unwrap()
+        vae.decoder
+            .conv_out
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec()
+            .unwrap()
     }
 
     /// A killed autoencoder run resumes exactly; the folder it writes loads and is calibrated
@@ -149,7 +157,10 @@ mod training {
         .unwrap();
         assert_eq!(losses.len(), 2, "the resumed run repeats or skips steps");
         let diff = max_abs_diff(&decoder_out(&a), &decoder_out(&b));
-        assert!(diff < 1e-6, "resumed run differs from the straight run by {diff}");
+        assert!(
+            diff < 1e-6,
+            "resumed run differs from the straight run by {diff}"
+        );
         assert!(
             max_abs_diff(&decoder_out(&a), &decoder_out(&fresh().valid())) > 1e-4,
             "training did not move the decoder"
@@ -165,14 +176,22 @@ mod training {
             .unwrap();
         let n = latents.len() as f64;
         let mean = latents.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let std = (latents.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let std = (latents
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         assert!(
             mean.abs() < 1e-3 && (std - 1.0).abs() < 1e-3,
             "calibrated latents have mean {mean}, std {std}"
         );
         let mut again = saved.clone();
         calibrate(&mut again, &images, &cpu);
-        assert_eq!(again.config, saved.config, "calibration is not deterministic");
+        assert_eq!(
+            again.config, saved.config,
+            "calibration is not deterministic"
+        );
     }
 }
 
@@ -213,7 +232,8 @@ fn reconstruction_probe() {
         for chunk in images.chunks(32) {
             let x = from_images(chunk, &device);
             let y = model.decode(model.encode(x.clone())).clamp(-1.0, 1.0);
-            squared += (y.clone() - x).square().mean().into_scalar::<f32>() as f64 * chunk.len() as f64;
+            squared +=
+                (y.clone() - x).square().mean().into_scalar::<f32>() as f64 * chunk.len() as f64;
             out.extend(to_images(y));
         }
         let mse = squared / images.len() as f64;
@@ -222,7 +242,10 @@ fn reconstruction_probe() {
     let (rebuilt, psnr) = reconstruct(scenes.iter().map(|(_, i)| i.clone()).collect());
     let (mut agree, mut correct, mut originals_correct) = (0, 0, 0);
     for ((spec, original), rebuilt) in scenes.iter().zip(&rebuilt) {
-        let (a, b) = (geneval::evaluate_image(spec, original), geneval::evaluate_image(spec, rebuilt));
+        let (a, b) = (
+            geneval::evaluate_image(spec, original),
+            geneval::evaluate_image(spec, rebuilt),
+        );
         agree += usize::from(a.correct == b.correct);
         correct += usize::from(b.correct);
         originals_correct += usize::from(a.correct);
@@ -263,7 +286,8 @@ fn reconstruction_probe() {
         for (k, image) in pairs.iter().enumerate() {
             for y in 0..64 {
                 for x in 0..64 {
-                    grid.pixels[((k / 8) * 64 + y) * grid.width + (k % 8) * 64 + x] = image.get(x, y);
+                    grid.pixels[((k / 8) * 64 + y) * grid.width + (k % 8) * 64 + x] =
+                        image.get(x, y);
                 }
             }
         }
