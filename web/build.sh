@@ -28,6 +28,8 @@ cp web/www/* "$OUT/"
 files=(model_index.json scheduler/scheduler_config.json tokenizer/tokenizer.json
        text_encoder/config.json text_encoder/model.safetensors
        transformer/config.json transformer/diffusion_pytorch_model.safetensors)
+# a latent Shapes model also ships its autoencoder
+if [ -d "$MODEL/vae" ]; then files+=(vae/config.json vae/diffusion_pytorch_model.safetensors); fi
 {
   printf '{\n  "model": "%s",\n  "files": [\n' "$(basename "$MODEL")"
   for i in "${!files[@]}"; do

@@ -40,6 +40,16 @@ pub fn model_files() -> Vec<String> {
         .collect()
 }
 
+/// Files a model has only sometimes (a latent model's autoencoder): fetched when the manifest
+/// lists them.
+#[wasm_bindgen]
+pub fn optional_model_files() -> Vec<String> {
+    pipeline::memory::AUTOENCODER_FILES
+        .iter()
+        .map(|f| f.to_string())
+        .collect()
+}
+
 /// The device, the fetched files, and the pipeline once loaded.
 #[wasm_bindgen]
 pub struct Engine {

@@ -1,6 +1,6 @@
 // portaflow's browser demo: fetch the model files listed in manifest.json (with progress, size and
 // SHA-256 checks), hand them to the wasm engine, generate on WebGPU or the CPU fallback.
-import init, { Engine, model_files } from "./pkg/portaflow_web.js";
+import init, { Engine, model_files, optional_model_files } from "./pkg/portaflow_web.js";
 
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("status").textContent = text; };
@@ -50,7 +50,8 @@ async function main() {
   for (const name of wanted) {
     if (!manifest.files.some((f) => f.name === name)) throw new Error(`manifest.json lists no ${name}`);
   }
-  const files = manifest.files.filter((f) => wanted.has(f.name));
+  const optional = new Set(optional_model_files());
+  const files = manifest.files.filter((f) => wanted.has(f.name) || optional.has(f.name));
   const total = files.reduce((n, f) => n + f.size, 0);
   let received = 0;
   const show = () => {
