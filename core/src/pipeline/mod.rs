@@ -377,9 +377,11 @@ impl Pipeline {
         })
     }
 
-    /// A fresh (untrained) pipeline with the given architecture: in pixel space predicting the
-    /// clean sample, or, given a trained autoencoder, in its latent space predicting the
-    /// velocity as SD3 does.
+    /// A fresh (untrained) pipeline with the given architecture, in pixel space or, given a
+    /// trained autoencoder, in its latent space; it predicts the clean sample in both. Measured
+    /// on latents: a velocity-predicting model warm-started from the pixel model still drew
+    /// texture after 1000 steps, its x̂₀ error at σ = 1 (1.10) three times the mean image's
+    /// (0.34), while the x-predicting pixel model starts from the mean image.
     pub fn fresh(
         tokenizer: PromptTokenizer,
         text_config: ClipTextConfig,
@@ -406,10 +408,7 @@ impl Pipeline {
             index: ModelIndex {
                 class_name: BUNDLED_CLASS.into(),
                 pixel_resolution: (!latent).then_some(resolution),
-                prediction: match latent {
-                    true => Prediction::Velocity,
-                    false => Prediction::Sample,
-                },
+                prediction: Prediction::Sample,
                 components: [
                     (
                         "transformer",

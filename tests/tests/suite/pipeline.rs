@@ -189,7 +189,7 @@ fn pretraining_resumes_exactly() {
 }
 
 /// Pretraining on a frozen autoencoder's latents: the checkpoint folder lists and holds the
-/// autoencoder, loads as a latent pipeline (velocity prediction, 16×16×4 latents) and draws the
+/// autoencoder, loads as a latent pipeline (x-prediction, 16×16×4 latents) and draws the
 /// same 64×64 images as the model that was trained; the autoencoder itself does not move.
 #[test]
 fn latent_pretraining_writes_a_pipeline_with_its_autoencoder() {
@@ -231,7 +231,7 @@ fn latent_pretraining_writes_a_pipeline_with_its_autoencoder() {
     );
     assert_eq!(
         saved.index.prediction,
-        portaflow::pipeline::Prediction::Velocity
+        portaflow::pipeline::Prediction::Sample
     );
     let vae = saved
         .vae
@@ -401,8 +401,18 @@ fn denoising_probe() {
     let (prompts, images): (Vec<String>, Vec<_>) = (0..48)
         .map(|_| example(&mut rng, &train, 64, &config))
         .unzip();
-    let x0 = from_images(&images, &device);
+    // A latent model is probed in its latent space; its pictures are decoded.
+    let x0 = match &pipe.vae {
+        Some(vae) => vae.encode(from_images(&images, &device)),
+        None => from_images(&images, &device),
+    };
     let [b, c, h, w] = x0.dims();
+    let velocity = pipe.index.prediction == portaflow::pipeline::Prediction::Velocity;
+    // the transformer's output as x̂₀
+    let sample = |x: Tensor<4>, out: Tensor<4>, sigma: f64| match velocity {
+        true => x - out * sigma,
+        false => out,
+    };
     let cond = pipe.encode(&prompts, &device).unwrap();
     let Transformer::Sd3(t) = &pipe.transformer else {
         panic!("an SD3 Shapes model")
@@ -423,16 +433,19 @@ fn denoising_probe() {
         let noise = Tensor::<4>::from_data(TensorData::new(noise, [b, c, h, w]), &device);
         let x = x0.clone() * (1.0 - sigma) + noise * sigma;
         let out = t.forward(
-            x,
+            x.clone(),
             &vec![sigma * 1000.0; b],
             cond.sequence.clone(),
             cond.pooled.clone().expect("pooled"),
         );
+        let out = sample(x, out, sigma);
         let error = (out.clone() - x0.clone())
             .square()
             .mean()
             .into_scalar::<f32>();
-        rows.push(portaflow::pipeline::to_images(out.clone().slice(0..shown)));
+        rows.push(portaflow::pipeline::to_images(
+            pipe.decode(out.clone().slice(0..shown)),
+        ));
         let spread = (out - mean.clone()).square().mean().into_scalar::<f32>();
         println!("σ {sigma:.2}  error {error:.4}  distance from the mean image {spread:.4}");
     }
@@ -447,7 +460,7 @@ fn denoising_probe() {
     };
     let noise = draw(&mut rng);
     let other = draw(&mut rng);
-    let p = 8;
+    let p = t.config.patch_size;
     let mask: Vec<f32> = (0..b * c * h * w)
         .map(|i| {
             let (y, x) = ((i / w) % h, i % w);
@@ -457,12 +470,14 @@ fn denoising_probe() {
     let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, c, h, w]), &device);
     let noise2 = noise.clone() * (mask.clone().neg().add_scalar(1.0)) + other * mask;
     let run = |n: Tensor<4>| {
-        t.forward(
-            x0.clone() * (1.0 - sigma) + n * sigma,
+        let x = x0.clone() * (1.0 - sigma) + n * sigma;
+        let out = t.forward(
+            x.clone(),
             &vec![sigma * 1000.0; b],
             cond.sequence.clone(),
             cond.pooled.clone().expect("pooled"),
-        )
+        );
+        sample(x, out, sigma)
     };
     let delta = (run(noise) - run(noise2)).abs().mean_dim(0).mean_dim(1); // [1, 1, h, w]
     let delta: Vec<f32> = delta.into_data().try_to_vec().unwrap();
@@ -481,6 +496,7 @@ fn denoising_probe() {
         println!("{}", row.join(""));
     }
     if let Ok(path) = std::env::var("PORTAFLOW_PROBE_OUT") {
+        let (h, w) = (images[0].height, images[0].width);
         let mut grid = portaflow::world::render::Image {
             width: w * shown,
             height: h * rows.len(),
