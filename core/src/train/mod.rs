@@ -60,3 +60,39 @@ pub fn read_toml_config<T: serde::de::DeserializeOwned>(
     validate(&config).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(config)
 }
+
+/// Linear warm-up over `warmup_steps` from `first_step`, constant, then a linear decay to a tenth
+/// over the last `decay_steps` of `steps` (pretraining and the autoencoder).
+pub fn warmup_decay_lr(
+    base: f64,
+    warmup_steps: usize,
+    decay_steps: usize,
+    steps: usize,
+    first_step: usize,
+    step: usize,
+) -> f64 {
+    let warm = ((step - first_step + 1) as f64 / warmup_steps.max(1) as f64).min(1.0);
+    let decay_start = steps.saturating_sub(decay_steps);
+    let decay = if decay_steps > 0 && step >= decay_start {
+        1.0 - 0.9 * (step - decay_start) as f64 / decay_steps as f64
+    } else {
+        1.0
+    };
+    base * warm * decay
+}
+
+/// The `config` field of a run directory's `state.json`, if it has a checkpoint to resume.
+pub fn resumed_run_config<C: serde::de::DeserializeOwned>(
+    run_dir: &std::path::Path,
+) -> Result<Option<C>, crate::model::weights::LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Stored<C> {
+        config: C,
+    }
+    let path = run_dir.join("state.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let state: Stored<C> = crate::model::read_config(&path)?;
+    Ok(Some(state.config))
+}

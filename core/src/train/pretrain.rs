@@ -308,12 +308,7 @@ struct RunState {
 
 /// The settings of the run in `run_dir`, if it has a checkpoint to resume.
 pub fn resumed_config(run_dir: &Path) -> Result<Option<PretrainConfig>, PipelineError> {
-    let path = run_dir.join("state.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let state: RunState = crate::model::read_config(&path)?;
-    Ok(Some(state.config))
+    Ok(crate::train::resumed_run_config(run_dir)?)
 }
 
 /// One training example: caption and image.
@@ -347,14 +342,14 @@ pub fn example(
 /// Warm-up counts from the run's first step: a run continuing other weights starts with a fresh
 /// optimizer, whose first moments are as noisy as at step 0.
 fn learning_rate(config: &PretrainConfig, first_step: usize, step: usize) -> f64 {
-    let warm = ((step - first_step + 1) as f64 / config.warmup_steps.max(1) as f64).min(1.0);
-    let decay_start = config.steps.saturating_sub(config.decay_steps);
-    let decay = if config.decay_steps > 0 && step >= decay_start {
-        1.0 - 0.9 * (step - decay_start) as f64 / config.decay_steps as f64
-    } else {
-        1.0
-    };
-    config.learning_rate * warm * decay
+    crate::train::warmup_decay_lr(
+        config.learning_rate,
+        config.warmup_steps,
+        config.decay_steps,
+        config.steps,
+        first_step,
+        step,
+    )
 }
 
 /// Runs (or resumes) pretraining into `run_dir`; `pipeline` must live on an autodiff device.

@@ -134,12 +134,7 @@ struct RunState {
 
 /// The settings of the run in `run_dir`, if it has a checkpoint to resume.
 pub fn resumed_config(run_dir: &Path) -> Result<Option<VaeTrainConfig>, PipelineError> {
-    let path = run_dir.join("state.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let state: RunState = crate::model::read_config(&path)?;
-    Ok(Some(state.config))
+    Ok(crate::train::resumed_run_config(run_dir)?)
 }
 
 /// `count` training renders drawn from the RNG seeded by (seed, `stream`).
@@ -178,19 +173,6 @@ pub fn calibrate(vae: &mut Vae, images: &[Image], device: &Device) {
 
 const CALIBRATION_STREAM: u64 = u64::MAX;
 const CALIBRATION_IMAGES: usize = 64;
-
-/// Linear warm-up, constant, then (as in pretraining) a linear decay to a tenth over the last
-/// `decay_steps`.
-fn learning_rate(config: &VaeTrainConfig, step: usize) -> f64 {
-    let warm = ((step + 1) as f64 / config.warmup_steps.max(1) as f64).min(1.0);
-    let decay_start = config.steps.saturating_sub(config.decay_steps);
-    let decay = if config.decay_steps > 0 && step >= decay_start {
-        1.0 - 0.9 * (step - decay_start) as f64 / config.decay_steps as f64
-    } else {
-        1.0
-    };
-    config.learning_rate * warm * decay
-}
 
 /// Trains (or resumes training of) `vae` into `run_dir`; `vae` must live on `device`, an
 /// autodiff device. Returns the trained, calibrated autoencoder.
@@ -268,7 +250,14 @@ pub fn train_vae(
             ));
         }
         let grads = GradientsParams::from_grads(loss.backward(), &vae);
-        let lr = learning_rate(config, step);
+        let lr = crate::train::warmup_decay_lr(
+            config.learning_rate,
+            config.warmup_steps,
+            config.decay_steps,
+            config.steps,
+            0,
+            step,
+        );
         vae = optimizer.step(lr, vae, grads);
         for (sum, v) in sums.iter_mut().zip(values) {
             *sum += v;
