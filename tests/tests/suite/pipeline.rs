@@ -377,7 +377,7 @@ fn the_bundled_model_generates_from_the_repository() {
 /// Diagnostic, not a check: how well a Shapes model denoises held-in training scenes at each
 /// noise level, against predicting the batch's mean image. A model whose error at σ = 0.9 equals
 /// its error at σ = 1 ignores its input there and cannot lay out a scene.
-/// `PORTAFLOW_PROBE_MODEL=/path/to/pipeline cargo test --workspace --test pipeline denoising_probe -- --ignored --nocapture`
+/// `PORTAFLOW_PROBE_MODEL=/path/to/pipeline cargo test --workspace --test suite pipeline::denoising_probe -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn denoising_probe() {
