@@ -621,9 +621,7 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         ),
         None => None,
     };
-    let grid = vae.as_ref().map_or(pipeline::SHAPES_RESOLUTION, |v| {
-        pipeline::SHAPES_RESOLUTION >> v.config.block_out_channels.len().saturating_sub(1)
-    });
+    let grid = pipeline::SHAPES_RESOLUTION / vae.as_ref().map_or(1, |v| v.config.downscale());
     anyhow::ensure!(
         arch.patch_size > 0 && grid % arch.patch_size == 0,
         "--patch-size must divide the grid side {grid}, got {}",

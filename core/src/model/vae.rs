@@ -53,6 +53,11 @@ impl VaeConfig {
         self.class_name == "AutoencoderKLFlux2"
     }
 
+    /// How many pixels a latent cell spans a side: 2 per stride-2 level.
+    pub fn downscale(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.block_out_channels.is_empty() {
             return Err("block_out_channels is empty".into());

@@ -266,8 +266,7 @@ pub fn shapes_configs(
 /// A Shapes transformer config moved onto an autoencoder's latent grid: 64 px / f cells a side
 /// of `latent_channels` each (the patch size stays the architecture's).
 pub fn on_latents(config: Sd3Config, vae: &crate::model::vae::VaeConfig) -> Sd3Config {
-    let factor = 1 << vae.block_out_channels.len().saturating_sub(1);
-    let side = SHAPES_RESOLUTION / factor;
+    let side = SHAPES_RESOLUTION / vae.downscale();
     Sd3Config {
         sample_size: side,
         in_channels: vae.latent_channels,
@@ -578,9 +577,7 @@ impl Pipeline {
 
     /// How many pixels one latent cell covers (1 in pixel space).
     pub fn vae_scale(&self) -> usize {
-        self.vae.as_ref().map_or(1, |v| {
-            1 << v.config.block_out_channels.len().saturating_sub(1)
-        })
+        self.vae.as_ref().map_or(1, |v| v.config.downscale())
     }
 
     /// Default image side in pixels: the bundled model's resolution, else the transformer's

@@ -436,9 +436,7 @@ pub fn pretrain(
         .append(true)
         .open(run_dir.join("metrics.jsonl"))
         .map_err(io(run_dir.join("metrics.jsonl")))?;
-    let vae_scale = vae.as_ref().map_or(1, |v| {
-        1 << v.config.block_out_channels.len().saturating_sub(1)
-    });
+    let vae_scale = vae.as_ref().map_or(1, |v| v.config.downscale());
     let size = index
         .pixel_resolution
         .unwrap_or(network.transformer.config.sample_size * vae_scale);

@@ -93,7 +93,7 @@ impl VaeTrainConfig {
 
 /// The Shapes autoencoder: 64×64 RGB ↔ 16×16×4 (two stride-2 levels), widths 16/32/32, one
 /// resnet per encoder level (two per decoder level), GroupNorm in groups of 8, single-head
-/// attention in the 16×16 mid block; about 0.4 GFLOP per image for encode + decode.
+/// attention in the 16×16 mid block; 0.24 M parameters (242,327).
 pub fn shapes_vae_config() -> VaeConfig {
     VaeConfig {
         class_name: "AutoencoderKL".into(),
