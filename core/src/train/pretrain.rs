@@ -188,7 +188,12 @@ impl ModuleMapper for CopyMatching {
             Some(data) if data.shape().as_slice() == fresh_shape.as_slice() => {
                 self.copied += 1;
                 let data = data.clone();
-                param.map(|fresh| Tensor::from_data(data, &fresh.device()))
+                // A tensor made from data does not track gradients: without
+                // `set_require_grad` every copied weight would be frozen in training.
+                param.map(|fresh| {
+                    Tensor::from_data(data, &fresh.device())
+                        .set_require_grad(fresh.is_require_grad())
+                })
             }
             _ => {
                 self.kept.push(key);

@@ -4,9 +4,10 @@
 
 use std::path::PathBuf;
 
+use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
-use portaflow::pipeline::{GenerateOptions, Pipeline, Transformer};
+use portaflow::pipeline::{GenerateOptions, Pipeline, TextStack, Transformer};
 use portaflow::sample::step::StepKind;
 use portaflow::train::pretrain::{PretrainConfig, pretrain};
 use portaflow::world::prompt_sets;
@@ -302,9 +303,12 @@ fn latent_pretraining_writes_a_pipeline_with_its_autoencoder() {
 #[test]
 fn a_latent_model_warm_starts_from_a_pixel_model() {
     let cpu = ChosenDevice::cpu().device;
+    // pretraining builds its model on the autodiff device
+    let trainable = cpu.clone().autodiff();
     let pixel = tiny_pipeline(3, &cpu);
     let (latent, report) =
-        portaflow::train::pretrain::warm_start(tiny_latent_pipeline(4, &cpu), &pixel).unwrap();
+        portaflow::train::pretrain::warm_start(tiny_latent_pipeline(4, &trainable), &pixel)
+            .unwrap();
     let mut kept = report.kept.clone();
     kept.sort();
     assert_eq!(
@@ -335,6 +339,32 @@ fn a_latent_model_warm_starts_from_a_pixel_model() {
             .unwrap()
     };
     assert_eq!(weights(a), weights(b));
+    // the copies must train: a weight made from data does not track gradients by itself
+    struct Frozen(Vec<String>, Vec<String>);
+    impl burn::module::ModuleVisitor for Frozen {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if !param.val().is_require_grad() {
+                self.1.push(self.0.join("."));
+            }
+        }
+    }
+    let mut frozen = Frozen(Vec::new(), Vec::new());
+    b.visit(&mut frozen);
+    let TextStack::Clip(text) = &latent.text else {
+        unreachable!()
+    };
+    text.model.visit(&mut frozen);
+    assert_eq!(
+        frozen.1,
+        ["pos_embed.pos_embed"],
+        "only the fixed sin-cos table is frozen"
+    );
     assert_eq!(
         b.config.in_channels, 4,
         "the latent model's own config is kept"
