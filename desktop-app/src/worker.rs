@@ -107,7 +107,8 @@ pub enum Event {
     Progress {
         step: usize,
         steps: usize,
-        /// The current latent of the first image, as a picture (pixel-space models).
+        /// The current latent of the first image, as a picture (pixel-space models, and latent
+        /// ones whose latent is at most 32×32).
         preview: Option<Image>,
         seconds_per_step: f64,
     },
@@ -373,15 +374,23 @@ fn generate(
     options.kind = request.sampler.kind();
     options.negative_prompt = request.negative_prompt.clone();
     let prompts = vec![request.prompt.clone(); request.count];
-    let pixel_space = pipe.vae.is_none();
+    // Pixel-space models show their latent as is; a small latent (the bundled model's 16×16)
+    // goes through the autoencoder, which costs little there but seconds per step at SD3's
+    // 128×128.
+    let side = pipe.resolution();
+    let (height, width) = options.size.unwrap_or((side, side));
+    let previewable = pipe.vae.is_none()
+        || pipe
+            .latent_shape(height, width)
+            .is_ok_and(|[_, h, w]| h * w <= 32 * 32);
     let mut last = Instant::now();
     let result = pipe.generate(
         &prompts,
         &options,
         &chosen.device,
         |p| {
-            let preview = pixel_space
-                .then(|| pipeline::to_images(p.latent.clone().narrow(0, 0, 1)))
+            let preview = previewable
+                .then(|| pipeline::to_images(pipe.decode(p.latent.clone().narrow(0, 0, 1))))
                 .and_then(|images| images.into_iter().next());
             send(Event::Progress {
                 step: p.step,
@@ -418,4 +427,40 @@ fn train_epoch(trainer: &mut GrpoTrainer, send: &impl Fn(Event)) -> Result<(), S
         })
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bundled_latent_model_shows_a_decoded_preview_at_each_step() {
+        let chosen = ChosenDevice::cpu();
+        let (pipe, _) = load(None, &chosen).unwrap();
+        assert!(pipe.vae.is_some(), "the bundled model is a latent model");
+        let request = GenerateRequest {
+            prompt: "a photo of a red circle".into(),
+            negative_prompt: String::new(),
+            steps: 2,
+            cfg: 1.0,
+            sampler: Sampler::Euler,
+            seed: 1,
+            count: 1,
+            adapters: Vec::new(),
+        };
+        let previews = std::sync::Mutex::new(Vec::new());
+        let send = |event: Event| {
+            if let Event::Progress { preview, .. } = event {
+                previews.lock().unwrap().push(preview);
+            }
+        };
+        let done = generate(&pipe, request, &chosen, &AtomicBool::new(false), &send);
+        assert!(matches!(done, Event::Done { .. }));
+        let previews = previews.into_inner().unwrap();
+        assert_eq!(previews.len(), 2, "one report per step");
+        for preview in previews {
+            let image = preview.expect("a preview through the autoencoder");
+            assert_eq!((image.width, image.height), (64, 64));
+        }
+    }
 }
