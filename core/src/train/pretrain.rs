@@ -317,7 +317,6 @@ pub fn resumed_config(run_dir: &Path) -> Result<Option<PretrainConfig>, Pipeline
     Ok(crate::train::resumed_run_config(run_dir)?)
 }
 
-/// One training example: caption and image.
 /// One step's data. It is drawn from an RNG seeded by (seed, step) in a fixed order (examples,
 /// caption dropout, noise levels, noise), so a resumed run sees the batches a straight one would.
 struct Batch {
@@ -369,6 +368,7 @@ fn training_batch(
     }
 }
 
+/// One training example: caption and image.
 pub fn example(
     rng: &mut ChaCha8Rng,
     train: &[PromptSpec],
