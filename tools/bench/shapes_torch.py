@@ -9,7 +9,9 @@ What it mirrors (the Rust file in brackets):
 - Euler sampling with CFG [`pipeline/mod.rs` `generate`, `sample/pipeline.rs` `sample`]: the
   schedule `Schedule::shifted(steps, shift)`, timestep σ·1000, one forward on `[uncond; cond]` with
   the empty negative prompt, x-prediction turned into v = (x − x̂₀) / max(σ, 0.05) before the
-  guidance, x ← x + (σ' − σ)·v, then 8-bit images on the host;
+  guidance, x ← x + (σ' − σ)·v; with a `vae/` folder (the bundled latent model) the latent is
+  decoded by diffusers' `AutoencoderKL` (`z / scaling_factor + shift_factor`) [`model/vae.rs`
+  `Vae::decode`]; then 8-bit images on the host;
 - one GRPO epoch of `configs/grpo-shapes.toml` [`train/grpo/mod.rs`, `loss.rs`, `advantage.rs`,
   `sample/step.rs`]: a rollout with CPS on a random window of steps (Euler elsewhere), PPO's
   clipped loss on a peft LoRA, AdamW on the adapter, global-norm clipping, gradient accumulation,
@@ -23,7 +25,8 @@ prompt pads to 16 tokens, so its words do not change the cost); per GRPO iterati
 the whole epoch, the rollout and the training, and peak memory per phase.
 
 `--check-latents FILE` reads what `generate --latents` reads (`pipeline::read_noise`): a
-safetensors file with exactly one f32 tensor `[n, 3, 64, 64]`, any key; it writes the Euler
+safetensors file with exactly one f32 tensor `[n, c, h, w]` (the transformer's latent, `[n, 4,
+16, 16]` for the bundled model), any key; it writes the Euler
 images of `--prompt` to `--check-out` (`<stem>-<k>.png` when n > 1, as ours) and exits.
 
 Run (from the repository root; `--threads 2` by default, the machine's two cores):
@@ -59,7 +62,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import SD3Transformer2DModel  # noqa: E402
+from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -117,6 +120,7 @@ class Shapes:
     shift: float
     resolution: int
     channels: int
+    vae: AutoencoderKL | None
 
 
 def load(model_dir: Path) -> Shapes:
@@ -135,6 +139,10 @@ def load(model_dir: Path) -> Shapes:
     ).eval()
     text_encoder.requires_grad_(False)
     transformer.requires_grad_(False)
+    vae = None
+    if (model_dir / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
+        vae.requires_grad_(False)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer" / "tokenizer.json"))
     pad_id = tokenizer.token_to_id(PAD)
     if pad_id is None:
@@ -146,8 +154,9 @@ def load(model_dir: Path) -> Shapes:
         text_encoder=text_encoder,
         transformer=transformer,
         shift=float(scheduler.get("shift", 1.0)),
-        resolution=int(index.get("pixel_resolution", transformer.config.sample_size)),
+        resolution=transformer.config.sample_size,
         channels=transformer.config.in_channels,
+        vae=vae,
     )
 
 
@@ -233,6 +242,16 @@ def guided_velocity(
     return v_uncond + (v_cond - v_uncond) * scale
 
 
+def decode(pipe: Shapes, x: torch.Tensor) -> torch.Tensor:
+    """`Vae::decode` for SD3-style autoencoders: the transformer's latent → pixels in [−1, 1];
+    the identity for a pixel-space model."""
+    if pipe.vae is None:
+        return x
+    config = pipe.vae.config
+    z = x / config.scaling_factor + (config.shift_factor or 0.0)
+    return pipe.vae.decode(z, return_dict=False)[0]
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """`pipeline::to_images`: [−1, 1] → round((v + 1)·127.5) clamped, `[b, h, w, 3]` u8.
     Rust's `f32::round` rounds halves away from zero and torch's to even: floor(y + 0.5) agrees
@@ -255,7 +274,7 @@ def generate(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = guided_velocity(pipe.transformer, x, sigma, cond, uncond, cfg)
         x = x + v * (sigma_next - sigma)
-    return to_uint8(x)
+    return to_uint8(decode(pipe, x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +447,7 @@ class Grpo:
                 x = x + v * (sigma_next - sigma)
             path.append(x)
         latents = {k: path[k] for j in trained for k in (j, j + 1)}
-        images = to_uint8(x)
+        images = to_uint8(decode(self.pipe, x))
         return {"latents": latents, "log_probs": log_probs, "cond": cond, "images": images}
 
     def train(self, data: dict, kept: list[int], advantage: list[float], trained: list[int]):
@@ -633,7 +652,7 @@ def main() -> None:
     parser.add_argument(
         "--check-latents",
         type=Path,
-        help="safetensors with one tensor [n, 3, 64, 64] (as `generate --latents`): write the "
+        help="safetensors with one tensor [n, c, h, w] (as `generate --latents`): write the "
         "Euler image(s) of --prompt to --check-out and exit",
     )
     parser.add_argument("--check-out", type=Path, default=Path("torch.png"))
@@ -641,7 +660,8 @@ def main() -> None:
     parser.add_argument(
         "--write-noise",
         type=Path,
-        help="write N(0, I) noise [1, 3, 64, 64] from --seed under the key `latents` and exit",
+        help="write N(0, I) noise [1, c, h, w] (the transformer's input) from --seed under the key "
+        "`latents` and exit",
     )
     args = parser.parse_args()
     if args.runs < 1 or args.warmup < 0 or args.grpo_iterations < 1:
@@ -649,7 +669,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.write_noise:
-        noise = torch.randn((1, 3, 64, 64), generator=torch.Generator().manual_seed(args.seed))
+        config = json.loads((args.model / "transformer" / "config.json").read_text())
+        shape = (1, config["in_channels"], config["sample_size"], config["sample_size"])
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
         save_file({"latents": noise.contiguous()}, str(args.write_noise))
         log(f"wrote {args.write_noise}")
         return

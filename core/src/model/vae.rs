@@ -38,8 +38,14 @@ pub struct VaeConfig {
     #[serde(default)]
     pub shift_factor: Option<f64>,
     /// FLUX.2: eps of the latent BatchNorm statistics.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_norm_eps: Option<f64>,
+    /// diffusers' level types, one per entry of `block_out_channels`. diffusers builds one level
+    /// per entry (a single level when absent), so [`Vae::save_dir`] always writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_block_types: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_block_types: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -48,7 +54,18 @@ fn yes() -> bool {
 
 const GROUP_NORM_EPS: f64 = 1e-6;
 
+const DOWN_BLOCK: &str = "DownEncoderBlock2D";
+const UP_BLOCK: &str = "UpDecoderBlock2D";
+
 impl VaeConfig {
+    /// The config with its level types spelled out, as diffusers needs them.
+    pub fn with_block_types(mut self) -> Self {
+        let levels = self.block_out_channels.len();
+        self.down_block_types = Some(vec![DOWN_BLOCK.into(); levels]);
+        self.up_block_types = Some(vec![UP_BLOCK.into(); levels]);
+        self
+    }
+
     pub fn is_flux2(&self) -> bool {
         self.class_name == "AutoencoderKLFlux2"
     }
@@ -71,6 +88,24 @@ impl VaeConfig {
                 "block channel count {c} is not divisible by norm_num_groups {}",
                 self.norm_num_groups
             ));
+        }
+        for (field, types, expected) in [
+            ("down_block_types", &self.down_block_types, DOWN_BLOCK),
+            ("up_block_types", &self.up_block_types, UP_BLOCK),
+        ] {
+            let Some(types) = types else { continue };
+            if types.len() != self.block_out_channels.len() {
+                return Err(format!(
+                    "{field} has {} entries but block_out_channels has {}",
+                    types.len(),
+                    self.block_out_channels.len()
+                ));
+            }
+            if let Some(other) = types.iter().find(|t| *t != expected) {
+                return Err(format!(
+                    "{field}: `{other}` is not supported (only `{expected}`)"
+                ));
+            }
         }
         Ok(())
     }
@@ -613,7 +648,8 @@ impl Vae {
     /// Writes `config.json` and `diffusion_pytorch_model.safetensors` in diffusers'
     /// `AutoencoderKL` layout (the inverse of [`load_dir`]).
     pub fn save_dir(&self, dir: &Path) -> Result<(), LoadError> {
-        let mut config = serde_json::to_value(&self.config).expect("config serialises");
+        let mut config = serde_json::to_value(self.config.clone().with_block_types())
+            .expect("config serialises");
         if self.config.class_name.is_empty() {
             config["_class_name"] = "AutoencoderKL".into();
         }

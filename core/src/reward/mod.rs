@@ -36,6 +36,14 @@ impl Task {
             Self::Digits { prompt } => prompt,
         }
     }
+
+    /// The GenEval tag, or `digits`.
+    pub fn tag(&self) -> &str {
+        match self {
+            Self::Shapes(spec) => &spec.tag,
+            Self::Digits { .. } => "digits",
+        }
+    }
 }
 
 /// Scores of one image.

@@ -109,7 +109,10 @@ pub fn shapes_vae_config() -> VaeConfig {
         scaling_factor: Some(1.0),
         shift_factor: Some(0.0),
         batch_norm_eps: None,
+        down_block_types: None,
+        up_block_types: None,
     }
+    .with_block_types()
 }
 
 /// One line of `metrics.jsonl`.

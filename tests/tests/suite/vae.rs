@@ -94,6 +94,14 @@ fn a_saved_autoencoder_has_the_keys_diffusers_wrote() {
     };
     let weights = "diffusion_pytorch_model.safetensors";
     assert_eq!(keys(&out.path().join(weights)), keys(&dir.join(weights)));
+    // diffusers builds one level per block type (one level when the lists are absent).
+    let config = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let (ours, theirs) = (config(out.path()), config(&dir));
+    for field in ["down_block_types", "up_block_types", "block_out_channels"] {
+        assert_eq!(ours[field], theirs[field], "{field}");
+    }
     let reloaded = vae::load_dir(out.path(), &device).unwrap();
     let z = Tensor::<4>::from_data(
         TensorData::new(

@@ -126,6 +126,10 @@ pub struct DataSection {
     pub rewards: Vec<RewardTerm>,
     /// How `rewards` combine.
     pub aggregate: RewardAggregate,
+    /// Draw each epoch's prompts tag by tag (GenEval tags, plus `digits`) instead of uniformly
+    /// from the file, so that a tag with few prompts is trained as often as one with many, as
+    /// GenEval's overall score (the mean of the tag accuracies) weighs them.
+    pub balance_tags: bool,
 }
 
 impl RewardKind {
@@ -174,6 +178,7 @@ impl Default for DataSection {
             remote: None,
             rewards: Vec::new(),
             aggregate: RewardAggregate::Sum,
+            balance_tags: false,
         }
     }
 }

@@ -27,8 +27,8 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -591,9 +591,14 @@ impl GrpoTrainer {
 
         // 1. prompts: k copies of m distinct prompts, shuffled.
         let mut rng = ChaCha8Rng::seed_from_u64(c.run.seed.wrapping_add(epoch as u64));
-        let mut chosen: Vec<usize> = (0..self.train.len()).collect();
-        chosen.shuffle(&mut rng);
-        chosen.truncate(c.sample.groups_per_epoch);
+        let chosen = if c.data.balance_tags {
+            choose_balanced(&self.train, c.sample.groups_per_epoch, &mut rng)
+        } else {
+            let mut chosen: Vec<usize> = (0..self.train.len()).collect();
+            chosen.shuffle(&mut rng);
+            chosen.truncate(c.sample.groups_per_epoch);
+            chosen
+        };
         let mut samples: Vec<usize> = (0..chosen.len())
             .flat_map(|g| std::iter::repeat_n(g, c.sample.group_size))
             .collect();
@@ -1630,6 +1635,36 @@ impl EpochData {
     }
 }
 
+/// `m` distinct training prompts drawn tag by tag: the tags in a random order, repeated as often as
+/// needed, each taking a random prompt of its own not yet chosen (a tag whose prompts are used up
+/// is skipped).
+fn choose_balanced(train: &[Task], m: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let mut by_tag: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, task) in train.iter().enumerate() {
+        match by_tag.iter_mut().find(|(tag, _)| *tag == task.tag()) {
+            Some((_, members)) => members.push(i),
+            None => by_tag.push((task.tag(), vec![i])),
+        }
+    }
+    by_tag.shuffle(rng);
+    for (_, members) in by_tag.iter_mut() {
+        members.shuffle(rng);
+    }
+    let mut chosen = Vec::with_capacity(m);
+    let mut round = 0;
+    while chosen.len() < m.min(train.len()) {
+        for (_, members) in &by_tag {
+            if chosen.len() < m
+                && let Some(&i) = members.get(round)
+            {
+                chosen.push(i);
+            }
+        }
+        round += 1;
+    }
+    chosen
+}
+
 /// The repository's prompt files, where a config names none.
 fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1800,4 +1835,47 @@ fn save_grid(images: &[(Image, String)], path: &Path) -> Result<(), GrpoError> {
         .collect::<Vec<_>>()
         .join(" | ");
     crate::image_io::save_png(&grid, path, &[("prompts", prompts)]).map_err(|e| run_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::prompt::random_spec;
+
+    #[test]
+    fn balanced_choice_takes_every_tag_before_repeating_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        // 1 single_object prompt, 2 counting, 20 color_attr, as lopsided as the Shapes files.
+        let mut train: Vec<Task> = Vec::new();
+        for (tag, n) in [("single_object", 1), ("counting", 2), ("color_attr", 20)] {
+            for _ in 0..n {
+                train.push(Task::Shapes(random_spec(&mut rng, tag)));
+            }
+        }
+        let tags = |chosen: &[usize]| -> Vec<String> {
+            let mut t: Vec<String> = chosen.iter().map(|&i| train[i].tag().to_string()).collect();
+            t.sort();
+            t
+        };
+        let three = choose_balanced(&train, 3, &mut rng);
+        assert_eq!(tags(&three), ["color_attr", "counting", "single_object"]);
+        // Past the single_object prompt, the others keep alternating; all distinct.
+        let six = choose_balanced(&train, 6, &mut rng);
+        assert_eq!(
+            tags(&six),
+            [
+                "color_attr",
+                "color_attr",
+                "color_attr",
+                "counting",
+                "counting",
+                "single_object"
+            ]
+        );
+        let mut distinct = six.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 6);
+        assert_eq!(choose_balanced(&train, 50, &mut rng).len(), train.len());
+    }
 }
