@@ -63,7 +63,8 @@ def section(folder: Path, command: str, before: str, after: str) -> str:
         f"({flex['parameters']:,} transformer parameters, {flex['image_tokens']} image tokens + "
         f"{flex['text_tokens']} text tokens), f32, CFG {flex['cfg']}; ours on `{flex['device']}` "
         f"and `{vk['device']}`. Median of {flex['runs']} runs after 1 warm-up; a generate call "
-        "includes text encoding and the copy of 8-bit images to the host. Load average (1, 5, 15 "
+        "includes text encoding, the autoencoder's decode and the copy of 8-bit images to the host. "
+        "Load average (1, 5, 15 "
         f"min) before / after: {before} / {after}.",
         "",
         "### Sampling: seconds per generate call (images/s)",
