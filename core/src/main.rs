@@ -691,7 +691,8 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         config.steps, config.batch_size
     );
     let start = Instant::now();
-    pretrain::pretrain(pipe, &config, first_step, &train, &args.out, &device, |m| {
+    let stop = cli::stop_on_ctrl_c("step")?;
+    let log = |m: &pretrain::PretrainMetrics| {
         println!(
             "step {:>6}  loss {:.4}  lr {:.2e}  {:.2} s/step  ({:.0} s)",
             m.step,
@@ -700,7 +701,17 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
             m.seconds_per_step,
             start.elapsed().as_secs_f64()
         );
-    })?;
+    };
+    let (_, reached) = pretrain::pretrain_until(
+        pipe, &config, first_step, &train, &args.out, &device, log, &stop,
+    )?;
+    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+        println!(
+            "stopped after step {reached}; checkpoint {} (rerun the same command to resume)",
+            args.out.join("checkpoint").display()
+        );
+        return Ok(());
+    }
     println!(
         "done: {} (load it with --model {})",
         args.out.join("checkpoint").display(),

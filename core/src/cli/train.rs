@@ -138,19 +138,7 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
     if trainer.epoch > 0 {
         println!("resumed at epoch {}", trainer.epoch);
     }
-    // Ctrl-C: finish the running epoch, save a checkpoint, stop; a second Ctrl-C exits at once.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: exiting without saving");
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing this epoch, then saving a checkpoint (Ctrl-C again to quit now)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = super::stop_on_ctrl_c("epoch")?;
     let start = Instant::now();
     while !trainer.done() {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {

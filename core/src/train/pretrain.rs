@@ -15,6 +15,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -420,8 +421,29 @@ pub fn pretrain(
     train: &[PromptSpec],
     run_dir: &Path,
     device: &Device,
-    mut on_log: impl FnMut(&PretrainMetrics),
+    on_log: impl FnMut(&PretrainMetrics),
 ) -> Result<Pipeline, PipelineError> {
+    let never = AtomicBool::new(false);
+    pretrain_until(
+        pipeline, config, first_step, train, run_dir, device, on_log, &never,
+    )
+    .map(|(pipeline, _)| pipeline)
+}
+
+/// [`pretrain`] that also stops when `stop` is set (Ctrl-C): the running step finishes, a
+/// checkpoint is written at that step, and the weights so far are returned with the step reached.
+/// Rerunning resumes.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_until(
+    pipeline: Pipeline,
+    config: &PretrainConfig,
+    first_step: usize,
+    train: &[PromptSpec],
+    run_dir: &Path,
+    device: &Device,
+    mut on_log: impl FnMut(&PretrainMetrics),
+    stop: &AtomicBool,
+) -> Result<(Pipeline, usize), PipelineError> {
     let io = |path: PathBuf| move |source| crate::model::weights::LoadError::Io { path, source };
     std::fs::create_dir_all(run_dir).map_err(io(run_dir.to_path_buf()))?;
     let state_path = run_dir.join("state.json");
@@ -502,151 +524,158 @@ pub fn pretrain(
     let pipeline_parts = (tokenizer, index, scheduler);
     // The next step's batch (renders, and their latents: a third of a latent step's time) is
     // made on another thread while this one trains.
-    let network = std::thread::scope(|scope| -> Result<Network, PipelineError> {
-        let (sender, batches) = std::sync::mpsc::sync_channel(1);
-        let producer_vae = vae.as_ref();
-        let producer_device = plain_device.clone();
-        scope.spawn(move || {
-            for step in start..config.steps {
-                let batch =
-                    training_batch(step, config, train, size, producer_vae, &producer_device);
-                if sender.send(batch).is_err() {
-                    break;
-                }
-            }
-        });
-        for step in start..config.steps {
-            let Ok(Batch {
-                prompts,
-                x0,
-                sigmas,
-                noise,
-            }) = batches.recv()
-            else {
-                // the producer panicked: the scope's join reports it
-                break;
-            };
-            let x0 = Tensor::<4>::from_data(x0, device);
-            let [b, _, _, _] = x0.dims();
-            let noise = Tensor::<4>::from_data(noise, device);
-            let sigma = Tensor::<1>::from_data(
-                TensorData::new(sigmas.iter().map(|&s| s as f32).collect::<Vec<_>>(), [b]),
-                device,
-            )
-            .reshape([b, 1, 1, 1]);
-            // x_σ = (1 − σ)·x₀ + σ·ε, target ε − x₀
-            let x_sigma =
-                x0.clone() * (sigma.clone().neg().add_scalar(1.0)) + noise.clone() * sigma.clone();
-            let target = noise - x0.clone();
-
-            let ids = pipeline_parts.0.encode(&prompts)?;
-            let text = network.text_encoder.forward(&ids, device);
-            let sequence = text.hidden_states[text.hidden_states.len() - 2].clone();
-            let timesteps: Vec<f64> = sigmas.iter().map(|s| s * 1000.0).collect();
-            let out = network
-                .transformer
-                .forward(x_sigma, &timesteps, sequence, text.pooled);
-            let error = match pipeline_parts.1.prediction {
-                Prediction::Velocity => out - target,
-                // (x̂₀ − x₀) / max(σ, floor): the v-error (x_σ − x̂₀)/σ − (x_σ − x₀)/σ when floor ≤ σ
-                Prediction::Sample => (out - x0) / sigma.clamp_min(config.loss_sigma_floor),
-            };
-            let loss = error.square().mean();
-            let loss_value = loss.clone().into_scalar::<f32>() as f64;
-            if !loss_value.is_finite() {
-                return Err(PipelineError::Folder {
-                    path: run_dir.to_path_buf(),
-                    message: format!("loss is {loss_value} at step {step}; last checkpoint kept"),
-                });
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &network);
-            let lr = learning_rate(config, first_step, step);
-            network = optimizer.step(lr, network, grads);
-            if use_average {
-                let decay = ema_decay(config.ema_decay, step + 1 - first_step);
-                average = update_average(average, &network, decay);
-            }
-            loss_sum += loss_value;
-
-            let done = step + 1;
-            if done % config.log_every == 0 || done == config.steps {
-                let n = (done - start).min(config.log_every).max(1);
-                let m = PretrainMetrics {
-                    step: done,
-                    loss: loss_sum / n as f64,
-                    learning_rate: lr,
-                    seconds_per_step: timer.elapsed().as_secs_f64() / n as f64,
-                };
-                writeln!(metrics, "{}", serde_json::to_string(&m).expect("json"))
-                    .map_err(io(run_dir.join("metrics.jsonl")))?;
-                on_log(&m);
-                loss_sum = 0.0;
-                timer = Instant::now();
-            }
-            if done % config.checkpoint_every == 0 || done == config.steps {
-                let weights = if use_average {
-                    average.clone()
-                } else {
-                    network.valid()
-                };
-                let snapshot = Pipeline {
-                    text: TextStack::Clip(Encoder {
-                        tokenizer: pipeline_parts.0.clone(),
-                        model: weights.text_encoder,
-                    }),
-                    transformer: Transformer::Sd3(weights.transformer),
-                    vae: vae.clone(),
-                    index: pipeline_parts.1.clone(),
-                    scheduler: pipeline_parts.2.clone(),
-                };
-                // Write to a temporary folder, then swap: a killed run never leaves half a checkpoint.
-                let tmp = run_dir.join("checkpoint.tmp");
-                let _ = std::fs::remove_dir_all(&tmp);
-                snapshot.save_dir(&tmp)?;
-                optimizer.save(run_dir.join("optimizer.tmp")).map_err(|e| {
-                    PipelineError::Folder {
-                        path: optimizer_path.clone(),
-                        message: e.to_string(),
+    let (network, reached) =
+        std::thread::scope(|scope| -> Result<(Network, usize), PipelineError> {
+            let (sender, batches) = std::sync::mpsc::sync_channel(1);
+            let producer_vae = vae.as_ref();
+            let producer_device = plain_device.clone();
+            scope.spawn(move || {
+                for step in start..config.steps {
+                    let batch =
+                        training_batch(step, config, train, size, producer_vae, &producer_device);
+                    if sender.send(batch).is_err() {
+                        break;
                     }
-                })?;
-                let save_module = |module: &Network, path: &Path| {
-                    module
-                        .clone()
-                        .save_file(path.with_extension("tmp"))
-                        .map_err(|e| PipelineError::Folder {
-                            path: path.to_path_buf(),
-                            message: e.to_string(),
-                        })
-                };
-                save_module(&network, &network_path)?;
-                if use_average {
-                    save_module(&average, &average_path)?;
                 }
-                let _ = std::fs::remove_dir_all(&checkpoint_dir);
-                std::fs::rename(&tmp, &checkpoint_dir).map_err(io(checkpoint_dir.clone()))?;
-                std::fs::rename(run_dir.join("optimizer.tmp"), &optimizer_path)
-                    .map_err(io(optimizer_path.clone()))?;
-                std::fs::rename(network_path.with_extension("tmp"), &network_path)
-                    .map_err(io(network_path.clone()))?;
-                if use_average {
-                    std::fs::rename(average_path.with_extension("tmp"), &average_path)
-                        .map_err(io(average_path.clone()))?;
-                }
-                let state = RunState {
-                    step: done,
-                    first_step,
-                    config: config.clone(),
+            });
+            for step in start..config.steps {
+                let Ok(Batch {
+                    prompts,
+                    x0,
+                    sigmas,
+                    noise,
+                }) = batches.recv()
+                else {
+                    // the producer panicked: the scope's join reports it
+                    break;
                 };
-                std::fs::write(
-                    &state_path,
-                    serde_json::to_string_pretty(&state).expect("json"),
+                let x0 = Tensor::<4>::from_data(x0, device);
+                let [b, _, _, _] = x0.dims();
+                let noise = Tensor::<4>::from_data(noise, device);
+                let sigma = Tensor::<1>::from_data(
+                    TensorData::new(sigmas.iter().map(|&s| s as f32).collect::<Vec<_>>(), [b]),
+                    device,
                 )
-                .map_err(io(state_path.clone()))?;
+                .reshape([b, 1, 1, 1]);
+                // x_σ = (1 − σ)·x₀ + σ·ε, target ε − x₀
+                let x_sigma = x0.clone() * (sigma.clone().neg().add_scalar(1.0))
+                    + noise.clone() * sigma.clone();
+                let target = noise - x0.clone();
+
+                let ids = pipeline_parts.0.encode(&prompts)?;
+                let text = network.text_encoder.forward(&ids, device);
+                let sequence = text.hidden_states[text.hidden_states.len() - 2].clone();
+                let timesteps: Vec<f64> = sigmas.iter().map(|s| s * 1000.0).collect();
+                let out = network
+                    .transformer
+                    .forward(x_sigma, &timesteps, sequence, text.pooled);
+                let error = match pipeline_parts.1.prediction {
+                    Prediction::Velocity => out - target,
+                    // (x̂₀ − x₀) / max(σ, floor): the v-error (x_σ − x̂₀)/σ − (x_σ − x₀)/σ when floor ≤ σ
+                    Prediction::Sample => (out - x0) / sigma.clamp_min(config.loss_sigma_floor),
+                };
+                let loss = error.square().mean();
+                let loss_value = loss.clone().into_scalar::<f32>() as f64;
+                if !loss_value.is_finite() {
+                    return Err(PipelineError::Folder {
+                        path: run_dir.to_path_buf(),
+                        message: format!(
+                            "loss is {loss_value} at step {step}; last checkpoint kept"
+                        ),
+                    });
+                }
+                let grads = GradientsParams::from_grads(loss.backward(), &network);
+                let lr = learning_rate(config, first_step, step);
+                network = optimizer.step(lr, network, grads);
+                if use_average {
+                    let decay = ema_decay(config.ema_decay, step + 1 - first_step);
+                    average = update_average(average, &network, decay);
+                }
+                loss_sum += loss_value;
+
+                let done = step + 1;
+                let stopping = stop.load(Ordering::SeqCst);
+                if done % config.log_every == 0 || done == config.steps {
+                    let n = (done - start).min(config.log_every).max(1);
+                    let m = PretrainMetrics {
+                        step: done,
+                        loss: loss_sum / n as f64,
+                        learning_rate: lr,
+                        seconds_per_step: timer.elapsed().as_secs_f64() / n as f64,
+                    };
+                    writeln!(metrics, "{}", serde_json::to_string(&m).expect("json"))
+                        .map_err(io(run_dir.join("metrics.jsonl")))?;
+                    on_log(&m);
+                    loss_sum = 0.0;
+                    timer = Instant::now();
+                }
+                if done % config.checkpoint_every == 0 || done == config.steps || stopping {
+                    let weights = if use_average {
+                        average.clone()
+                    } else {
+                        network.valid()
+                    };
+                    let snapshot = Pipeline {
+                        text: TextStack::Clip(Encoder {
+                            tokenizer: pipeline_parts.0.clone(),
+                            model: weights.text_encoder,
+                        }),
+                        transformer: Transformer::Sd3(weights.transformer),
+                        vae: vae.clone(),
+                        index: pipeline_parts.1.clone(),
+                        scheduler: pipeline_parts.2.clone(),
+                    };
+                    // Write to a temporary folder, then swap: a killed run never leaves half a checkpoint.
+                    let tmp = run_dir.join("checkpoint.tmp");
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    snapshot.save_dir(&tmp)?;
+                    optimizer.save(run_dir.join("optimizer.tmp")).map_err(|e| {
+                        PipelineError::Folder {
+                            path: optimizer_path.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    let save_module = |module: &Network, path: &Path| {
+                        module
+                            .clone()
+                            .save_file(path.with_extension("tmp"))
+                            .map_err(|e| PipelineError::Folder {
+                                path: path.to_path_buf(),
+                                message: e.to_string(),
+                            })
+                    };
+                    save_module(&network, &network_path)?;
+                    if use_average {
+                        save_module(&average, &average_path)?;
+                    }
+                    let _ = std::fs::remove_dir_all(&checkpoint_dir);
+                    std::fs::rename(&tmp, &checkpoint_dir).map_err(io(checkpoint_dir.clone()))?;
+                    std::fs::rename(run_dir.join("optimizer.tmp"), &optimizer_path)
+                        .map_err(io(optimizer_path.clone()))?;
+                    std::fs::rename(network_path.with_extension("tmp"), &network_path)
+                        .map_err(io(network_path.clone()))?;
+                    if use_average {
+                        std::fs::rename(average_path.with_extension("tmp"), &average_path)
+                            .map_err(io(average_path.clone()))?;
+                    }
+                    let state = RunState {
+                        step: done,
+                        first_step,
+                        config: config.clone(),
+                    };
+                    std::fs::write(
+                        &state_path,
+                        serde_json::to_string_pretty(&state).expect("json"),
+                    )
+                    .map_err(io(state_path.clone()))?;
+                }
+                if stopping {
+                    return Ok((network, done));
+                }
             }
-        }
-        Ok(network)
-    })?;
-    Ok(Pipeline {
+            Ok((network, config.steps.max(start)))
+        })?;
+    let pipeline = Pipeline {
         text: TextStack::Clip(Encoder {
             tokenizer: pipeline_parts.0,
             model: network.text_encoder,
@@ -655,5 +684,6 @@ pub fn pretrain(
         vae,
         index: pipeline_parts.1,
         scheduler: pipeline_parts.2,
-    })
+    };
+    Ok((pipeline, reached))
 }

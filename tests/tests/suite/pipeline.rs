@@ -9,9 +9,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use portaflow::device::ChosenDevice;
 use portaflow::pipeline::{GenerateOptions, Pipeline, TextStack, Transformer};
 use portaflow::sample::step::StepKind;
-use portaflow::train::pretrain::{PretrainConfig, pretrain};
+use portaflow::train::pretrain::{PretrainConfig, PretrainMetrics, pretrain, pretrain_until};
 use portaflow::world::prompt_sets;
 use portaflow_tests::{max_abs_diff, tiny_latent_pipeline, tiny_pipeline, vulkan};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("portaflow-{name}-{}", std::process::id()));
@@ -159,34 +160,94 @@ fn pretraining_resumes_exactly() {
     )
     .unwrap();
 
-    let weights = |p: &Pipeline| -> Vec<f32> {
-        let (clip, transformer) = p.as_bundled().unwrap();
-        let mut v: Vec<f32> = transformer
-            .proj_out
-            .weight
-            .val()
-            .into_data()
-            .try_to_vec()
-            .unwrap();
-        v.extend(
-            clip.model.text_model.encoder_layers[0]
-                .mlp
-                .fc1
-                .weight
-                .val()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap(),
-        );
-        v
-    };
-    let diff = max_abs_diff(&weights(&a), &weights(&b));
+    let diff = max_abs_diff(&bundled_weights(&a), &bundled_weights(&b));
     assert!(
         diff < 1e-6,
         "resumed run differs from the straight run by {diff}"
     );
     let lines = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4, "metrics: {lines}");
+}
+
+/// A sample of a bundled-architecture pipeline's weights: the transformer's output layer and the
+/// text encoder's first MLP.
+fn bundled_weights(p: &Pipeline) -> Vec<f32> {
+    let (clip, transformer) = p.as_bundled().unwrap();
+    let mut v: Vec<f32> = transformer
+        .proj_out
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    v.extend(
+        clip.model.text_model.encoder_layers[0]
+            .mlp
+            .fc1
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap(),
+    );
+    v
+}
+
+/// Ctrl-C during pretraining (`pretrain_until`'s flag): the running step finishes, a checkpoint is
+/// written at that step although it is not a multiple of `checkpoint_every`, and rerunning reaches
+/// the weights of a run that was never stopped.
+#[test]
+fn pretraining_stopped_between_checkpoints_resumes_exactly() {
+    let cpu = ChosenDevice::cpu().device.autodiff();
+    let (train, _) = prompt_sets::build();
+    let config = PretrainConfig {
+        steps: 4,
+        batch_size: 3,
+        learning_rate: 1e-3,
+        warmup_steps: 2,
+        checkpoint_every: 2,
+        log_every: 1,
+        ..Default::default()
+    };
+    let straight = temp("pretrain-unstopped");
+    let a = pretrain(
+        tiny_pipeline(5, &cpu),
+        &config,
+        0,
+        &train,
+        &straight,
+        &cpu,
+        |_| {},
+    )
+    .unwrap();
+
+    let stopped = temp("pretrain-stopped");
+    let stop = AtomicBool::new(false);
+    // Ctrl-C arrives while step 3 runs (after step 2's log line).
+    let on_log = |m: &PretrainMetrics| {
+        if m.step == 2 {
+            stop.store(true, Ordering::SeqCst);
+        }
+    };
+    let (_, reached) = pretrain_until(
+        tiny_pipeline(5, &cpu),
+        &config,
+        0,
+        &train,
+        &stopped,
+        &cpu,
+        on_log,
+        &stop,
+    )
+    .unwrap();
+    assert_eq!(reached, 3);
+    let state = std::fs::read_to_string(stopped.join("state.json")).unwrap();
+    assert!(state.contains("\"step\": 3"), "state.json: {state}");
+
+    let from_checkpoint = Pipeline::from_dir(&stopped.join("checkpoint"), &cpu).unwrap();
+    let b = pretrain(from_checkpoint, &config, 0, &train, &stopped, &cpu, |_| {}).unwrap();
+    let diff = max_abs_diff(&bundled_weights(&a), &bundled_weights(&b));
+    assert!(diff < 1e-6, "the stopped and resumed run differs by {diff}");
 }
 
 /// Pretraining on a frozen autoencoder's latents: the checkpoint folder lists and holds the
