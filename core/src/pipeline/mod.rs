@@ -1,7 +1,8 @@
 //! Text-to-image pipelines: a model folder (tokenizers, text encoders, transformer, VAE,
 //! scheduler settings) turned into images. `model_index.json`'s `_class_name` picks the family:
 //! `StableDiffusion3Pipeline` (SD3 / SD3.5), `FluxPipeline` (FLUX.1), `Flux2KleinPipeline`
-//! (FLUX.2-klein), or `PortaflowPixelPipeline`, the bundled Shapes model, laid out as:
+//! (FLUX.2-klein), or `PortaflowShapesPipeline` (formerly `PortaflowPixelPipeline`, still read),
+//! the bundled Shapes model, laid out as:
 //!
 //! ```text
 //! model_index.json                 components, and the pixel resolution of pixel-space models
@@ -9,11 +10,12 @@
 //! tokenizer/tokenizer.json         HF tokenizers
 //! text_encoder/                    CLIPTextModelWithProjection (config.json + model.safetensors)
 //! transformer/                     SD3Transformer2DModel (config.json + safetensors)
+//! vae/                             AutoencoderKL, in latent models only
 //! ```
 //!
 //! Conditioning follows SD3: the sequence is the text encoder's penultimate hidden state, the
 //! pooled vector its projected end-token state; the unconditional branch encodes "".
-//! Pixel-space models predict RGB in [−1, 1] directly (no VAE).
+//! Pixel-space models predict RGB in [−1, 1] directly; latent models decode through `vae/`.
 
 pub mod eval;
 pub mod memory;
@@ -64,7 +66,7 @@ pub enum PipelineError {
 /// `model_index.json`: diffusers' component table plus the image size of pixel-space models.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelIndex {
-    #[serde(rename = "_class_name")]
+    #[serde(rename = "_class_name", deserialize_with = "current_class_name")]
     pub class_name: String,
     /// Side of the generated images in pixels, for models that work in pixel space.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,7 +82,17 @@ pub struct ModelIndex {
 }
 
 /// The pipeline classes this crate runs.
-pub const BUNDLED_CLASS: &str = "PortaflowPixelPipeline";
+pub const BUNDLED_CLASS: &str = "PortaflowShapesPipeline";
+/// The bundled architecture's name before it gained latent models; still read, as [`BUNDLED_CLASS`].
+const OLD_BUNDLED_CLASS: &str = "PortaflowPixelPipeline";
+
+fn current_class_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    Ok(match name.as_str() {
+        OLD_BUNDLED_CLASS => BUNDLED_CLASS.into(),
+        _ => name,
+    })
+}
 pub const SUPPORTED_CLASSES: [&str; 4] = [
     BUNDLED_CLASS,
     "StableDiffusion3Pipeline",
@@ -907,4 +919,24 @@ pub fn from_images(images: &[Image], device: &Device) -> Tensor<4> {
         }
     }
     Tensor::from_data(TensorData::new(values, [images.len(), 3, h, w]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_bundled_class_name_reads_as_the_current_one() {
+        let json = |name: &str| {
+            format!(
+                r#"{{"_class_name": "{name}", "transformer": ["diffusers", "SD3Transformer2DModel"]}}"#
+            )
+        };
+        let old: ModelIndex = serde_json::from_str(&json("PortaflowPixelPipeline")).unwrap();
+        assert_eq!(old.class_name, BUNDLED_CLASS);
+        let sd3: ModelIndex = serde_json::from_str(&json("StableDiffusion3Pipeline")).unwrap();
+        assert_eq!(sd3.class_name, "StableDiffusion3Pipeline");
+        // written back under the current name
+        assert!(serde_json::to_string(&old).unwrap().contains(BUNDLED_CLASS));
+    }
 }
