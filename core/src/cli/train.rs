@@ -152,11 +152,12 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
         }
         trainer.epoch(|event| match event {
             GrpoEvent::Epoch(m) => println!(
-                "epoch {:>4}  reward {:.3} ± {:.3}  train acc {:.3}  kl {:.2e}  clip {:.3}  ratio [{:.4}, {:.4}]  |ρ₀−1| {:.1e}  {:.1} s rollout + {:.1} s train  peak {:.0} MiB  ({:.0} s)",
+                "epoch {:>4}  reward {:.3} ± {:.3}  train acc {:.3}  flat groups {}  kl {:.2e}  clip {:.3}  ratio [{:.4}, {:.4}]  |ρ₀−1| {:.1e}  {:.1} s rollout + {:.1} s train  peak {:.0} MiB  ({:.0} s)",
                 m.epoch,
                 m.reward_mean,
                 m.reward_std,
                 m.train_accuracy,
+                m.flat_groups,
                 m.kl,
                 m.clip_fraction,
                 m.ratio_min,

@@ -180,6 +180,13 @@ fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
     );
     assert!(m.reward_std > 0.0 && m.kept > 0 && m.global_step == 2);
     assert_eq!(m.trained_steps, vec![0, 1, 2]);
+    // Kept samples have an advantage, so at least one group's rewards differ.
+    assert!(m.flat_groups < config(1).sample.groups_per_epoch, "{m:?}");
+    assert!(
+        m.reward_by_tag.keys().eq(m.train_accuracy_by_tag.keys()),
+        "{m:?}"
+    );
+    assert!(m.reward_by_tag.values().all(|r| r.is_finite()));
     let dir = run.path();
     for file in [
         "config.toml",
@@ -207,6 +214,8 @@ fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
         "clip_fraction",
         "ratio_mean",
         "train_accuracy_by_tag",
+        "reward_by_tag",
+        "flat_groups",
         "seconds_rollout",
         "seconds_train",
         "learning_rate",

@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::{EpochMetrics, GrpoError, GrpoTrainer, mix, run_error, tag};
+use super::{EpochMetrics, GrpoError, GrpoTrainer, mix, run_error};
 use crate::model::vae::Vae;
 use crate::pipeline::{PipelineDenoiser, PipelineError, to_images};
 use crate::reward::clip_score::ShapesClip;
@@ -290,7 +290,7 @@ impl GrpoTrainer {
         }
         for (i, task) in tasks.iter().enumerate() {
             let success = scored.iter().any(|s| s[i].is_some_and(|s| s.success));
-            let entry = by_tag.entry(tag(task)).or_default();
+            let entry = by_tag.entry(task.tag().to_string()).or_default();
             entry.0 += success as usize;
             entry.1 += 1;
         }
@@ -313,6 +313,9 @@ impl GrpoTrainer {
                 .into_iter()
                 .map(|(t, (s, total))| (t, s as f64 / total as f64))
                 .collect(),
+            // DRaFT has no groups, and its reward is the CLIP score above
+            reward_by_tag: BTreeMap::new(),
+            flat_groups: 0,
             kept: tasks.len() - skipped * c.sample.batch_size,
             trained_steps: (first_graph_step..n).collect(),
             approx_kl: 0.0,

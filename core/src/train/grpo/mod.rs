@@ -72,6 +72,13 @@ pub struct EpochMetrics {
     /// Fraction of strictly correct rollout images (GenEval correctness / exact OCR).
     pub train_accuracy: f64,
     pub train_accuracy_by_tag: BTreeMap<String, f64>,
+    /// Mean reward of the rollout images by tag.
+    #[serde(default)]
+    pub reward_by_tag: BTreeMap<String, f64>,
+    /// Groups whose images all got the same reward: they have no advantage and teach nothing
+    /// (e.g. a prompt the model never or always gets right).
+    #[serde(default)]
+    pub flat_groups: usize,
     /// Samples kept after zero-advantage filtering.
     pub kept: usize,
     pub trained_steps: Vec<usize>,
@@ -345,7 +352,7 @@ impl GrpoTrainer {
                     return Err(GrpoError::Config(format!(
                         "train.opd: no teacher for training prompt {k} {:?} (task {})",
                         task.prompt(),
-                        tag(task)
+                        task.tag()
                     )));
                 }
             }
@@ -759,11 +766,25 @@ impl GrpoTrainer {
             ));
         }
         let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (&i, &success) in combined.valid.iter().zip(&combined.success) {
-            let entry = by_tag.entry(tag(&tasks[i])).or_default();
+        let mut reward_by_tag: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        // per group: the lowest and highest reward
+        let mut group_range: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        for ((&i, &success), &reward) in combined
+            .valid
+            .iter()
+            .zip(&combined.success)
+            .zip(&combined.rewards)
+        {
+            let entry = by_tag.entry(tasks[i].tag().to_string()).or_default();
             entry.0 += success as usize;
             entry.1 += 1;
+            let entry = reward_by_tag.entry(tasks[i].tag().to_string()).or_default();
+            entry.0 += reward;
+            entry.1 += 1;
+            let range = group_range.entry(samples[i]).or_insert((reward, reward));
+            *range = (range.0.min(reward), range.1.max(reward));
         }
+        let flat_groups = group_range.values().filter(|(lo, hi)| lo == hi).count();
         let reward_means: BTreeMap<String, f64> = self
             .rewards
             .iter()
@@ -937,6 +958,11 @@ impl GrpoTrainer {
                 .into_iter()
                 .map(|(t, (s, total))| (t, s as f64 / total as f64))
                 .collect(),
+            reward_by_tag: reward_by_tag
+                .into_iter()
+                .map(|(t, (sum, n))| (t, sum / n as f64))
+                .collect(),
+            flat_groups,
             kept: kept.len(),
             trained_steps: trained.clone(),
             approx_kl: stats.approx_kl,
@@ -1786,13 +1812,6 @@ fn mix(seed: u64, epoch: u64, id: u64, stream: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-fn tag(task: &Task) -> String {
-    match task {
-        Task::Shapes(spec) => spec.tag.clone(),
-        Task::Digits { .. } => "digits".into(),
-    }
 }
 
 fn append_line(path: &Path, value: &impl Serialize) -> Result<(), GrpoError> {
