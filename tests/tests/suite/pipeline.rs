@@ -111,11 +111,9 @@ fn pipeline_round_trips_through_its_folder_and_matches_on_vulkan() {
     assert!(diff <= 2.0, "CPU and Vulkan images differ by {diff} levels");
 }
 
-#[test]
-fn pretraining_resumes_exactly() {
-    let cpu = ChosenDevice::cpu().device.autodiff();
-    let (train, _) = prompt_sets::build();
-    let config = |steps| PretrainConfig {
+/// A few steps of 3 images, a checkpoint every 2 steps, a log line every step.
+fn resume_test_config(steps: usize) -> PretrainConfig {
+    PretrainConfig {
         steps,
         batch_size: 3,
         learning_rate: 1e-3,
@@ -123,7 +121,14 @@ fn pretraining_resumes_exactly() {
         checkpoint_every: 2,
         log_every: 1,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn pretraining_resumes_exactly() {
+    let cpu = ChosenDevice::cpu().device.autodiff();
+    let (train, _) = prompt_sets::build();
+    let config = resume_test_config;
     let straight = temp("pretrain-straight");
     let a = pretrain(
         tiny_pipeline(5, &cpu),
@@ -200,15 +205,7 @@ fn bundled_weights(p: &Pipeline) -> Vec<f32> {
 fn pretraining_stopped_between_checkpoints_resumes_exactly() {
     let cpu = ChosenDevice::cpu().device.autodiff();
     let (train, _) = prompt_sets::build();
-    let config = PretrainConfig {
-        steps: 4,
-        batch_size: 3,
-        learning_rate: 1e-3,
-        warmup_steps: 2,
-        checkpoint_every: 2,
-        log_every: 1,
-        ..Default::default()
-    };
+    let config = resume_test_config(4);
     let straight = temp("pretrain-unstopped");
     let a = pretrain(
         tiny_pipeline(5, &cpu),
