@@ -110,6 +110,9 @@ struct EvalArgs {
     steps: usize,
     #[arg(long, default_value_t = 4.0)]
     cfg: f64,
+    /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
+    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
+    cfg_interval: Option<Vec<f64>>,
     #[arg(long, default_value_t = 4)]
     images_per_prompt: usize,
     #[arg(long, default_value_t = 8)]
@@ -144,6 +147,9 @@ struct GenerateArgs {
     /// Classifier-free guidance scale (1 disables CFG).
     #[arg(long, default_value_t = 4.0)]
     cfg: f64,
+    /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
+    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
+    cfg_interval: Option<Vec<f64>>,
     /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9).
     #[arg(long, default_value = "euler")]
     sampler: String,
@@ -459,6 +465,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         .map(|k| first_seed + k)
         .collect();
     let options = GenerateOptions {
+        guidance_interval: interval(&args.cfg_interval)?,
         steps: args.steps,
         guidance_scale: args.cfg,
         kind,
@@ -720,6 +727,15 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--cfg-interval LOW,HIGH`.
+fn interval(values: &Option<Vec<f64>>) -> Result<Option<(f64, f64)>> {
+    match values.as_deref() {
+        None => Ok(None),
+        Some(&[low, high]) => Ok(Some((low, high))),
+        Some(other) => anyhow::bail!("--cfg-interval takes LOW,HIGH (two numbers), got {other:?}"),
+    }
+}
+
 fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
     let start = Instant::now();
     let report = if let Some(dir) = &args.images {
@@ -740,6 +756,7 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
             images_per_prompt: args.images_per_prompt,
             batch_size: args.batch_size,
             generate: GenerateOptions {
+                guidance_interval: interval(&args.cfg_interval)?,
                 steps: args.steps,
                 guidance_scale: args.cfg,
                 kind: StepKind::Euler,

@@ -171,6 +171,8 @@ pub struct Pipeline {
 pub struct GenerateOptions {
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Guidance only while lo < σ ≤ hi; `None`: on every step (see [`SampleOptions`]).
+    pub guidance_interval: Option<(f64, f64)>,
     /// Euler (deterministic) or a stochastic step on every step but the last.
     pub kind: StepKind,
     /// One seed per image.
@@ -192,6 +194,7 @@ impl GenerateOptions {
         Self {
             steps,
             guidance_scale,
+            guidance_interval: None,
             kind: StepKind::Euler,
             seeds,
             negative_prompt: String::new(),
@@ -769,6 +772,7 @@ impl Pipeline {
             None => noise.initial(shape, device),
         };
         let sample_options = SampleOptions {
+            guidance_interval: options.guidance_interval,
             schedule: &schedule,
             kind: options.kind,
             plan,

@@ -29,6 +29,7 @@ fn pixels(images: &[portaflow::world::render::Image]) -> Vec<f32> {
 
 fn options() -> GenerateOptions {
     GenerateOptions {
+        guidance_interval: None,
         steps: 4,
         guidance_scale: 3.0,
         kind: StepKind::FlowSde { noise_level: 0.7 },

@@ -41,6 +41,7 @@ fn run(
         ),
     };
     let options = SampleOptions {
+        guidance_interval: None,
         schedule: &schedule,
         kind,
         plan,

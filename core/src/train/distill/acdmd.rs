@@ -664,6 +664,7 @@ impl AcDmdTrainer {
             images_per_prompt: c.eval_images_per_prompt,
             batch_size: c.batch_size,
             generate: GenerateOptions {
+                guidance_interval: None,
                 steps: self.sigmas.len(),
                 guidance_scale: 1.0,
                 kind: StepKind::Cps { eta: c.eta },

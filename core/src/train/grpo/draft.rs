@@ -172,6 +172,7 @@ impl GrpoTrainer {
                     sigmas: schedule.sigmas[..=first_graph_step].to_vec(),
                 };
                 let options = SampleOptions {
+                    guidance_interval: None,
                     schedule: &head,
                     kind: StepKind::Euler,
                     plan: StepPlan::ode(head.steps()),

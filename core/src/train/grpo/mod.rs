@@ -1020,6 +1020,7 @@ impl GrpoTrainer {
         let shape = self.plain.latent_shape(size, size)?;
         let x = NoiseSource::new(init_seeds.to_vec()).initial(shape, device);
         let options = SampleOptions {
+            guidance_interval: None,
             schedule,
             kind,
             plan: plan.clone(),
@@ -1140,6 +1141,7 @@ impl GrpoTrainer {
                     },
                 };
                 let options = SampleOptions {
+                    guidance_interval: None,
                     schedule: &rest,
                     kind: StepKind::Euler,
                     plan: crate::sample::select::StepPlan::ode(rest.steps()),
@@ -1520,6 +1522,7 @@ impl GrpoTrainer {
             images_per_prompt: c.run.eval_images_per_prompt,
             batch_size: c.sample.batch_size,
             generate: GenerateOptions {
+                guidance_interval: None,
                 steps: c.sample.eval_steps,
                 guidance_scale: c.sample.eval_guidance_scale,
                 kind: StepKind::Euler,
