@@ -729,3 +729,30 @@ impl super::Family for Vae {
 pub fn load_dir(dir: &Path, device: &Device) -> Result<Vae, LoadError> {
     <Vae as super::Family>::load_dir(dir, device)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::train::vae::shapes_vae_config;
+
+    #[test]
+    fn block_types_are_checked_against_the_levels() {
+        let good = shapes_vae_config();
+        assert_eq!(good.down_block_types.as_ref().map(Vec::len), Some(3));
+        good.validate().unwrap();
+        let mut short = good.clone();
+        short.up_block_types = Some(vec!["UpDecoderBlock2D".into()]);
+        let err = short.validate().unwrap_err();
+        assert!(err.contains("up_block_types has 1 entries"), "{err}");
+        let mut other = good.clone();
+        other.down_block_types = Some(vec!["AttnDownEncoderBlock2D".into(); 3]);
+        let err = other.validate().unwrap_err();
+        assert!(
+            err.contains("down_block_types: `AttnDownEncoderBlock2D`"),
+            "{err}"
+        );
+        let mut absent = good;
+        absent.down_block_types = None;
+        absent.up_block_types = None;
+        absent.validate().unwrap();
+    }
+}
