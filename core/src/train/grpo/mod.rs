@@ -765,8 +765,8 @@ impl GrpoTrainer {
                 format!("epoch {}: no finite reward", epoch + 1),
             ));
         }
-        let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        let mut reward_by_tag: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        // per tag: successes, images, reward sum
+        let mut by_tag: BTreeMap<String, (usize, usize, f64)> = BTreeMap::new();
         // per group: the lowest and highest reward
         let mut group_range: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
         for ((&i, &success), &reward) in combined
@@ -778,9 +778,7 @@ impl GrpoTrainer {
             let entry = by_tag.entry(tasks[i].tag().to_string()).or_default();
             entry.0 += success as usize;
             entry.1 += 1;
-            let entry = reward_by_tag.entry(tasks[i].tag().to_string()).or_default();
-            entry.0 += reward;
-            entry.1 += 1;
+            entry.2 += reward;
             let range = group_range.entry(samples[i]).or_insert((reward, reward));
             *range = (range.0.min(reward), range.1.max(reward));
         }
@@ -946,7 +944,7 @@ impl GrpoTrainer {
 
         let n = rewards.len() as f64;
         let mean = rewards.iter().sum::<f64>() / n;
-        let successes: usize = by_tag.values().map(|(s, _)| s).sum();
+        let successes: usize = by_tag.values().map(|(s, _, _)| s).sum();
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             global_step: self.global_step,
@@ -955,12 +953,12 @@ impl GrpoTrainer {
             reward_means,
             train_accuracy: successes as f64 / n,
             train_accuracy_by_tag: by_tag
-                .into_iter()
-                .map(|(t, (s, total))| (t, s as f64 / total as f64))
+                .iter()
+                .map(|(t, &(s, total, _))| (t.clone(), s as f64 / total as f64))
                 .collect(),
-            reward_by_tag: reward_by_tag
+            reward_by_tag: by_tag
                 .into_iter()
-                .map(|(t, (sum, n))| (t, sum / n as f64))
+                .map(|(t, (_, total, sum))| (t, sum / total as f64))
                 .collect(),
             flat_groups,
             kept: kept.len(),
