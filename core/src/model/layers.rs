@@ -2,7 +2,7 @@
 //! timestep embeddings, multi-head attention. Written once here, never copied per family.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::module::{attention, linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -292,17 +292,32 @@ impl MlpEmbedder {
     }
 }
 
+/// `2·√(2/π)`: GELU(tanh)'s `tanh(z)` is `2·sigmoid(2z) − 1`.
+pub(crate) const TWO_SQRT_2_OVER_PI: f64 =
+    2.0 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+
 /// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`, diffusers'
 /// "gelu-approximate", T5's "gelu_new") written as `x·sigmoid(2·√(2/π)·(x + 0.044715·x³))`,
 /// which equals `½·x·(1 + tanh(…))` exactly since `½(1 + tanh z) = sigmoid(2z)`. burn's
 /// `gelu_approximate` computes x³ with `powf` and calls `tanh`, both scalar libm calls per element
-/// on the CPU: they took 37% of a Flex sampling profile, against one `exp` here.
+/// on the CPU: they took 37% of a Flex sampling profile, against one `exp` here. On Flex outside
+/// autodiff it is one fused pass (`flex_kernels`), within 1e-6 relative.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const TWO_SQRT_2_OVER_PI: f64 =
-        2.0 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    if super::flex_kernels::applies(&x) {
+        return super::flex_kernels::gelu_tanh(x);
+    }
     let cube = x.clone() * x.clone() * x.clone();
     let inner = (x.clone() + cube * 0.044715) * TWO_SQRT_2_OVER_PI;
     x * sigmoid(inner)
+}
+
+/// SiLU `x·sigmoid(x)`: burn's, or on Flex outside autodiff one fused pass (`flex_kernels`),
+/// within 1e-6 relative.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if super::flex_kernels::applies(&x) {
+        return super::flex_kernels::silu(x);
+    }
+    burn::tensor::activation::silu(x)
 }
 
 /// diffusers' `FeedForward(activation_fn="gelu-approximate")`: `net.0.proj` → GELU(tanh) → `net.2`.
@@ -490,6 +505,61 @@ mod tests {
     }
 
     use super::*;
+
+    /// Worst relative difference, with an absolute floor far below what a model can notice.
+    fn worst_relative(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / (y.abs() + 1e-30))
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn flex_fused_activations_match_the_tensor_ops() {
+        let device = Device::flex();
+        // Both signs, tiny and saturating values, an odd length (not a multiple of a chunk).
+        let values: Vec<f32> = (0..40_001)
+            .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 24.0 * (1.0 + (i % 7) as f32))
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(values, [1, 40_001]), &device);
+        assert!(crate::model::flex_kernels::applies(&x));
+        let plain_gelu = |x: Tensor<2>| -> Vec<f32> {
+            let cube = x.clone() * x.clone() * x.clone();
+            let inner = (x.clone() + cube * 0.044715) * TWO_SQRT_2_OVER_PI;
+            (x * sigmoid(inner)).into_data().try_to_vec().unwrap()
+        };
+        let fused: Vec<f32> = gelu_tanh(x.clone()).into_data().try_to_vec().unwrap();
+        let worst = worst_relative(&fused, &plain_gelu(x.clone()));
+        assert!(worst < 1e-6, "gelu: worst relative difference {worst:e}");
+        let fused: Vec<f32> = silu(x.clone()).into_data().try_to_vec().unwrap();
+        let plain: Vec<f32> = burn::tensor::activation::silu(x.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let worst = worst_relative(&fused, &plain);
+        assert!(worst < 1e-6, "silu: worst relative difference {worst:e}");
+        // A transposed (non-contiguous) view gives the same values as its contiguous copy.
+        let t = x
+            .clone()
+            .slice([0..1, 0..40_000])
+            .reshape([200, 200])
+            .transpose();
+        let copy = Tensor::<2>::from_data(t.clone().into_data(), &device);
+        let fused_t: Vec<f32> = gelu_tanh(t).into_data().try_to_vec().unwrap();
+        let fused_copy: Vec<f32> = gelu_tanh(copy).into_data().try_to_vec().unwrap();
+        assert_eq!(fused_t, fused_copy);
+        // A shared input is left untouched.
+        let before: Vec<f32> = x.clone().into_data().try_to_vec().unwrap();
+        let _ = silu(x.clone());
+        assert_eq!(x.into_data().try_to_vec::<f32>().unwrap(), before);
+        // Inside autodiff the tensor-op version runs.
+        let tracked = Tensor::<1>::from_data(
+            TensorData::new(vec![0.5f32], [1]),
+            &device.clone().autodiff(),
+        );
+        assert!(!crate::model::flex_kernels::applies(&tracked));
+    }
 
     #[test]
     fn rope_rotates_interleaved_pairs() {

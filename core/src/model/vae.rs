@@ -6,8 +6,8 @@
 
 use std::path::Path;
 
+use crate::model::layers::silu;
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{Device, Tensor};

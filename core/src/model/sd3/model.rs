@@ -1,8 +1,8 @@
 //! The MMDiT of SD3 / SD3.5 (diffusers `SD3Transformer2DModel`). Field paths follow diffusers'
 //! key paths (`transformer_blocks.{i}.attn.to_q` → `transformer_blocks[i].attn.to_q`).
 
+use crate::model::layers::silu;
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use crate::model::layers::{
