@@ -11,15 +11,17 @@ RUNS="${RUNS:-5}"
 PYTHON="${PYTHON:-/work/venv/bin/python}"
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 
-cargo build --workspace --bins --quiet
+# Release: what `cargo run --release` users get (the dev profile builds portaflow at opt-level 1,
+# which leaves the fused CPU activations unvectorised).
+cargo build --release -p portaflow --quiet
 out=target/bench/shapes   # the JSON reports stay here; write_shapes_bench.py can be rerun on them
 mkdir -p "$out"
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 "$PYTHON" tools/bench/shapes_torch.py --runs "$RUNS" --warmup 1 --threads 2 --grpo > "$out/torch2.json"
 "$PYTHON" tools/bench/shapes_torch.py --runs "$RUNS" --warmup 1 --threads 1 --grpo > "$out/torch1.json"
-target/debug/portaflow --device cpu bench --runs "$RUNS" --warmup 1 \
+target/release/portaflow --device cpu bench --runs "$RUNS" --warmup 1 \
     --grpo configs/grpo-shapes.toml --scaling --json "$out/flex.json"
-target/debug/portaflow --device vulkan bench --runs 2 --warmup 1 --steps 4 --batches 1 \
+target/release/portaflow --device vulkan bench --runs 2 --warmup 1 --steps 4 --batches 1 \
     --json "$out/vulkan.json"
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
 "$PYTHON" tools/bench/write_shapes_bench.py "$out" "RUNS=$RUNS tools/bench/shapes.sh" \

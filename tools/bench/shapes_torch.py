@@ -31,13 +31,13 @@ images of `--prompt` to `--check-out` (`<stem>-<k>.png` when n > 1, as ours) and
 
 Run (from the repository root; `--threads 2` by default, the machine's two cores):
     /work/venv/bin/python tools/bench/shapes_torch.py --runs 5 --warmup 1 --grpo > torch.json
-    target/debug/portaflow --device cpu bench --runs 5 --warmup 1 \
+    target/release/portaflow --device cpu bench --runs 5 --warmup 1 \
         --grpo configs/grpo-shapes.toml --json ours.json
 Pixel equality with our engine (same initial noise, Euler, CFG 4, 20 steps):
     /work/venv/bin/python tools/bench/shapes_torch.py --write-noise noise.safetensors --seed 1
     /work/venv/bin/python tools/bench/shapes_torch.py --check-latents noise.safetensors \
         --check-out torch.png --prompt "a photo of a red circle"
-    target/debug/portaflow --device cpu generate --prompt "a photo of a red circle" --steps 20 \
+    target/release/portaflow --device cpu generate --prompt "a photo of a red circle" --steps 20 \
         --cfg 4 --seed 1 --latents noise.safetensors -o ours.png
 """
 
