@@ -14,6 +14,8 @@ use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTe
 use burn::tensor::{DType, Tensor};
 use burn_flex::{Flex, FlexTensor};
 
+use super::layers::{GELU_CUBIC, TWO_SQRT_2_OVER_PI};
+
 #[backend_extension(Flex)]
 pub trait FusedActivationOps: burn::backend::Backend {
     fn fused_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -132,7 +134,7 @@ fn sigmoid_one(x: f32) -> f32 {
 #[inline(always)]
 fn gelu_tanh_one(x: f32) -> f32 {
     let cube = x * x * x;
-    let inner = (x + cube * 0.044715_f64 as f32) * super::layers::TWO_SQRT_2_OVER_PI as f32;
+    let inner = (x + cube * GELU_CUBIC as f32) * TWO_SQRT_2_OVER_PI as f32;
     x * sigmoid_one(inner)
 }
 

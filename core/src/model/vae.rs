@@ -6,14 +6,13 @@
 
 use std::path::Path;
 
-use crate::model::layers::silu;
 use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Linear, sdpa};
+use super::layers::{Linear, sdpa, silu};
 use super::weights::{LoadError, Weights};
 
 /// The fields of diffusers' `AutoencoderKL` / `AutoencoderKLFlux2` configs that shape the model.

@@ -1,13 +1,12 @@
 //! The MMDiT of SD3 / SD3.5 (diffusers `SD3Transformer2DModel`). Field paths follow diffusers'
 //! key paths (`transformer_blocks.{i}.attn.to_q` → `transformer_blocks[i].attn.to_q`).
 
-use crate::model::layers::silu;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use crate::model::layers::{
     GeluFeedForward, Linear, MlpEmbedder, RmsNorm, chunks, gated, layer_norm, merge_heads,
-    modulate, sdpa, split_heads, timestep_embedding,
+    modulate, sdpa, silu, split_heads, timestep_embedding,
 };
 use crate::model::weights::{LoadError, Weights};
 
