@@ -73,7 +73,7 @@ struct RewardServerArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8077")]
     addr: String,
-    /// geneval, ocr, or by-task (each prompt judged by its own task's reward).
+    /// geneval, geneval_dense, ocr, or by-task (each prompt judged by its own task's reward).
     #[arg(long, default_value = "by-task")]
     reward: String,
 }
@@ -279,12 +279,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn reward_server(args: RewardServerArgs) -> Result<()> {
-    use portaflow::reward::{ByTaskReward, OcrReward, Reward, ShapesReward};
+    use portaflow::reward::{ByTaskReward, DenseShapesReward, OcrReward, Reward, ShapesReward};
     let reward: std::sync::Arc<dyn Reward> = match args.reward.as_str() {
         "geneval" => std::sync::Arc::new(ShapesReward),
+        "geneval_dense" => std::sync::Arc::new(DenseShapesReward),
         "ocr" => std::sync::Arc::new(OcrReward),
         "by-task" => std::sync::Arc::new(ByTaskReward),
-        other => anyhow::bail!("--reward {other:?}: expected geneval, ocr or by-task"),
+        other => {
+            anyhow::bail!("--reward {other:?}: expected geneval, geneval_dense, ocr or by-task")
+        }
     };
     let listener = std::net::TcpListener::bind(&args.addr)
         .with_context(|| format!("listening on {}", args.addr))?;

@@ -144,6 +144,7 @@ fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> Image
         strict_correct: verdict.strict_correct,
         score: verdict.score,
         artifacts: crate::world::detect::detect(image).artifacts.len(),
+        dense: crate::world::dense::dense_score(spec, image),
     }
 }
 
@@ -161,8 +162,9 @@ pub fn table(report: &Report) -> String {
         report.images.len()
     ));
     out.push_str(&format!(
-        "partial-credit score (mean) {:.3}, artifacts per image {:.2}\n",
+        "partial-credit score (mean) {:.3}, dense score (mean) {:.3}, artifacts per image {:.2}\n",
         report.score_mean(),
+        report.dense_mean(),
         report.artifact_rate()
     ));
     out

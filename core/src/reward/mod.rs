@@ -12,9 +12,10 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+use crate::world::dense::dense_score;
 use crate::world::detect::detect;
 use crate::world::digits;
-use crate::world::geneval::evaluate;
+use crate::world::geneval::{evaluate, evaluate_image};
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 use boxes::{DefectBox, defect_boxes};
@@ -169,6 +170,30 @@ impl ShapesReward {
     }
 }
 
+/// The dense compositional score ([`crate::world::dense`]) as a reward; success stays GenEval's
+/// strict image correctness, so accuracy curves mean the same under either reward.
+pub struct DenseShapesReward;
+
+impl Reward for DenseShapesReward {
+    fn name(&self) -> &str {
+        "geneval_dense"
+    }
+
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        Ok(images
+            .iter()
+            .zip(tasks)
+            .map(|(image, task)| match task {
+                Task::Shapes(spec) => Some(Score {
+                    reward: dense_score(spec, image),
+                    success: evaluate_image(spec, image).correct,
+                }),
+                Task::Digits { .. } => None,
+            })
+            .collect())
+    }
+}
+
 /// Flow-GRPO's OCR reward on the digits task's template OCR.
 pub struct OcrReward;
 
@@ -241,6 +266,9 @@ mod tests {
             .score(&[images[1].clone()], &tasks[..1])
             .unwrap();
         assert!(swapped[0].unwrap().reward < 1.0 && !swapped[0].unwrap().success);
+        let dense = DenseShapesReward.score(&images, &tasks).unwrap();
+        assert!(dense[0].unwrap().reward > 0.85 && dense[0].unwrap().success);
+        assert_eq!(dense[1], None);
         let both = ByTaskReward.score(&images, &tasks).unwrap();
         assert_eq!(both, vec![shapes[0], ocr[1]]);
     }

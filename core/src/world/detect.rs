@@ -84,9 +84,56 @@ pub struct Detections {
 
 /// Finds the shapes in `image` (any size; an empty image has none).
 pub fn detect(image: &Image) -> Detections {
+    let (components, background) = components(image);
+    let total = (image.width * image.height) as f32;
+    let mut found = Detections {
+        background,
+        ..Default::default()
+    };
+    for Component { rgb, measure } in components {
+        let artifact = |reason| Artifact {
+            bbox: measure.bbox,
+            area: measure.area,
+            reason,
+        };
+        if measure.area < MIN_SHAPE_FRACTION * total {
+            found.artifacts.push(artifact(ArtifactReason::TooSmall));
+            continue;
+        }
+        let Some((named, color_margin)) = name_color(rgb) else {
+            found.artifacts.push(artifact(ArtifactReason::UnnamedColor));
+            continue;
+        };
+        let Some((shape, shape_margin)) = classify_shape(&measure) else {
+            found.artifacts.push(artifact(ArtifactReason::UnknownShape));
+            continue;
+        };
+        found.objects.push(Detection {
+            shape,
+            color: named,
+            bbox: measure.bbox,
+            center: measure.center,
+            area: measure.area,
+            confidence: 0.5 + 0.5 * color_margin.min(shape_margin),
+        });
+    }
+    found
+}
+
+/// One foreground component of an image, measured but not named.
+#[derive(Clone, Debug)]
+pub struct Component {
+    /// Its colour: the median of its flat inside.
+    pub rgb: [u8; 3],
+    pub measure: Measure,
+}
+
+/// The foreground components of `image` (steps 1–5 of the pipeline) that are not ignorable
+/// noise (soft area ≥ [`MIN_AREA_FRACTION`] of the image), and the estimated background.
+pub fn components(image: &Image) -> (Vec<Component>, [u8; 3]) {
     let (width, height) = (image.width, image.height);
     if width == 0 || height == 0 || image.pixels.len() != width * height {
-        return Detections::default();
+        return (Vec::new(), [0; 3]);
     }
     let background = estimate_background(image);
     let foreground = foreground_mask(image, background);
@@ -112,45 +159,18 @@ pub fn detect(image: &Image) -> Detections {
             members[*o].push(i);
         }
     }
-    let total = (width * height) as f32;
-    let ignore_below = (MIN_AREA_FRACTION * total).max(2.0);
-    let mut found = Detections {
-        background,
-        ..Default::default()
-    };
-    for (pixels, core_pixels) in members.iter().zip(&seeds) {
-        let color = component_color(image, background, core_pixels, pixels);
-        let measure = Measure::of(image, width, pixels, background, color);
-        if measure.area < ignore_below {
-            continue;
-        }
-        let artifact = |reason| Artifact {
-            bbox: measure.bbox,
-            area: measure.area,
-            reason,
-        };
-        if measure.area < MIN_SHAPE_FRACTION * total {
-            found.artifacts.push(artifact(ArtifactReason::TooSmall));
-            continue;
-        }
-        let Some((named, color_margin)) = name_color(color) else {
-            found.artifacts.push(artifact(ArtifactReason::UnnamedColor));
-            continue;
-        };
-        let Some((shape, shape_margin)) = classify_shape(&measure) else {
-            found.artifacts.push(artifact(ArtifactReason::UnknownShape));
-            continue;
-        };
-        found.objects.push(Detection {
-            shape,
-            color: named,
-            bbox: measure.bbox,
-            center: measure.center,
-            area: measure.area,
-            confidence: 0.5 + 0.5 * color_margin.min(shape_margin),
-        });
-    }
-    found
+    let ignore_below = (MIN_AREA_FRACTION * (width * height) as f32).max(2.0);
+    let components = members
+        .iter()
+        .zip(&seeds)
+        .map(|(pixels, core_pixels)| {
+            let rgb = component_color(image, background, core_pixels, pixels);
+            let measure = Measure::of(image, width, pixels, background, rgb);
+            Component { rgb, measure }
+        })
+        .filter(|c| c.measure.area >= ignore_below)
+        .collect();
+    (components, background)
 }
 
 /// Per-channel median of the border pixels (shapes keep off the frame, so the border is
@@ -315,20 +335,23 @@ fn component_color(
 
 /// Geometry of one component from its soft coverage.
 #[derive(Clone, Debug)]
-struct Measure {
-    area: f32,
-    bbox: [f32; 4],
-    center: [f32; 2],
+pub struct Measure {
+    /// Soft area in pixels.
+    pub area: f32,
+    /// As [`Detection::bbox`].
+    pub bbox: [f32; 4],
+    /// As [`Detection::center`].
+    pub center: [f32; 2],
     /// Widest row coverage / tallest column coverage (sub-pixel extents).
-    width: f32,
-    height: f32,
+    pub width: f32,
+    pub height: f32,
     /// Skewness of the coverage along x and y (y down: an upright triangle is ≈ −0.57).
-    skew_x: f32,
-    skew_y: f32,
+    pub skew_x: f32,
+    pub skew_y: f32,
     /// Kurtosis along the diagonals minus along the axes: 0 for a disc, ≈ +0.6 for an
     /// axis-aligned square (its diagonal profile is a tent, its axis profile flat). Moments
     /// integrate over the whole shape, so pixel quantisation barely moves this.
-    corner_excess: f32,
+    pub corner_excess: f32,
 }
 
 impl Measure {
@@ -405,51 +428,105 @@ impl Measure {
     }
 
     /// Area over the box of the sub-pixel extents: circle π/4, square 1, triangle ½.
-    fn fill(&self) -> f32 {
+    pub fn fill(&self) -> f32 {
         self.area / (self.width * self.height).max(f32::EPSILON)
     }
 }
 
-/// Names the shape with a margin in [0, 1] (0 at a decision boundary); `None` for anything else.
+/// A feature's accepted interval for one class, and the scale its margin is measured in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    pub low: f32,
+    pub high: f32,
+    pub scale: f32,
+}
+
+impl Interval {
+    const fn new(low: f32, high: f32, scale: f32) -> Self {
+        Self { low, high, scale }
+    }
+
+    /// The distance inside over `scale`, capped at 1; `None` outside.
+    fn margin(self, v: f32) -> Option<f32> {
+        (v >= self.low && v <= self.high)
+            .then(|| ((v - self.low).min(self.high - v) / self.scale).min(1.0))
+    }
+
+    /// 1 inside; outside, a Gaussian of the distance with a width of two margin scales — the
+    /// soft counterpart of [`Interval::margin`] the dense score uses.
+    pub fn soft(self, v: f32) -> f32 {
+        let outside = (self.low - v).max(v - self.high).max(0.0);
+        (-0.5 * (outside / (2.0 * self.scale)).powi(2)).exp()
+    }
+}
+
+/// Circles have fewer corners than this ([`Measure::corner_excess`]), squares more.
+const CORNERS: f32 = 0.34;
+/// Below this skewness along y the mass sits low: a triangle.
+const LOW_MASS: f32 = -0.3;
+
+/// The features `shape` is named by: (value of `m`, the interval it must lie in).
 ///
 /// Upright triangles put their mass low (skewness along y ≈ −0.56) and fill half their box;
 /// circles and squares are level and fill π/4 and 1 of it, but at 10 px a pixel of quantisation
 /// moves the box by 10 %, so they are told apart by [`Measure::corner_excess`] instead (circle
 /// ≈ 0, square ≈ 0.6; measured −0.19…0.18 and 0.50…0.62 at 1, 16 and 64 samples per pixel).
+/// Every shape is about as wide as tall and symmetric left to right.
+pub fn shape_features(m: &Measure, shape: Shape) -> Vec<(f32, Interval)> {
+    let aspect = (m.width / m.height.max(f32::EPSILON)).ln();
+    let mut features = vec![
+        (aspect, Interval::new(-0.35, 0.35, 0.15)),
+        (m.skew_x, Interval::new(-0.25, 0.25, 0.12)),
+    ];
+    let level = Interval::new(-0.18, 0.18, 0.08);
+    features.extend(match shape {
+        Shape::Triangle => [
+            (m.skew_y, Interval::new(-0.9, LOW_MASS, 0.12)),
+            (m.fill(), Interval::new(0.4, 0.7, 0.05)),
+        ]
+        .to_vec(),
+        Shape::Circle => [
+            (m.skew_y, level),
+            (m.corner_excess, Interval::new(-0.4, CORNERS, 0.12)),
+            (m.fill(), Interval::new(0.6, 0.93, 0.05)),
+        ]
+        .to_vec(),
+        Shape::Square => [
+            (m.skew_y, level),
+            (m.corner_excess, Interval::new(CORNERS, 1.0, 0.12)),
+            (m.fill(), Interval::new(0.88, 1.12, 0.05)),
+        ]
+        .to_vec(),
+    });
+    features
+}
+
+/// Names the shape with a margin in [0, 1] (0 at a decision boundary); `None` for anything else.
+/// Mass low makes a triangle, else corners make a square, else a circle; then every feature of
+/// that shape ([`shape_features`]) must lie in its interval, and the margin is the smallest.
 fn classify_shape(m: &Measure) -> Option<(Shape, f32)> {
-    // Margin: the distance inside [low, high] over `scale`, capped at 1.
-    let inside = |v: f32, low: f32, high: f32, scale: f32| {
-        (v >= low && v <= high).then(|| ((v - low).min(high - v) / scale).min(1.0))
-    };
-    let aspect = inside(
-        (m.width / m.height.max(f32::EPSILON)).ln(),
-        -0.35,
-        0.35,
-        0.15,
-    )?;
-    let symmetric = inside(m.skew_x, -0.25, 0.25, 0.12)?;
-    let fill = m.fill();
-    let (shape, own) = if m.skew_y < -0.3 {
-        let low_mass = inside(m.skew_y, -0.9, -0.3, 0.12)?;
-        (Shape::Triangle, low_mass.min(inside(fill, 0.4, 0.7, 0.05)?))
+    let shape = if m.skew_y < LOW_MASS {
+        Shape::Triangle
+    } else if m.corner_excess < CORNERS {
+        Shape::Circle
     } else {
-        let level = inside(m.skew_y, -0.18, 0.18, 0.08)?;
-        const CORNERS: f32 = 0.34;
-        if m.corner_excess < CORNERS {
-            let round = inside(m.corner_excess, -0.4, CORNERS, 0.12)?;
-            (
-                Shape::Circle,
-                level.min(round).min(inside(fill, 0.6, 0.93, 0.05)?),
-            )
-        } else {
-            let cornered = inside(m.corner_excess, CORNERS, 1.0, 0.12)?;
-            (
-                Shape::Square,
-                level.min(cornered).min(inside(fill, 0.88, 1.12, 0.05)?),
-            )
-        }
+        Shape::Square
     };
-    Some((shape, own.min(aspect).min(symmetric)))
+    let margin = shape_features(m, shape)
+        .into_iter()
+        .try_fold(1.0f32, |low, (v, interval)| {
+            Some(low.min(interval.margin(v)?))
+        })?;
+    Some((shape, margin))
+}
+
+/// How much a measured component looks like `shape`, in (0, 1]: 1 where the detector would
+/// name it so, falling off softly ([`Interval::soft`]) with each feature's distance outside.
+pub fn shape_likelihood(m: &Measure, shape: Shape) -> f32 {
+    shape_features(m, shape)
+        .into_iter()
+        .map(|(v, interval)| interval.soft(v))
+        .product()
 }
 
 /// Hue (degrees, 0–360), saturation and value (0–1) of an sRGB colour.
@@ -528,6 +605,35 @@ pub fn name_color(rgb: [u8; 3]) -> Option<(Color, f32)> {
         .min((saturation - MIN_SATURATION) / 0.1)
         .min(1.0);
     Some((color, margin))
+}
+
+/// How much `rgb` looks like `color`, in [0, 1]: 1 where [`name_color`] names it so, falling
+/// off softly outside the hue range (width 10°, [`name_color`]'s margin scale: a red 14° into
+/// orange keeps ≈ 0.4), and below the saturation and value floors (width 0.1).
+pub fn color_likelihood(rgb: [u8; 3], color: Color) -> f32 {
+    let (hue, saturation, value) = rgb_to_hsv(rgb);
+    let Some(&(_, from, to)) = HUE_RANGES.iter().find(|r| r.0 == color) else {
+        return 0.0;
+    };
+    let inside_hue = if from < to {
+        (from..to).contains(&hue)
+    } else {
+        hue >= from || hue < to
+    };
+    let hue_outside = if inside_hue {
+        0.0
+    } else {
+        (from - hue)
+            .rem_euclid(360.0)
+            .min((hue - to).rem_euclid(360.0))
+    };
+    let floor = if matches!(color, Color::Orange | Color::Yellow) {
+        MIN_WARM_VALUE
+    } else {
+        MIN_VALUE
+    };
+    let gauss = |outside: f32, width: f32| (-0.5 * (outside.max(0.0) / width).powi(2)).exp();
+    gauss(hue_outside, 10.0) * gauss(MIN_SATURATION - saturation, 0.1) * gauss(floor - value, 0.1)
 }
 
 #[cfg(test)]

@@ -216,6 +216,9 @@ pub struct ImageRecord {
     /// the image-cleanliness guard of RL runs.
     #[serde(default)]
     pub artifacts: usize,
+    /// The dense compositional score ([`super::dense`]).
+    #[serde(default)]
+    pub dense: f32,
 }
 
 /// An evaluation: `{overall, tags: {tag: accuracy}, images: [...]}`.
@@ -260,6 +263,12 @@ impl Report {
     pub fn score_mean(&self) -> f64 {
         let n = self.images.len().max(1) as f64;
         self.images.iter().map(|i| i.score as f64).sum::<f64>() / n
+    }
+
+    /// Mean of the dense compositional score over the images.
+    pub fn dense_mean(&self) -> f64 {
+        let n = self.images.len().max(1) as f64;
+        self.images.iter().map(|i| i.dense as f64).sum::<f64>() / n
     }
 
     /// Mean artifacts per image.
@@ -437,6 +446,7 @@ mod tests {
             strict_correct: correct,
             score: correct as u8 as f32,
             artifacts: 0,
+            dense: 0.0,
         };
         // counting 1/4, colors 1/1: overall (0.25 + 1) / 2, not 2/5.
         let mut images: Vec<_> = (0..4).map(|i| record("counting", i == 0)).collect();

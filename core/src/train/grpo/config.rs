@@ -73,6 +73,9 @@ impl Default for ModelSection {
 pub enum RewardKind {
     /// Flow-GRPO's GenEval partial-credit score on the Shapes detector.
     Geneval,
+    /// The dense compositional score (`world::dense`): GenEval's clauses with soft shape, colour
+    /// and relation likelihoods, for bases that rarely get a whole prompt right.
+    GenevalDense,
     /// Flow-GRPO's OCR reward on the digits task.
     Ocr,
     /// A reward server (`[data.remote]`, protocol in `reward::remote`).
@@ -136,6 +139,7 @@ impl RewardKind {
     pub fn name(self) -> &'static str {
         match self {
             RewardKind::Geneval => "geneval",
+            RewardKind::GenevalDense => "geneval_dense",
             RewardKind::Ocr => "ocr",
             RewardKind::Remote => "remote",
         }

@@ -39,7 +39,7 @@ use crate::pipeline::{
 };
 use crate::reward::boxes::{DefectBox, map_advantages, reward_map};
 use crate::reward::remote::RemoteReward;
-use crate::reward::{OcrReward, Reward, Score, Scored, ShapesReward, Task};
+use crate::reward::{DenseShapesReward, OcrReward, Reward, Score, Scored, ShapesReward, Task};
 use crate::sample::pipeline::{Conditioning, NoiseSource, SampleOptions, guided_velocity, sample};
 use crate::sample::schedule::{self, Schedule};
 use crate::sample::select::TrainingClock;
@@ -124,6 +124,11 @@ pub struct EvalMetrics {
     pub accuracy_by_tag: BTreeMap<String, f64>,
     /// Mean detector artifacts (stray or unnamed blobs) per image: the cleanliness guard.
     pub artifact_rate: f64,
+    /// Mean Flow-GRPO partial-credit score and mean dense score ([`crate::world::dense`]).
+    #[serde(default)]
+    pub score_mean: f64,
+    #[serde(default)]
+    pub dense_mean: f64,
     pub images: usize,
     pub seconds: f64,
 }
@@ -437,6 +442,7 @@ impl GrpoTrainer {
             .map(|term| -> Result<(Box<dyn Reward>, f64), GrpoError> {
                 let reward: Box<dyn Reward> = match term.reward {
                     RewardKind::Geneval => Box::new(ShapesReward),
+                    RewardKind::GenevalDense => Box::new(DenseShapesReward),
                     RewardKind::Ocr => Box::new(OcrReward),
                     RewardKind::Remote => {
                         Box::new(RemoteReward::new(term.remote.clone().unwrap_or_default())?)
@@ -1549,6 +1555,8 @@ impl GrpoTrainer {
                 .map(|(t, a)| (t.clone(), *a as f64))
                 .collect(),
             artifact_rate: report.artifact_rate(),
+            score_mean: report.score_mean(),
+            dense_mean: report.dense_mean(),
             images: report.images.len(),
             seconds: start.elapsed().as_secs_f64(),
         })
