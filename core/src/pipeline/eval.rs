@@ -10,7 +10,7 @@ use burn::tensor::Device;
 
 use super::{GenerateOptions, Pipeline, PipelineError};
 use crate::image_io::{load_png, save_png};
-use crate::world::geneval::{ImageRecord, Report, evaluate_image};
+use crate::world::geneval::{ImageRecord, Report};
 use crate::world::prompt::{PromptSpec, parse_jsonl};
 use crate::world::render::Image;
 
@@ -135,7 +135,12 @@ pub fn evaluate_folder(dir: &Path) -> Result<Report, PipelineError> {
 
 /// Sample `sample` of prompt `index`, scored.
 fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> ImageRecord {
-    let verdict = evaluate_image(spec, image);
+    use crate::world::{dense::score_components, detect, geneval::evaluate};
+    // One detection pass gives the verdict, the artifacts and the dense score.
+    let (found, background) = detect::components(image);
+    let total = (image.width * image.height) as f32;
+    let named = detect::name_components(&found, background, total);
+    let verdict = evaluate(spec, &named.objects);
     ImageRecord {
         index,
         sample,
@@ -143,8 +148,8 @@ fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> Image
         correct: verdict.correct,
         strict_correct: verdict.strict_correct,
         score: verdict.score,
-        artifacts: crate::world::detect::detect(image).artifacts.len(),
-        dense: crate::world::dense::dense_score(spec, image),
+        artifacts: named.artifacts.len(),
+        dense: score_components(spec, &found, total),
     }
 }
 

@@ -12,10 +12,10 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::world::dense::dense_score;
-use crate::world::detect::detect;
+use crate::world::dense::score_components;
+use crate::world::detect::{components, detect, name_components};
 use crate::world::digits;
-use crate::world::geneval::{evaluate, evaluate_image};
+use crate::world::geneval::evaluate;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 use boxes::{DefectBox, defect_boxes};
@@ -184,10 +184,15 @@ impl Reward for DenseShapesReward {
             .iter()
             .zip(tasks)
             .map(|(image, task)| match task {
-                Task::Shapes(spec) => Some(Score {
-                    reward: dense_score(spec, image),
-                    success: evaluate_image(spec, image).correct,
-                }),
+                Task::Shapes(spec) => {
+                    let (found, background) = components(image);
+                    let total = (image.width * image.height) as f32;
+                    let named = name_components(&found, background, total);
+                    Some(Score {
+                        reward: score_components(spec, &found, total),
+                        success: evaluate(spec, &named.objects).correct,
+                    })
+                }
                 Task::Digits { .. } => None,
             })
             .collect())

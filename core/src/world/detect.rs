@@ -84,13 +84,19 @@ pub struct Detections {
 
 /// Finds the shapes in `image` (any size; an empty image has none).
 pub fn detect(image: &Image) -> Detections {
-    let (components, background) = components(image);
-    let total = (image.width * image.height) as f32;
+    let (found, background) = components(image);
+    name_components(&found, background, (image.width * image.height) as f32)
+}
+
+/// Names measured [`components`] of an image of `total` pixels: shapes, or artifacts with a
+/// reason (what [`detect`] returns, for callers that also need the components).
+pub fn name_components(components: &[Component], background: [u8; 3], total: f32) -> Detections {
     let mut found = Detections {
         background,
         ..Default::default()
     };
     for Component { rgb, measure } in components {
+        let rgb = *rgb;
         let artifact = |reason| Artifact {
             bbox: measure.bbox,
             area: measure.area,
@@ -104,7 +110,7 @@ pub fn detect(image: &Image) -> Detections {
             found.artifacts.push(artifact(ArtifactReason::UnnamedColor));
             continue;
         };
-        let Some((shape, shape_margin)) = classify_shape(&measure) else {
+        let Some((shape, shape_margin)) = classify_shape(measure) else {
             found.artifacts.push(artifact(ArtifactReason::UnknownShape));
             continue;
         };
