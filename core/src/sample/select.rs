@@ -169,6 +169,23 @@ impl StepSelection {
         }
     }
 
+    /// Every step this selection can ever train on a schedule of `steps` steps, ascending.
+    pub fn reachable(&self, steps: usize) -> Vec<usize> {
+        let mut reach = match self {
+            Self::AllButLast => (0..steps.saturating_sub(1)).collect(),
+            Self::Window { start, size } => (*start..start + size).collect(),
+            Self::RandomWindow { lo, hi, .. } => (*lo..*hi).collect(),
+            Self::Progressive {
+                size, max_start, ..
+            } => (0..max_start + size).collect(),
+            Self::RandomSubset { candidates, .. } => candidates.clone(),
+        };
+        reach.retain(|&i| i < steps);
+        reach.sort_unstable();
+        reach.dedup();
+        reach
+    }
+
     /// The trained steps for one rollout.
     pub fn trained(&self, steps: usize, clock: TrainingClock) -> Vec<bool> {
         let window = |start: usize, size: usize| {
@@ -330,6 +347,44 @@ mod tests {
         }
         let differs = (0..20).any(|e| selection.trained(4, clock(e, 0)) != a.trained);
         assert!(differs, "different epochs draw different subsets");
+    }
+
+    #[test]
+    fn reachable_steps_are_exactly_the_union_of_every_draw() {
+        let selections = [
+            StepSelection::AllButLast,
+            StepSelection::Window { start: 2, size: 3 },
+            StepSelection::RandomWindow {
+                size: 3,
+                lo: 1,
+                hi: 7,
+            },
+            StepSelection::Progressive {
+                size: 3,
+                iters_per_shift: 2,
+                shift: 1,
+                max_start: 8,
+                roll_back: true,
+            },
+            StepSelection::RandomSubset {
+                candidates: vec![6, 1, 3],
+                count: 2,
+                seed_offset: 0,
+            },
+        ];
+        for selection in selections {
+            selection.validate(10).unwrap();
+            let mut seen = std::collections::BTreeSet::new();
+            for k in 0..400 {
+                seen.extend(
+                    selection
+                        .plan(10, clock(k, k), OffSelection::Deterministic)
+                        .trained_steps(),
+                );
+            }
+            let seen: Vec<usize> = seen.into_iter().collect();
+            assert_eq!(selection.reachable(10), seen, "{selection:?}");
+        }
     }
 
     #[test]

@@ -321,6 +321,11 @@ impl GrpoTrainer {
             index,
             scheduler,
         } = pipeline;
+        if let Ok(schedule) = config.schedule(scheduler.shift)
+            && let Some(warning) = x_kl_spread_warning(&config, &schedule)
+        {
+            tracing::warn!("{warning}");
+        }
         let mut policy = transformer;
         // Flow-OPD's teachers are adapters of the base as given, before any stacking.
         let unmerged = config.train.opd.as_ref().map(|_| policy.valid());
@@ -1759,6 +1764,40 @@ fn kl_std(kind: StepKind, sigma: f64, sigma_next: f64, sigma_max: f64) -> f64 {
     }
 }
 
+/// Above this ratio of the largest to the smallest KL std over the trainable steps, the x-space
+/// KL's 1/(2g²) weights differ by more than 100×.
+const X_KL_STD_SPREAD: f64 = 10.0;
+
+/// A warning when Flow-GRPO's x-space KL (β > 0) can be trained on steps whose policy std is far
+/// below the others': there 1/(2g²) swamps the policy gradient (CPS reaching σ ≈ 0.01 made the KL
+/// 2.4–163 per epoch in session 13). flow_grpo's window stays in the first half, where it cannot.
+fn x_kl_spread_warning(config: &GrpoConfig, schedule: &Schedule) -> Option<String> {
+    let t = &config.train;
+    if t.beta <= 0.0 || t.kl_type != KlType::X || t.draft.is_some() {
+        return None;
+    }
+    let kind = config.sample.step_kind();
+    let sigma_max = schedule.sigma_max();
+    let stds: Vec<(usize, f64)> = t
+        .steps
+        .reachable(schedule.steps())
+        .into_iter()
+        .map(|j| {
+            let g = kl_std(kind, schedule.sigmas[j], schedule.sigmas[j + 1], sigma_max);
+            (j, g)
+        })
+        .filter(|&(_, g)| g > 0.0)
+        .collect();
+    let (hi_step, hi) = stds.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let (lo_step, lo) = stds.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    (hi / lo > X_KL_STD_SPREAD).then(|| {
+        format!(
+            "train.kl_type = \"x\" divides by the step std g: it is {hi:.3e} at step {hi_step} but {lo:.3e} at step {lo_step}, so the KL there weighs {:.0}× more and can swamp the policy gradient; keep train.steps in the high-noise steps (flow_grpo's window is [0, steps/2)) or use kl_type = \"v\"",
+            (hi / lo).powi(2)
+        )
+    })
+}
+
 /// Scales every gradient so their joint L2 norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`; burn's own clipping is per tensor). Returns the norm before clipping.
 pub fn clip_global_norm(module: &impl Module, grads: &mut GradientsParams, max_norm: f64) -> f64 {
@@ -1868,7 +1907,36 @@ fn save_grid(images: &[(Image, String)], path: &Path) -> Result<(), GrpoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::select::StepSelection;
     use crate::world::prompt::random_spec;
+
+    #[test]
+    fn x_space_kl_warns_only_when_its_window_reaches_low_noise_steps() {
+        let mut config = GrpoConfig::default();
+        config.sample.steps = 10;
+        config.sample.sde_type = config::SdeType::Cps;
+        config.sample.noise_level = 0.8;
+        config.train.beta = 0.04;
+        let schedule = Schedule::shifted(10, 3.0).unwrap();
+        let window = |hi| StepSelection::RandomWindow { size: 3, lo: 0, hi };
+        config.train.steps = window(5);
+        assert_eq!(
+            x_kl_spread_warning(&config, &schedule),
+            None,
+            "flow_grpo's window"
+        );
+        config.train.steps = window(9);
+        let warning = x_kl_spread_warning(&config, &schedule).expect("window to step 8");
+        assert!(
+            warning.contains("step 8") && warning.contains("kl_type"),
+            "{warning}"
+        );
+        config.train.kl_type = KlType::V;
+        assert_eq!(x_kl_spread_warning(&config, &schedule), None, "velocity KL");
+        config.train.kl_type = KlType::X;
+        config.train.beta = 0.0;
+        assert_eq!(x_kl_spread_warning(&config, &schedule), None, "no KL");
+    }
 
     #[test]
     fn balanced_choice_takes_every_tag_before_repeating_one() {
