@@ -279,9 +279,31 @@ fn a_resumed_run_continues_exactly() {
         .err()
         .unwrap();
     assert!(
-        err.to_string().contains("only run.epochs may change"),
+        err.to_string()
+            .contains("only run.epochs and run.budget_minutes may change"),
         "{err}"
     );
+}
+
+#[test]
+fn a_time_budget_ends_the_run_and_survives_a_resume() {
+    let device = ChosenDevice::cpu().device;
+    let run = TempDir::new("grpo-budget");
+    let mut c = without_eval(config(50));
+    c.run.budget_minutes = Some(1e-6);
+    let mut t = trainer(c.clone(), run.path(), &device);
+    assert!(!t.done());
+    t.epoch(|_| {}).unwrap();
+    assert!(t.done() && t.epoch == 1, "a spent budget ends the run");
+    assert!(run.path().join("adapter_final").is_dir());
+    let spent = t.trained_seconds;
+    assert!(spent > 0.0);
+    drop(t);
+    // A longer budget on resume continues where the clock stopped.
+    c.run.budget_minutes = Some(600.0);
+    let t = trainer(c, run.path(), &device);
+    assert_eq!((t.epoch, t.trained_seconds), (1, spent));
+    assert!(!t.done());
 }
 
 #[test]

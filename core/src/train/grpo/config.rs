@@ -541,6 +541,11 @@ impl Default for TrainSection {
 #[serde(deny_unknown_fields, default)]
 pub struct RunSection {
     pub epochs: usize,
+    /// Also stop after the epoch at which training time (rollouts, rewards and updates; not
+    /// evaluations, grids or checkpoints) reaches this many minutes: methods compared on the
+    /// same wall-clock budget. Absent: `epochs` alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_minutes: Option<f64>,
     pub seed: u64,
     /// Held-out evaluation every N epochs (and after the last); 0 never.
     pub eval_every: usize,
@@ -558,6 +563,7 @@ impl Default for RunSection {
     fn default() -> Self {
         Self {
             epochs: 100,
+            budget_minutes: None,
             seed: 42,
             eval_every: 10,
             eval_images_per_prompt: 1,
@@ -624,6 +630,13 @@ impl GrpoConfig {
             if value == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if let Some(minutes) = r.budget_minutes
+            && !(minutes.is_finite() && minutes > 0.0)
+        {
+            return Err(format!(
+                "run.budget_minutes must be a positive number of minutes, got {minutes}"
+            ));
         }
         for (k, term) in self.data.terms().iter().enumerate() {
             if !term.weight.is_finite() || term.weight == 0.0 {
@@ -928,5 +941,13 @@ mod tests {
         );
         let config: GrpoConfig = toml::from_str("[sample]\nguidance_scale = 4.5\n").unwrap();
         assert!(config.validate().unwrap_err().contains("train.cfg"));
+        for budget in ["0.0", "-5.0", "nan"] {
+            let config: GrpoConfig =
+                toml::from_str(&format!("[run]\nbudget_minutes = {budget}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(err.contains("run.budget_minutes"), "{budget}: {err}");
+        }
+        let config: GrpoConfig = toml::from_str("[run]\nbudget_minutes = 12.5\n").unwrap();
+        config.validate().unwrap();
     }
 }

@@ -145,6 +145,9 @@ pub enum GrpoEvent<'a> {
 struct RunState {
     epoch: usize,
     global_step: usize,
+    /// Rollout, reward and update time so far (`run.budget_minutes`); 0 in older checkpoints.
+    #[serde(default)]
+    trained_seconds: f64,
 }
 
 /// Errors of a GRPO run.
@@ -195,6 +198,8 @@ pub struct GrpoTrainer {
     run_dir: PathBuf,
     pub epoch: usize,
     pub global_step: usize,
+    /// Rollout, reward and update time so far, summed over epochs and resumes.
+    pub trained_seconds: f64,
     device: Device,
     plain_device: Device,
 }
@@ -304,10 +309,11 @@ impl GrpoTrainer {
             let stored = GrpoConfig::from_file(&config_path).map_err(GrpoError::Config)?;
             let mut comparable = config.clone();
             comparable.run.epochs = stored.run.epochs;
+            comparable.run.budget_minutes = stored.run.budget_minutes;
             if comparable != stored {
                 return Err(run_error(
                     &config_path,
-                    "the run was started with another config; only run.epochs may change on resume (start a new run directory otherwise)",
+                    "the run was started with another config; only run.epochs and run.budget_minutes may change on resume (start a new run directory otherwise)",
                 ));
             }
         }
@@ -385,7 +391,7 @@ impl GrpoTrainer {
                 reference = Some(with_adapter(mar, "mar")?);
             }
         }
-        let (mut epoch, mut global_step) = (0, 0);
+        let (mut epoch, mut global_step, mut trained_seconds) = (0, 0, 0.0);
         let mut optimizer: ModuleOptimizer = AdamWConfig::new()
             .with_weight_decay(config.train.weight_decay as f32)
             .with_beta_1(0.9)
@@ -414,7 +420,8 @@ impl GrpoTrainer {
             }
             let state: RunState = crate::model::read_config(&checkpoint.join("state.json"))
                 .map_err(PipelineError::from)?;
-            (epoch, global_step) = (state.epoch, state.global_step);
+            (epoch, global_step, trained_seconds) =
+                (state.epoch, state.global_step, state.trained_seconds);
             truncate_log(&run_dir.join("metrics.jsonl"), epoch)?;
             truncate_log(&run_dir.join("eval.jsonl"), epoch)?;
         } else {
@@ -488,6 +495,7 @@ impl GrpoTrainer {
             run_dir: run_dir.to_path_buf(),
             epoch,
             global_step,
+            trained_seconds,
             device: device.clone(),
             plain_device,
         })
@@ -531,8 +539,14 @@ impl GrpoTrainer {
         self
     }
 
+    /// Whether `run.epochs` are done or `run.budget_minutes` of training time are spent.
     pub fn done(&self) -> bool {
-        self.epoch >= self.config.run.epochs
+        let spent = self
+            .config
+            .run
+            .budget_minutes
+            .is_some_and(|minutes| self.trained_seconds >= minutes * 60.0);
+        self.epoch >= self.config.run.epochs || spent
     }
 
     /// The trained transformer (adapter attached).
@@ -554,12 +568,14 @@ impl GrpoTrainer {
             append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
             on_event(GrpoEvent::Eval(&eval));
         }
+        let epoch_start = Instant::now();
         let (metrics, grid_images) = if self.config.train.draft.is_some() {
             self.draft_epoch()?
         } else {
             self.policy_gradient_epoch()?
         };
         self.epoch += 1;
+        self.trained_seconds += epoch_start.elapsed().as_secs_f64();
         append_line(&self.run_dir.join("metrics.jsonl"), &metrics)?;
         on_event(GrpoEvent::Epoch(&metrics));
 
@@ -1588,6 +1604,7 @@ impl GrpoTrainer {
         let state = RunState {
             epoch: self.epoch,
             global_step: self.global_step,
+            trained_seconds: self.trained_seconds,
         };
         let state_path = tmp.join("state.json");
         std::fs::write(
