@@ -13,7 +13,7 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::world::dense::score_components;
-use crate::world::detect::{components, detect, name_components};
+use crate::world::detect::{Component, Detections, components, name_components};
 use crate::world::digits;
 use crate::world::geneval::evaluate;
 use crate::world::prompt::PromptSpec;
@@ -133,40 +133,59 @@ impl Reward for ShapesReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(self.judge(images, tasks, false).scores)
+        Ok(judge_shapes(images, tasks, false, geneval_score).scores)
     }
 
     fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
-        Ok(self.judge(images, tasks, true))
+        Ok(judge_shapes(images, tasks, true, geneval_score))
     }
 }
 
-impl ShapesReward {
-    /// One detection per image gives the score and, when asked, BoxFlow's defect boxes.
-    fn judge(&self, images: &[Image], tasks: &[Task], with_boxes: bool) -> Scored {
-        let mut scored = Scored::default();
-        for (image, task) in images.iter().zip(tasks) {
-            let (score, boxes) = match task {
-                Task::Shapes(spec) => {
-                    let found = detect(image);
-                    let verdict = evaluate(spec, &found.objects);
-                    let boxes = if with_boxes {
-                        defect_boxes(spec, &found, (image.width, image.height))
-                    } else {
-                        Vec::new()
-                    };
-                    let score = Score {
-                        reward: verdict.score,
-                        success: verdict.correct,
-                    };
-                    (Some(score), boxes)
-                }
-                Task::Digits { .. } => (None, Vec::new()),
-            };
-            scored.scores.push(score);
-            scored.boxes.push(boxes);
-        }
-        scored
+/// One component pass per Shapes image gives its score (from the prompt, the measured components,
+/// the named detections and the pixel count) and, when asked, BoxFlow's defect boxes; other tasks
+/// get no score.
+fn judge_shapes(
+    images: &[Image],
+    tasks: &[Task],
+    with_boxes: bool,
+    score: impl Fn(&PromptSpec, &[Component], &Detections, f32) -> Score,
+) -> Scored {
+    let mut scored = Scored::default();
+    for (image, task) in images.iter().zip(tasks) {
+        let (score, boxes) = match task {
+            Task::Shapes(spec) => {
+                let (found, background) = components(image);
+                let total = (image.width * image.height) as f32;
+                let named = name_components(&found, background, total);
+                let boxes = if with_boxes {
+                    defect_boxes(spec, &named, (image.width, image.height))
+                } else {
+                    Vec::new()
+                };
+                (Some(score(spec, &found, &named, total)), boxes)
+            }
+            Task::Digits { .. } => (None, Vec::new()),
+        };
+        scored.scores.push(score);
+        scored.boxes.push(boxes);
+    }
+    scored
+}
+
+/// Flow-GRPO's partial-credit score and GenEval's verdict.
+fn geneval_score(spec: &PromptSpec, _: &[Component], named: &Detections, _: f32) -> Score {
+    let verdict = evaluate(spec, &named.objects);
+    Score {
+        reward: verdict.score,
+        success: verdict.correct,
+    }
+}
+
+/// The dense score; success stays GenEval's verdict.
+fn dense_score(spec: &PromptSpec, found: &[Component], named: &Detections, total: f32) -> Score {
+    Score {
+        reward: score_components(spec, found, total),
+        success: evaluate(spec, &named.objects).correct,
     }
 }
 
@@ -180,22 +199,11 @@ impl Reward for DenseShapesReward {
     }
 
     fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
-        Ok(images
-            .iter()
-            .zip(tasks)
-            .map(|(image, task)| match task {
-                Task::Shapes(spec) => {
-                    let (found, background) = components(image);
-                    let total = (image.width * image.height) as f32;
-                    let named = name_components(&found, background, total);
-                    Some(Score {
-                        reward: score_components(spec, &found, total),
-                        success: evaluate(spec, &named.objects).correct,
-                    })
-                }
-                Task::Digits { .. } => None,
-            })
-            .collect())
+        Ok(judge_shapes(images, tasks, false, dense_score).scores)
+    }
+
+    fn score_with_boxes(&self, images: &[Image], tasks: &[Task]) -> Result<Scored, RewardError> {
+        Ok(judge_shapes(images, tasks, true, dense_score))
     }
 }
 
@@ -276,5 +284,16 @@ mod tests {
         assert_eq!(dense[1], None);
         let both = ByTaskReward.score(&images, &tasks).unwrap();
         assert_eq!(both, vec![shapes[0], ocr[1]]);
+        // Both Shapes rewards localise the same defects (spatial training): none on the right
+        // image, some on the wrong one.
+        let right = DenseShapesReward.score_with_boxes(&images, &tasks).unwrap();
+        assert!(right.boxes.iter().all(Vec::is_empty), "{:?}", right.boxes);
+        let wrong = (&[images[1].clone()], &tasks[..1]);
+        let dense = DenseShapesReward
+            .score_with_boxes(wrong.0, wrong.1)
+            .unwrap();
+        let strict = ShapesReward.score_with_boxes(wrong.0, wrong.1).unwrap();
+        assert!(!dense.boxes[0].is_empty());
+        assert_eq!(dense.boxes, strict.boxes);
     }
 }
