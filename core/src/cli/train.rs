@@ -126,12 +126,21 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
         .path
         .clone()
         .unwrap_or_else(pipeline::bundled_dir);
-    let reward = config.data.reward_name();
+    let reward = match &config.train.draft {
+        Some(d) => format!("the CLIP score of {}", d.clip.display()),
+        None => config.data.reward_name(),
+    };
+    let method = match (&config.train.draft, &config.train.opd) {
+        (Some(d), _) if d.lv_samples > 0 => "draft-lv",
+        (Some(_), _) => "draft-k",
+        (None, Some(_)) => "flow-opd",
+        (None, None) => "flow-grpo",
+    };
     let mut trainer = GrpoTrainer::open(config, out, &device)
         .with_context(|| format!("starting the run with the model {}", model.display()))?;
     let (train, test) = trainer.prompt_counts();
     println!(
-        "flow-grpo on {chosen}: {reward} from {}, {train} training prompts, {test} held-out, run dir {}",
+        "{method} on {chosen}: {reward} from {}, {train} training prompts, {test} held-out, run dir {}",
         model.display(),
         out.display()
     );

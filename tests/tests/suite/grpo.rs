@@ -328,10 +328,17 @@ fn every_preset_in_configs_parses_and_validates() {
     for entry in std::fs::read_dir(dir.join("compare")).unwrap() {
         let path = entry.unwrap().path();
         let c = GrpoConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
-        budgets.push((c.run.budget_minutes, c.run.eval_images_per_prompt, c.run.seed));
+        budgets.push((
+            c.run.budget_minutes,
+            c.run.eval_images_per_prompt,
+            c.run.seed,
+        ));
     }
     assert_eq!(budgets.len(), 7, "the seven methods of RESULTS.md");
-    assert!(budgets.iter().all(|b| b == &budgets[0] && b.0.is_some()), "{budgets:?}");
+    assert!(
+        budgets.iter().all(|b| b == &budgets[0] && b.0.is_some()),
+        "{budgets:?}"
+    );
 }
 
 #[test]
