@@ -36,9 +36,14 @@ for name in "${names[@]}"; do
   state="$OUT/$name/checkpoint/state.json"
   [ -f "$eval_log" ] && [ -f "$state" ] || continue
   jq -rs --arg name "$name" --slurpfile state "$state" '
+    # x with d decimals, trailing zeros kept
+    def fixed(d): (. * pow(10; d) | round | tostring) as $s
+      | if d == 0 then $s
+        else ("0" * ([d + 1 - ($s | length), 0] | max) + $s) as $p
+          | $p[:-d] + "." + $p[-d:] end;
     (.[0]) as $a | (.[-1]) as $b |
     "| \($name) | \($b.epoch) | \($state[0].trained_seconds | floor) | " +
-    "\($a.accuracy * 1000 | round / 10)% → \($b.accuracy * 1000 | round / 10)% | " +
-    "\($a.dense_mean * 1000 | round / 1000) → \($b.dense_mean * 1000 | round / 1000) | " +
-    "\($a.artifact_rate * 100 | round / 100) → \($b.artifact_rate * 100 | round / 100) |"' "$eval_log"
+    "\($a.accuracy * 100 | fixed(1))% → \($b.accuracy * 100 | fixed(1))% | " +
+    "\($a.dense_mean | fixed(3)) → \($b.dense_mean | fixed(3)) | " +
+    "\($a.artifact_rate | fixed(2)) → \($b.artifact_rate | fixed(2)) |"' "$eval_log"
 done
