@@ -137,9 +137,8 @@ pub fn evaluate_folder(dir: &Path) -> Result<Report, PipelineError> {
 fn score(index: usize, sample: usize, spec: &PromptSpec, image: &Image) -> ImageRecord {
     use crate::world::{dense::score_components, detect, geneval::evaluate};
     // One detection pass gives the verdict, the artifacts and the dense score.
-    let (found, background) = detect::components(image);
+    let (found, named) = detect::detect_with_components(image);
     let total = (image.width * image.height) as f32;
-    let named = detect::name_components(&found, background, total);
     let verdict = evaluate(spec, &named.objects);
     ImageRecord {
         index,

@@ -13,7 +13,7 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::world::dense::score_components;
-use crate::world::detect::{Component, Detections, components, name_components};
+use crate::world::detect::{Component, Detections, detect_with_components};
 use crate::world::digits;
 use crate::world::geneval::evaluate;
 use crate::world::prompt::PromptSpec;
@@ -154,9 +154,8 @@ fn judge_shapes(
     for (image, task) in images.iter().zip(tasks) {
         let (score, boxes) = match task {
             Task::Shapes(spec) => {
-                let (found, background) = components(image);
+                let (found, named) = detect_with_components(image);
                 let total = (image.width * image.height) as f32;
-                let named = name_components(&found, background, total);
                 let boxes = if with_boxes {
                     defect_boxes(spec, &named, (image.width, image.height))
                 } else {

@@ -84,13 +84,20 @@ pub struct Detections {
 
 /// Finds the shapes in `image` (any size; an empty image has none).
 pub fn detect(image: &Image) -> Detections {
+    detect_with_components(image).1
+}
+
+/// [`detect`], also returning the measured components it named (for scores that read them,
+/// such as the dense score): one pass over the image for both.
+pub fn detect_with_components(image: &Image) -> (Vec<Component>, Detections) {
     let (found, background) = components(image);
-    name_components(&found, background, (image.width * image.height) as f32)
+    let named = name_components(&found, background, (image.width * image.height) as f32);
+    (found, named)
 }
 
 /// Names measured [`components`] of an image of `total` pixels: shapes, or artifacts with a
-/// reason (what [`detect`] returns, for callers that also need the components).
-pub fn name_components(components: &[Component], background: [u8; 3], total: f32) -> Detections {
+/// reason.
+fn name_components(components: &[Component], background: [u8; 3], total: f32) -> Detections {
     let mut found = Detections {
         background,
         ..Default::default()
