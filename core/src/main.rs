@@ -113,6 +113,12 @@ struct EvalArgs {
     /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
     #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
     cfg_interval: Option<Vec<f64>>,
+    /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9; a few-step student's sampler).
+    #[arg(long, default_value = "euler")]
+    sampler: String,
+    /// An explicit σ list instead of `--steps` (e.g. `1,0.75,0.5,0.25`, the 4-NFE student's).
+    #[arg(long, value_delimiter = ',')]
+    sigmas: Option<Vec<f64>>,
     #[arg(long, default_value_t = 4)]
     images_per_prompt: usize,
     #[arg(long, default_value_t = 8)]
@@ -457,12 +463,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         (pipe, None)
     };
     cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    let kind = match args.sampler.as_str() {
-        "euler" => StepKind::Euler,
-        "sde" => StepKind::FlowSde { noise_level: 0.7 },
-        "cps" => StepKind::Cps { eta: 0.9 },
-        other => anyhow::bail!("unknown sampler `{other}` (euler, sde, cps)"),
-    };
+    let kind = sampler_kind(&args.sampler)?;
     let first_seed = args.seed.unwrap_or_else(rand::random);
     let seeds: Vec<u64> = (0..args.num_images as u64)
         .map(|k| first_seed + k)
@@ -730,6 +731,16 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--sampler NAME`.
+fn sampler_kind(name: &str) -> Result<StepKind> {
+    Ok(match name {
+        "euler" => StepKind::Euler,
+        "sde" => StepKind::FlowSde { noise_level: 0.7 },
+        "cps" => StepKind::Cps { eta: 0.9 },
+        other => anyhow::bail!("unknown sampler `{other}` (euler, sde, cps)"),
+    })
+}
+
 /// `--cfg-interval LOW,HIGH`.
 fn interval(values: &Option<Vec<f64>>) -> Result<Option<(f64, f64)>> {
     match values.as_deref() {
@@ -762,12 +773,12 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
                 guidance_interval: interval(&args.cfg_interval)?,
                 steps: args.steps,
                 guidance_scale: args.cfg,
-                kind: StepKind::Euler,
+                kind: sampler_kind(&args.sampler)?,
                 seeds: vec![],
                 negative_prompt: String::new(),
                 size: None,
                 initial_noise: None,
-                sigmas: None,
+                sigmas: args.sigmas.clone(),
             },
             seed: args.seed,
         };
