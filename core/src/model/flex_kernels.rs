@@ -7,8 +7,10 @@
 //! vectorises, with AVX2 + FMA when the CPU has them. Results agree with the tensor-op version
 //! within 1e-6 relative (tested in `layers.rs`).
 //!
-//! Only inference takes this path: a tensor that carries an autodiff graph, lives on another
-//! device or is not f32 keeps the tensor-op version (see [`applies`]).
+//! Under autodiff (training on Flex) each activation is one tracked op whose backward is one more
+//! fused pass, `grad · f'(x)`, instead of the tensor-op graph's dozen nodes (forward and backward
+//! tested against it in `layers.rs`). A tensor on another device or not f32 keeps the tensor-op
+//! version (see [`applies`]).
 
 use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor};
@@ -16,7 +18,11 @@ use burn_flex::{Flex, FlexTensor};
 
 use super::layers::{GELU_CUBIC, TWO_SQRT_2_OVER_PI};
 
-#[backend_extension(Flex)]
+#[cfg_attr(
+    feature = "native",
+    backend_extension(Flex, Autodiff: cfg(feature = "native"))
+)]
+#[cfg_attr(not(feature = "native"), backend_extension(Flex))]
 pub trait FusedActivationOps: burn::backend::Backend {
     fn fused_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
@@ -32,11 +38,75 @@ impl FusedActivationOps for Flex {
     }
 }
 
-/// Whether the fused kernels can run on `x`: an f32 Flex tensor outside any autodiff graph.
+#[cfg(feature = "native")]
+mod tracked {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+    use burn::backend::tensor::FloatTensor;
+    use burn::backend::{Autodiff, AutodiffBackend};
+    use burn_flex::{Flex, FlexTensor};
+
+    use super::{FusedActivationOps, gelu_tanh_grad_f32, silu_grad_f32};
+
+    /// One fused activation in the autodiff graph; the state is its input, the backward pass one
+    /// fused `grad · f'(x)` over it.
+    #[derive(Debug)]
+    struct FusedUnary {
+        derivative: fn(&[f32], &mut [f32]),
+    }
+
+    impl Backward<Flex, 1> for FusedUnary {
+        type State = FlexTensor;
+
+        fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let x = ops.state;
+            unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                super::zip_in_place(grad, &x, self.derivative)
+            });
+        }
+    }
+
+    fn tracked<C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<Flex, C>>,
+        forward: fn(FlexTensor) -> FlexTensor,
+        derivative: fn(&[f32], &mut [f32]),
+    ) -> FloatTensor<Autodiff<Flex, C>> {
+        let node = x.node();
+        let input = <Autodiff<Flex, C> as AutodiffBackend>::inner(x);
+        // Compute-bound: the input itself is the state (no recomputation from a checkpoint). The
+        // forward pass writes a copy, since the state shares the input's storage.
+        match (FusedUnary { derivative })
+            .prepare::<C>([node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(input.clone(), forward(input)),
+            OpsKind::UnTracked(prep) => prep.finish(forward(input)),
+        }
+    }
+
+    impl<C: CheckpointStrategy> FusedActivationOps for Autodiff<Flex, C> {
+        fn fused_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            tracked::<C>(x, Flex::fused_gelu_tanh, gelu_tanh_grad_f32)
+        }
+
+        fn fused_silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            tracked::<C>(x, Flex::fused_silu, silu_grad_f32)
+        }
+    }
+}
+
+/// Whether the fused kernels can run on `x`: an f32 tensor on Flex, tracked by autodiff or not
+/// (the browser build, which has no autodiff, takes them only outside it).
 pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
-    !x.is_autodiff()
-        && x.dtype() == DType::F32
-        && matches!(x.device().as_dispatch(), DispatchDevice::Flex(_))
+    x.dtype() == DType::F32
+        && (cfg!(feature = "native") || !x.is_autodiff())
+        && matches!(
+            x.device().as_dispatch().clone().inner(),
+            DispatchDevice::Flex(_)
+        )
 }
 
 /// GELU with the tanh approximation; `x` must satisfy [`applies`].
@@ -74,6 +144,45 @@ fn map_in_place(x: FlexTensor, f: fn(&mut [f32])) -> FlexTensor {
     x
 }
 
+/// `grad[i] = grad[i] · f'(x[i])` in place over `grad` (copied first when shared or strided);
+/// `x` and `grad` have one shape.
+#[cfg_attr(not(feature = "native"), allow(dead_code))]
+fn zip_in_place(
+    grad: FlexTensor,
+    x: &FlexTensor,
+    derivative: fn(&[f32], &mut [f32]),
+) -> FlexTensor {
+    let mut grad = if grad.is_contiguous() && grad.layout().start_offset() == 0 {
+        grad
+    } else {
+        grad.to_contiguous()
+    };
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x.clone()
+    } else {
+        x.to_contiguous()
+    };
+    let n = grad.layout().num_elements();
+    assert_eq!(
+        n,
+        x.layout().num_elements(),
+        "activation gradient and input sizes"
+    );
+    let x_values = &x.storage::<f32>()[..n];
+    let values = &mut grad.storage_mut::<f32>()[..n];
+    #[cfg(feature = "native")]
+    {
+        use rayon::prelude::*;
+        values
+            .par_chunks_mut(1 << 14)
+            .zip(x_values.par_chunks(1 << 14))
+            .for_each(|(g, x)| derivative(x, g));
+    }
+    #[cfg(not(feature = "native"))]
+    derivative(x_values, values);
+    grad
+}
+
 /// Defines a slice kernel that runs `$scalar` on every element, compiled twice on x86-64: for
 /// AVX2 + FMA (chosen at run time) and for the baseline.
 macro_rules! slice_kernel {
@@ -97,6 +206,34 @@ macro_rules! slice_kernel {
 
 slice_kernel!(gelu_tanh_f32, gelu_tanh_one);
 slice_kernel!(silu_f32, silu_one);
+
+/// Defines a backward slice kernel `grad[i] *= $derivative(x[i])`, compiled like `slice_kernel`.
+macro_rules! grad_kernel {
+    ($name:ident, $derivative:ident) => {
+        #[cfg_attr(not(feature = "native"), allow(dead_code))]
+        fn $name(x: &[f32], grad: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide(x: &[f32], grad: &mut [f32]) {
+                    grad.iter_mut()
+                        .zip(x)
+                        .for_each(|(g, &x)| *g *= $derivative(x));
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `wide` was compiled for.
+                    return unsafe { wide(x, grad) };
+                }
+            }
+            grad.iter_mut()
+                .zip(x)
+                .for_each(|(g, &x)| *g *= $derivative(x));
+        }
+    };
+}
+
+grad_kernel!(gelu_tanh_grad_f32, gelu_tanh_derivative);
+grad_kernel!(silu_grad_f32, silu_derivative);
 
 /// `e^x` for x ≤ 88 (larger x returns e^88), within 2 ulp: Cephes' `expf`. x = n·ln2 + r with
 /// |r| ≤ ln2/2, e^r by a degree-7 polynomial, 2^n through the exponent bits. Branch-free, so loops
@@ -141,6 +278,21 @@ fn gelu_tanh_one(x: f32) -> f32 {
 #[inline(always)]
 fn silu_one(x: f32) -> f32 {
     x * sigmoid_one(x)
+}
+
+/// d/dx of x·σ(u), u = K(x + c·x³): σ(u) + x·σ(u)(1 − σ(u))·K(1 + 3c·x²).
+#[inline(always)]
+fn gelu_tanh_derivative(x: f32) -> f32 {
+    let (k, c) = (TWO_SQRT_2_OVER_PI as f32, GELU_CUBIC as f32);
+    let s = sigmoid_one((x + x * x * x * c) * k);
+    s + x * s * (1.0 - s) * k * (1.0 + 3.0 * c * x * x)
+}
+
+/// d/dx of x·σ(x): σ(x)(1 + x(1 − σ(x))).
+#[inline(always)]
+fn silu_derivative(x: f32) -> f32 {
+    let s = sigmoid_one(x);
+    s * (1.0 + x * (1.0 - s))
 }
 
 #[cfg(test)]

@@ -559,12 +559,48 @@ mod tests {
         let before: Vec<f32> = x.clone().into_data().try_to_vec().unwrap();
         let _ = silu(x.clone());
         assert_eq!(x.into_data().try_to_vec::<f32>().unwrap(), before);
-        // Inside autodiff the tensor-op version runs.
-        let tracked = Tensor::<1>::from_data(
-            TensorData::new(vec![0.5f32], [1]),
-            &device.clone().autodiff(),
-        );
-        assert!(!crate::model::flex_kernels::applies(&tracked));
+    }
+
+    #[test]
+    fn flex_fused_activations_differentiate_like_the_tensor_ops() {
+        let device = Device::flex();
+        let n = 40_001;
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 16.0)
+            .collect();
+        // An upstream gradient that is not all ones, so the backward pass must multiply by it.
+        let weights: Vec<f32> = (0..n).map(|i| ((i % 13) as f32 - 6.0) * 0.25).collect();
+        let weights = Tensor::<2>::from_data(TensorData::new(weights, [1, n]), &device);
+        let x = Tensor::<2>::from_data(TensorData::new(values, [1, n]), &device);
+        type Activation = fn(Tensor<2>) -> Tensor<2>;
+        let run = |f: Activation| {
+            let x = x.clone().autodiff().require_grad();
+            let y = f(x.clone());
+            let grads = (y.clone() * weights.clone().autodiff()).sum().backward();
+            let value: Vec<f32> = y.inner().into_data().try_to_vec().unwrap();
+            let grad: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+            (value, grad)
+        };
+        let tracked = x.clone().autodiff().require_grad();
+        assert!(crate::model::flex_kernels::applies(&tracked));
+        let pairs: [(&str, Activation, Activation); 2] = [
+            ("gelu", gelu_tanh, gelu_tanh_tensor_ops),
+            ("silu", silu, burn::tensor::activation::silu),
+        ];
+        for (name, fused, plain) in pairs {
+            let (fused_value, fused_grad) = run(fused);
+            let (plain_value, plain_grad) = run(plain);
+            let worst = worst_relative(&fused_value, &plain_value);
+            assert!(worst < 1e-6, "{name}: worst relative difference {worst:e}");
+            // The derivative crosses zero, so the bound is absolute plus relative.
+            let worst = fused_grad
+                .iter()
+                .zip(&plain_grad)
+                .map(|(a, b)| (a - b).abs() / (1e-4 + b.abs()))
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{name}: worst gradient difference {worst:e}");
+            assert!(plain_grad.iter().any(|g| g.abs() > 1.0));
+        }
     }
 
     #[test]
