@@ -165,6 +165,27 @@ impl LoraWeights {
         Ok(weights)
     }
 
+    /// A PEFT adapter from the contents of its two files, for callers without a file system (the
+    /// browser); errors name the file as `adapter_model.safetensors` / `adapter_config.json`.
+    pub fn from_peft_bytes(config_json: &str, safetensors: Vec<u8>) -> Result<Self, LoraError> {
+        let config = parse_peft_config(Path::new("adapter_config.json"), config_json)?;
+        let file = Path::new("adapter_model.safetensors");
+        let weights =
+            Weights::from_bytes("adapter_model.safetensors", safetensors).map_err(|e| {
+                LoraError::Format {
+                    path: file.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
+        let (raw, _) = read_all(file, weights)?;
+        Self::from_state_dict(
+            file,
+            Format::Peft,
+            raw,
+            BTreeMap::from([(String::new(), config)]),
+        )
+    }
+
     /// Interprets `<prefix><path>.lora_A[.<adapter>].weight` / `lora_B` / `.alpha` keys.
     /// `configs` is keyed by component; the key `""` is the config of an unprefixed file.
     fn from_state_dict(
@@ -602,6 +623,11 @@ fn read_peft_config(path: &Path) -> Result<LoraConfig, LoraError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_peft_config(path, &text)
+}
+
+/// `adapter_config.json`'s text; `path` names it in errors.
+fn parse_peft_config(path: &Path, text: &str) -> Result<LoraConfig, LoraError> {
     let config: LoraConfig = serde_json::from_str(&text).map_err(|e| LoraError::Format {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -672,7 +698,19 @@ fn read_safetensors(
         path: path.to_path_buf(),
         message,
     };
-    let mut weights = Weights::open_file(path).map_err(|e| format_error(e.to_string()))?;
+    let weights = Weights::open_file(path).map_err(|e| format_error(e.to_string()))?;
+    read_all(path, weights)
+}
+
+/// Every tensor of an opened safetensors file, with its metadata; `path` names it in errors.
+fn read_all(
+    path: &Path,
+    mut weights: Weights,
+) -> Result<(BTreeMap<String, RawTensor>, HashMap<String, String>), LoraError> {
+    let format_error = |message: String| LoraError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut raw = BTreeMap::new();
     for key in weights.keys() {
         let shape = weights.shape(&key).expect("listed key");
@@ -810,6 +848,43 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_peft_adapter_reads_the_same_from_bytes_as_from_its_folder() {
+        let dir = std::env::temp_dir().join(format!("pf-lora-bytes-{}", std::process::id()));
+        let adapter = random_adapter(5, 3, 2.0);
+        let adapter = LoraWeights {
+            modules: adapter
+                .modules
+                .into_iter()
+                .map(|(k, m)| (k.replacen("transformer.", "transformer.transformer_", 1), m))
+                .collect(),
+            ..adapter
+        };
+        adapter.write_peft(&dir, "transformer").unwrap();
+        let from_dir = LoraWeights::read(&dir).unwrap();
+        let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+        let from_bytes = LoraWeights::from_peft_bytes(&config, bytes.clone()).unwrap();
+        assert_eq!(from_bytes.modules.len(), 1);
+        for (path, m) in &from_dir.modules {
+            let n = &from_bytes.modules[path];
+            assert_eq!(
+                (&n.a, &n.b, n.rank, n.scaling),
+                (&m.a, &m.b, m.rank, m.scaling)
+            );
+        }
+        // A cut file and a bad config are errors that name the file.
+        let cut = LoraWeights::from_peft_bytes(&config, bytes[..bytes.len() / 2].to_vec());
+        let err = cut.err().expect("a truncated file is an error").to_string();
+        assert!(err.contains("adapter_model.safetensors"), "{err}");
+        let err = LoraWeights::from_peft_bytes("{", bytes)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("adapter_config.json"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn keys_of_every_peft_style_layout_split_into_module_and_part() {
