@@ -171,7 +171,19 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
         println!("resumed at iteration {}", trainer.iteration);
     }
     let start = Instant::now();
+    let stop = super::stop_on_ctrl_c("iteration")?;
     while !trainer.done() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let checkpoint = trainer.save_checkpoint()?;
+            let student = trainer.write_student()?;
+            println!(
+                "stopped after iteration {}: checkpoint {}, the student so far {} (rerun the same command to resume)",
+                trainer.iteration,
+                checkpoint.display(),
+                student.display()
+            );
+            return Ok(());
+        }
         let m = trainer.iterate()?;
         println!(
             "iter {:>5}  dmd {:.4}  fake {:.4}  consistency {:.2e}  stop {} (s {:.2})  |∇| {:.3}  {:.1} s  peak {:.0} MiB  ({:.0} s)",
@@ -190,10 +202,16 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
             print_eval(&trainer.evaluate()?);
         }
     }
+    // A run resumed after its last iteration (e.g. with a smaller --iterations) still leaves its
+    // student.
+    let student = out.join("generator_final");
+    if !student.join("adapter_model.safetensors").is_file() {
+        trainer.write_student()?;
+    }
     println!(
         "done in {:.0} s: the student adapter is {} (generate with --lora it --sigmas {} --sampler cps)",
         start.elapsed().as_secs_f64(),
-        out.join("generator_final").display(),
+        student.display(),
         trainer
             .sigmas()
             .iter()

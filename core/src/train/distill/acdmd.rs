@@ -634,10 +634,16 @@ impl AcDmdTrainer {
             self.save_checkpoint()?;
         }
         if last {
-            self.student()
-                .write_peft(&self.run_dir.join("generator_final"), "transformer")?;
+            self.write_student()?;
         }
         Ok(metrics)
+    }
+
+    /// Writes the student as it is now to `generator_final/` (a PEFT folder).
+    pub fn write_student(&self) -> Result<PathBuf, DistillError> {
+        let dir = self.run_dir.join("generator_final");
+        self.student().write_peft(&dir, "transformer")?;
+        Ok(dir)
     }
 
     /// Whether this iteration's metrics call for a held-out evaluation.
