@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL="${MODEL:-assets/models/shapes-base}"
+# The few-step student (a PEFT adapter on MODEL), served as model/student/; STUDENT= ships none.
+STUDENT="${STUDENT-assets/models/shapes-4nfe}"
 OUT=web/dist
 version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock)
 if ! wasm-bindgen --version 2>/dev/null | grep -q " $version\$"; then
@@ -30,14 +32,24 @@ files=(model_index.json scheduler/scheduler_config.json tokenizer/tokenizer.json
        transformer/config.json transformer/diffusion_pytorch_model.safetensors)
 # a latent Shapes model also ships its autoencoder
 if [ -d "$MODEL/vae" ]; then files+=(vae/config.json vae/diffusion_pytorch_model.safetensors); fi
+sources=()
+for f in "${files[@]}"; do sources+=("$MODEL/$f"); done
+if [ -n "$STUDENT" ]; then
+  [ -f "$STUDENT/adapter_model.safetensors" ] || { echo "no student adapter in $STUDENT (STUDENT= builds without one)" >&2; exit 1; }
+  for f in adapter_config.json adapter_model.safetensors; do
+    files+=("student/$f")
+    sources+=("$STUDENT/$f")
+  done
+fi
 {
   printf '{\n  "model": "%s",\n  "files": [\n' "$(basename "$MODEL")"
   for i in "${!files[@]}"; do
     f=${files[$i]}
+    src=${sources[$i]}
     mkdir -p "$OUT/model/$(dirname "$f")"
-    cp "$MODEL/$f" "$OUT/model/$f"
-    size=$(stat -c %s "$MODEL/$f")
-    hash=$(sha256sum "$MODEL/$f" | cut -d' ' -f1)
+    cp "$src" "$OUT/model/$f"
+    size=$(stat -c %s "$src")
+    hash=$(sha256sum "$src" | cut -d' ' -f1)
     sep=$([ "$i" -lt $((${#files[@]} - 1)) ] && echo , || true)
     printf '    {"name": "%s", "size": %s, "sha256": "%s"}%s\n' "$f" "$size" "$hash" "$sep"
   done

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use burn::tensor::Device;
+use portaflow::lora::{self, LoraWeights};
 use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
 use wasm_bindgen::prelude::*;
@@ -40,12 +41,19 @@ pub fn model_files() -> Vec<String> {
         .collect()
 }
 
-/// Files a model has only sometimes (a latent model's autoencoder): fetched when the manifest
-/// lists them.
+/// The few-step student's adapter (a PEFT folder), beside the model's files in the manifest.
+pub const STUDENT_FILES: [&str; 2] = [
+    "student/adapter_config.json",
+    "student/adapter_model.safetensors",
+];
+
+/// Files a model has only sometimes (a latent model's autoencoder, the few-step student's
+/// adapter): fetched when the manifest lists them.
 #[wasm_bindgen]
 pub fn optional_model_files() -> Vec<String> {
     pipeline::memory::AUTOENCODER_FILES
         .iter()
+        .chain(&STUDENT_FILES)
         .map(|f| f.to_string())
         .collect()
 }
@@ -59,6 +67,8 @@ pub struct Engine {
     fallback_reason: Option<String>,
     files: BTreeMap<String, Vec<u8>>,
     pipeline: Option<Rc<Pipeline>>,
+    /// Whether the few-step student's adapter is merged into the loaded model.
+    student: bool,
 }
 
 #[wasm_bindgen]
@@ -72,6 +82,7 @@ impl Engine {
             fallback_reason: reason,
             files: BTreeMap::new(),
             pipeline: None,
+            student: false,
         };
         if want != "webgpu" {
             return cpu(None);
@@ -94,6 +105,7 @@ impl Engine {
                     fallback_reason: None,
                     files: BTreeMap::new(),
                     pipeline: None,
+                    student: false,
                 }
             }
             Err(e) => cpu(Some(format!("WebGPU is not available here ({e})"))),
@@ -115,13 +127,36 @@ impl Engine {
         self.files.insert(name, bytes);
     }
 
-    /// Builds the pipeline from the files added; the error names a missing or corrupt file.
+    /// Builds the pipeline from the files added, with the few-step student's adapter merged in
+    /// when both its files were added; the error names a missing or corrupt file.
     pub fn load(&mut self) -> Result<(), JsError> {
-        let files = std::mem::take(&mut self.files);
-        let pipeline =
-            Pipeline::from_memory(files, &self.device).map_err(|e| JsError::new(&e.to_string()))?;
+        let mut files = std::mem::take(&mut self.files);
+        let [config, weights] = STUDENT_FILES.map(|name| files.remove(name));
+        let error = |e: &dyn std::fmt::Display| JsError::new(&e.to_string());
+        let mut pipeline = Pipeline::from_memory(files, &self.device).map_err(|e| error(&e))?;
+        self.student = match (config, weights) {
+            (Some(config), Some(weights)) => {
+                let config = String::from_utf8(config)
+                    .map_err(|_| JsError::new("student/adapter_config.json is not UTF-8"))?;
+                let adapter = LoraWeights::from_peft_bytes(&config, weights)
+                    .map_err(|e| error(&format!("the student adapter: {e}")))?;
+                pipeline
+                    .add_lora(&adapter, "student", 1.0, &self.device)
+                    .map_err(|e| error(&format!("the student adapter: {e}")))?;
+                // Merged: sampling costs what the base model's does.
+                lora::merge(&mut pipeline.transformer, "student").map_err(|e| error(&e))?;
+                true
+            }
+            (None, None) => false,
+            _ => return Err(JsError::new("the student adapter needs both of its files")),
+        };
         self.pipeline = Some(Rc::new(pipeline));
         Ok(())
+    }
+
+    /// Whether the loaded model is the few-step student (sample it with CPS, 4 steps, CFG 1).
+    pub fn has_student(&self) -> bool {
+        self.student
     }
 
     /// Image side in pixels.

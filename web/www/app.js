@@ -63,7 +63,15 @@ async function main() {
     engine.add_file(file.name, bytes);
   }
   engine.load();
-  $("progress-text").textContent = `${manifest.model} loaded (${(total / 1e6).toFixed(1)} MB, checked)`;
+  const student = engine.has_student();
+  if (student) {
+    // The distilled student samples in 4 CPS steps without CFG (one model call per step).
+    $("steps").value = 4;
+    $("cfg").value = 1;
+    $("sampler").value = "cps";
+  }
+  const what = student ? `${manifest.model} + its 4-step student` : manifest.model;
+  $("progress-text").textContent = `${what} loaded (${(total / 1e6).toFixed(1)} MB, checked)`;
   const side = engine.resolution();
   $("image").width = side;
   $("image").height = side;
