@@ -228,6 +228,9 @@ pub struct SampleSection {
     /// `eval_steps` must equal its length.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sigmas: Option<Vec<f64>>,
+    /// Evaluate with the rollout's stochastic step (`sde_type`, `noise_level`) instead of the ODE:
+    /// how a few-step CPS student (RTDMD) samples. Flow-GRPO evaluates with the ODE (false).
+    pub eval_stochastic: bool,
 }
 
 impl Default for SampleSection {
@@ -243,6 +246,7 @@ impl Default for SampleSection {
             groups_per_epoch: 4,
             batch_size: 8,
             same_initial_noise: false,
+            eval_stochastic: false,
             sigmas: None,
         }
     }

@@ -1550,7 +1550,11 @@ impl GrpoTrainer {
                 guidance_interval: None,
                 steps: c.sample.eval_steps,
                 guidance_scale: c.sample.eval_guidance_scale,
-                kind: StepKind::Euler,
+                kind: if c.sample.eval_stochastic {
+                    c.sample.step_kind()
+                } else {
+                    StepKind::Euler
+                },
                 seeds: vec![],
                 negative_prompt: String::new(),
                 size: None,
