@@ -14,7 +14,12 @@ import { serve } from "../serve.mjs";
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const portaflow = process.env.PORTAFLOW_BIN ?? path.join(repo, "target/debug/portaflow");
 const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const settings = { prompt: "a photo of a blue square", seed: 7, steps: 4, cfg: 4, sampler: "cps" };
+// When web/build.sh shipped the few-step student, the page and the native engine both sample it
+// (4 CPS steps, no CFG); otherwise the base model with CFG.
+const manifest = JSON.parse(fs.readFileSync(path.join(repo, "web/dist/manifest.json"), "utf8"));
+const student = manifest.files.some((f) => f.name.startsWith("student/"))
+  ? (process.env.STUDENT ?? path.join(repo, "assets/models/shapes-4nfe")) : null;
+const settings = { prompt: "a photo of a blue square", seed: 7, steps: 4, cfg: student ? 1 : 4, sampler: "cps" };
 // 8-bit levels: WebGPU and the CPU round differently in the last float bits.
 const TOLERANCE = 3;
 
@@ -27,7 +32,8 @@ function nativeImage() {
   const out = path.join(os.tmpdir(), `portaflow-e2e-native-${process.pid}.png`);
   execFileSync(portaflow, ["--device", "cpu", "generate", "--prompt", settings.prompt,
     "--seed", String(settings.seed), "--steps", String(settings.steps), "--cfg", String(settings.cfg),
-    "--sampler", settings.sampler, "-o", out], { stdio: "inherit" });
+    "--sampler", settings.sampler, ...(student ? ["--lora", student] : []), "-o", out],
+  { stdio: "inherit" });
   const png = PNG.sync.read(fs.readFileSync(out));
   fs.rmSync(out);
   return png;
@@ -97,6 +103,12 @@ try {
       console.log(`${name}: ${device}`);
       check(name === "webgpu" ? device.includes("WebGPU") : device.includes("CPU"),
         `${name}: the page says which device runs`);
+      if (student) {
+        const loaded = await page.textContent("#progress-text");
+        const cfg = await page.inputValue("#cfg");
+        check(loaded.includes("4-step student") && cfg === "1",
+          `${name}: the student is loaded and the page samples it without CFG (${loaded})`);
+      }
       const first = await generate(page);
       check(first.state === "done", `${name}: generated (${first.error})`);
       const again = await generate(page);
