@@ -10,6 +10,7 @@ use std::rc::Rc;
 use burn::tensor::Device;
 use portaflow::lora::{self, LoraWeights};
 use portaflow::pipeline::{self, GenerateOptions, Pipeline};
+use portaflow::sample::schedule::{RTDMD_TIMESTEPS, timestep_sigmas};
 use portaflow::sample::step::StepKind;
 use wasm_bindgen::prelude::*;
 
@@ -183,6 +184,7 @@ impl Engine {
     ) -> Result<js_sys::Promise, JsError> {
         let pipeline = self.loaded()?.clone();
         let device = self.device.clone();
+        let student = self.student;
         let kind = match sampler.as_str() {
             "euler" => StepKind::Euler,
             "cps" => StepKind::Cps { eta: 0.9 },
@@ -194,6 +196,10 @@ impl Engine {
         Ok(wasm_bindgen_futures::future_to_promise(async move {
             let mut options = GenerateOptions::euler(steps as usize, cfg, vec![seed as u64]);
             options.kind = kind;
+            if student && steps as usize == RTDMD_TIMESTEPS.len() {
+                // The student was distilled at RTDMD's σ list, not the scheduler's 4 steps.
+                options.sigmas = Some(timestep_sigmas(&RTDMD_TIMESTEPS, pipeline.scheduler.shift));
+            }
             let latents = pipeline
                 .generate_latents(&[prompt], &options, &device, |_| {}, None)
                 .map_err(|e| JsError::new(&e.to_string()))?;

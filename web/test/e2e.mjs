@@ -32,7 +32,9 @@ function nativeImage() {
   const out = path.join(os.tmpdir(), `portaflow-e2e-native-${process.pid}.png`);
   execFileSync(portaflow, ["--device", "cpu", "generate", "--prompt", settings.prompt,
     "--seed", String(settings.seed), "--steps", String(settings.steps), "--cfg", String(settings.cfg),
-    "--sampler", settings.sampler, ...(student ? ["--lora", student] : []), "-o", out],
+    "--sampler", settings.sampler,
+    // The student samples at RTDMD's σ list (what the page uses for it at 4 steps).
+    ...(student ? ["--lora", student, "--sigmas", "1,0.75,0.5,0.25"] : []), "-o", out],
   { stdio: "inherit" });
   const png = PNG.sync.read(fs.readFileSync(out));
   fs.rmSync(out);

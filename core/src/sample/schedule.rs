@@ -32,6 +32,18 @@ pub fn static_shift(sigma: f64, shift: f64) -> f64 {
     shift * sigma / (1.0 + (shift - 1.0) * sigma)
 }
 
+/// RTDMD's generator timesteps (of [`NUM_TRAIN_TIMESTEPS`]): where a 4-step student samples.
+pub const RTDMD_TIMESTEPS: [f64; 4] = [1000.0, 750.0, 500.0, 250.0];
+
+/// σ of each timestep (of [`NUM_TRAIN_TIMESTEPS`]) through a model's static shift: a few-step
+/// student's σ list (the bundled model, shift 1: RTDMD's → [1, 0.75, 0.5, 0.25]).
+pub fn timestep_sigmas(timesteps: &[f64], shift: f64) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|t| static_shift(t / NUM_TRAIN_TIMESTEPS as f64, shift))
+        .collect()
+}
+
 /// Exponential time shift `e^μ / (e^μ + (1/σ − 1))` used with dynamic shifting (FLUX).
 pub fn exponential_time_shift(mu: f64, sigma: f64) -> f64 {
     if sigma <= 0.0 {

@@ -30,7 +30,9 @@ use crate::lora::{self, LoraWeights};
 use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
 use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer};
 use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource, guided_velocity};
-use crate::sample::schedule::{NUM_TRAIN_TIMESTEPS, static_shift};
+use crate::sample::schedule::{
+    NUM_TRAIN_TIMESTEPS, RTDMD_TIMESTEPS, static_shift, timestep_sigmas,
+};
 use crate::sample::step::StepKind;
 use crate::train::grpo::clip_global_norm;
 use crate::train::grpo::config::ModelSection;
@@ -88,7 +90,7 @@ impl Default for AcDmdConfig {
             model: ModelSection::default(),
             train_prompts: None,
             test_prompts: None,
-            timesteps: vec![1000.0, 750.0, 500.0, 250.0],
+            timesteps: RTDMD_TIMESTEPS.to_vec(),
             eta: 0.9,
             teacher_guidance: 4.5,
             renoise_range: [20.0, 980.0],
@@ -183,10 +185,7 @@ impl AcDmdConfig {
 
     /// The generator's σ list for a model with static shift `shift`.
     pub fn sigmas(&self, shift: f64) -> Vec<f64> {
-        self.timesteps
-            .iter()
-            .map(|t| static_shift(t / NUM_TRAIN_TIMESTEPS as f64, shift))
-            .collect()
+        timestep_sigmas(&self.timesteps, shift)
     }
 
     fn lora(&self) -> lora::LoraConfig {
