@@ -134,6 +134,8 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
         (Some(d), _) if d.lv_samples > 0 => "draft-lv",
         (Some(_), _) => "draft-k",
         (None, Some(_)) => "flow-opd",
+        // RL on a few-step student at its own σ list: RTDMD's RL stage.
+        (None, None) if config.sample.sigmas.is_some() => "rtdmd",
         (None, None) => "flow-grpo",
     };
     let mut trainer = GrpoTrainer::open(config, out, &device)
