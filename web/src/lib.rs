@@ -173,7 +173,8 @@ impl Engine {
 
     /// One image as RGBA bytes (`resolution()`² × 4), resolving a Promise. `sampler` is "euler"
     /// or "cps" (η 0.9, the few-step sampler); the same settings and seed give the native
-    /// engine's image (`portaflow generate --sampler … --seed …`).
+    /// engine's image (`portaflow generate --sampler … --seed …`). With the student loaded, 4
+    /// steps are its own σ list (`--sigmas 1,0.75,0.5,0.25` natively).
     pub fn generate(
         &self,
         prompt: String,
