@@ -5,9 +5,11 @@
 use burn::tensor::Device;
 use portaflow::device::ChosenDevice;
 use portaflow::lora::{self, LoraWeights};
-use portaflow::pipeline::Pipeline;
+use portaflow::pipeline::eval::{EvalOptions, evaluate_pipeline};
+use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::reward::{Reward, RewardError, Score, Task};
 use portaflow::sample::select::StepSelection;
+use portaflow::sample::step::StepKind;
 use portaflow::train::grpo::config::{GrpoConfig, KlType, SdeType, StdScope};
 use portaflow::train::grpo::{GrpoTrainer, POLICY};
 use portaflow::world::prompt_sets;
@@ -810,6 +812,64 @@ fn rtdmd_config(epochs: usize) -> GrpoConfig {
         seed_offset: 104729,
     };
     c
+}
+
+#[test]
+fn eval_stochastic_scores_with_the_rollout_step_and_the_default_with_the_ode() {
+    let device = ChosenDevice::cpu().device;
+    let mut c = rtdmd_config(1);
+    c.run.eval_every = 1;
+    c.run.eval_prompts = Some(6);
+    c.run.eval_images_per_prompt = 2;
+    c.sample.eval_guidance_scale = 1.0;
+    let (_, test) = prompt_sets::build();
+    let specs: Vec<_> = test.into_iter().take(6).collect();
+    // The bundled model: the tiny test pipeline draws nothing the detector sees, so every score
+    // would be 0 whichever sampler ran.
+    let bundled = || Pipeline::from_dir(&pipeline::bundled_dir(), &device).unwrap();
+    // The same evaluation straight on the base (the fresh adapter's B is zero, so it adds 0).
+    let direct = |kind| {
+        let options = EvalOptions {
+            images_per_prompt: 2,
+            batch_size: c.sample.batch_size,
+            generate: GenerateOptions {
+                guidance_interval: None,
+                steps: 4,
+                guidance_scale: 1.0,
+                kind,
+                seeds: vec![],
+                negative_prompt: String::new(),
+                size: None,
+                initial_noise: None,
+                sigmas: c.sample.sigmas.clone(),
+            },
+            seed: c.run.seed,
+        };
+        evaluate_pipeline(&bundled(), &specs, &options, &device, None, |_, _| {}).unwrap()
+    };
+    let (ode, cps) = (direct(StepKind::Euler), direct(StepKind::Cps { eta: 0.9 }));
+    assert_ne!(
+        ode.dense_mean(),
+        cps.dense_mean(),
+        "the two samplers drew the same images"
+    );
+    for (stochastic, want) in [(false, &ode), (true, &cps)] {
+        let mut c = c.clone();
+        c.sample.eval_stochastic = stochastic;
+        let run = TempDir::new("grpo-eval-stochastic");
+        let (train, test) = prompt_sets::build();
+        let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
+        let ad = device.clone().autodiff();
+        let e = GrpoTrainer::new(c, bundled(), tasks, test, run.path(), &ad)
+            .unwrap()
+            .evaluate()
+            .unwrap();
+        assert_eq!(
+            (e.accuracy, e.dense_mean, e.artifact_rate),
+            (want.overall as f64, want.dense_mean(), want.artifact_rate()),
+            "eval_stochastic = {stochastic}"
+        );
+    }
 }
 
 #[test]
