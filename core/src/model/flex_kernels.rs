@@ -125,11 +125,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 /// Applies `f` to every element, in place when `x` owns its contiguous storage (a copy otherwise).
 fn map_in_place(x: FlexTensor, f: fn(&mut [f32])) -> FlexTensor {
-    let mut x = if x.is_contiguous() && x.layout().start_offset() == 0 {
-        x
-    } else {
-        x.to_contiguous()
-    };
+    let mut x = contiguous(x);
     let n = x.layout().num_elements();
     let values = &mut x.storage_mut::<f32>()[..n];
     #[cfg(feature = "native")]
@@ -144,6 +140,15 @@ fn map_in_place(x: FlexTensor, f: fn(&mut [f32])) -> FlexTensor {
     x
 }
 
+/// `x` itself when its storage starts at its first element in row-major order, else a copy.
+fn contiguous(x: FlexTensor) -> FlexTensor {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x
+    } else {
+        x.to_contiguous()
+    }
+}
+
 /// `grad[i] = grad[i] · f'(x[i])` in place over `grad` (copied first when shared or strided);
 /// `x` and `grad` have one shape.
 #[cfg_attr(not(feature = "native"), allow(dead_code))]
@@ -152,16 +157,8 @@ fn zip_in_place(
     x: &FlexTensor,
     derivative: fn(&[f32], &mut [f32]),
 ) -> FlexTensor {
-    let mut grad = if grad.is_contiguous() && grad.layout().start_offset() == 0 {
-        grad
-    } else {
-        grad.to_contiguous()
-    };
-    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
-        x.clone()
-    } else {
-        x.to_contiguous()
-    };
+    let mut grad = contiguous(grad);
+    let x = contiguous(x.clone());
     let n = grad.layout().num_elements();
     assert_eq!(
         n,

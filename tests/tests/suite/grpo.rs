@@ -833,15 +833,9 @@ fn eval_stochastic_scores_with_the_rollout_step_and_the_default_with_the_ode() {
             images_per_prompt: 2,
             batch_size: c.sample.batch_size,
             generate: GenerateOptions {
-                guidance_interval: None,
-                steps: 4,
-                guidance_scale: 1.0,
                 kind,
-                seeds: vec![],
-                negative_prompt: String::new(),
-                size: None,
-                initial_noise: None,
                 sigmas: c.sample.sigmas.clone(),
+                ..GenerateOptions::euler(4, 1.0, vec![])
             },
             seed: c.run.seed,
         };
