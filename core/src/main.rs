@@ -113,7 +113,8 @@ struct EvalArgs {
     /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
     #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
     cfg_interval: Option<Vec<f64>>,
-    /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9; a few-step student's sampler).
+    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9; a few-step
+    /// student's sampler).
     #[arg(long, default_value = "euler")]
     sampler: String,
     /// An explicit σ list instead of `--steps` (e.g. `1,0.75,0.5,0.25`, the 4-NFE student's).
@@ -156,7 +157,7 @@ struct GenerateArgs {
     /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
     #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
     cfg_interval: Option<Vec<f64>>,
-    /// euler, sde (Flow-GRPO SDE, noise level 0.7) or cps (η 0.9).
+    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9).
     #[arg(long, default_value = "euler")]
     sampler: String,
     /// An explicit σ list instead of `--steps` (e.g. `1,0.9,0.75,0.5`, RTDMD's 4-step student).
@@ -731,14 +732,26 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--sampler NAME`.
-fn sampler_kind(name: &str) -> Result<StepKind> {
-    Ok(match name {
-        "euler" => StepKind::Euler,
-        "sde" => StepKind::FlowSde { noise_level: 0.7 },
-        "cps" => StepKind::Cps { eta: 0.9 },
-        other => anyhow::bail!("unknown sampler `{other}` (euler, sde, cps)"),
-    })
+/// `--sampler NAME[:NOISE]`: `sde:0.8` sets the Flow-SDE noise level, `cps:0.5` the CPS η.
+fn sampler_kind(spec: &str) -> Result<StepKind> {
+    let (name, noise) = match spec.split_once(':') {
+        Some((name, value)) => {
+            let noise: f64 = value
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--sampler {spec}: `{value}` is not a number"))?;
+            (name, Some(noise))
+        }
+        None => (spec, None),
+    };
+    let kind = match (name, noise) {
+        ("euler", None) => StepKind::Euler,
+        ("euler", Some(_)) => anyhow::bail!("--sampler {spec}: euler takes no noise level"),
+        ("sde", noise) => StepKind::FlowSde { noise_level: noise.unwrap_or(0.7) },
+        ("cps", eta) => StepKind::Cps { eta: eta.unwrap_or(0.9) },
+        _ => anyhow::bail!("unknown sampler `{spec}` (euler, sde[:LEVEL], cps[:ETA])"),
+    };
+    kind.validate().map_err(|e| anyhow::anyhow!("--sampler {spec}: {e}"))?;
+    Ok(kind)
 }
 
 /// `--cfg-interval LOW,HIGH`.
