@@ -746,11 +746,16 @@ fn sampler_kind(spec: &str) -> Result<StepKind> {
     let kind = match (name, noise) {
         ("euler", None) => StepKind::Euler,
         ("euler", Some(_)) => anyhow::bail!("--sampler {spec}: euler takes no noise level"),
-        ("sde", noise) => StepKind::FlowSde { noise_level: noise.unwrap_or(0.7) },
-        ("cps", eta) => StepKind::Cps { eta: eta.unwrap_or(0.9) },
+        ("sde", noise) => StepKind::FlowSde {
+            noise_level: noise.unwrap_or(0.7),
+        },
+        ("cps", eta) => StepKind::Cps {
+            eta: eta.unwrap_or(0.9),
+        },
         _ => anyhow::bail!("unknown sampler `{spec}` (euler, sde[:LEVEL], cps[:ETA])"),
     };
-    kind.validate().map_err(|e| anyhow::anyhow!("--sampler {spec}: {e}"))?;
+    kind.validate()
+        .map_err(|e| anyhow::anyhow!("--sampler {spec}: {e}"))?;
     Ok(kind)
 }
 

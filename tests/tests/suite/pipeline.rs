@@ -604,3 +604,45 @@ fn denoising_probe() {
         println!("wrote {path}: clean images, then x̂₀ at σ = 0.1 … 1.0");
     }
 }
+
+/// On Flex a batch's forward runs in chunks on their own threads: every chunking gives the
+/// single forward's velocities (uneven chunks included), and the default takes that path.
+#[test]
+fn chunked_forwards_equal_the_batch_forward() {
+    use portaflow::sample::pipeline::Denoiser;
+    let device = ChosenDevice::cpu().device;
+    let pipe = Pipeline::from_dir(&portaflow::pipeline::bundled_dir(), &device).unwrap();
+    let prompts: Vec<String> = [
+        "a photo of a red circle",
+        "a photo of two blue squares",
+        "",
+        "a photo of a green triangle left of a yellow circle",
+        "a photo of four purple circles",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cond = pipe.encode(&prompts, &device).unwrap();
+    let shape = pipe.latent_shape(64, 64).unwrap();
+    let n = prompts.len() * shape.iter().product::<usize>();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 997) as f32 / 498.5 - 1.0)
+        .collect();
+    // [5, c, h, w]
+    let x = Tensor::<4>::from_data(
+        TensorData::new(values, [prompts.len(), shape[0], shape[1], shape[2]]),
+        &device,
+    );
+    let t = &pipe.transformer;
+    let values = |v: Tensor<4>| v.to_data().to_vec::<f32>().unwrap();
+    let whole = values(t.velocity_in_chunks(x.clone(), 0.6, &cond, 1));
+    for chunks in [2, 3, 5, 9] {
+        let split = values(t.velocity_in_chunks(x.clone(), 0.6, &cond, chunks));
+        let diff = max_abs_diff(&whole, &split);
+        assert!(
+            diff < 1e-5,
+            "{chunks} chunks differ from one forward by {diff}"
+        );
+    }
+    let default = values(t.velocity(x, 0.6, &cond));
+    assert!(max_abs_diff(&whole, &default) < 1e-5);
+}
