@@ -1,6 +1,6 @@
-//! `portaflow distill acdmd|rtdmd|opd --config FILE.toml --out RUN_DIR`: the AC-DMD cold start
-//! has its own trainer; RTDMD's RL stage and Flow-OPD run on the GRPO trainer with a config that
-//! must be theirs.
+//! `portaflow distill acdmd|reflow|rtdmd|opd --config FILE.toml --out RUN_DIR`: the AC-DMD cold
+//! start and reflow have their own trainers; RTDMD's RL stage and Flow-OPD run on the GRPO trainer
+//! with a config that must be theirs.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 
 use portaflow::device::{self, DeviceRequest};
 use portaflow::pipeline::{self, Pipeline};
-use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdEval, AcDmdTrainer};
+use portaflow::train::distill::StudentEval;
+use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdTrainer};
+use portaflow::train::distill::reflow::{ReflowConfig, ReflowTrainer};
 use portaflow::train::grpo::config::{GrpoConfig, SdeType};
 use portaflow::world::prompt;
 
@@ -25,6 +27,24 @@ pub enum DistillCommand {
         config: Option<PathBuf>,
         /// Run directory: metrics.jsonl, eval.jsonl, checkpoint/, generator_final/. A run
         /// directory with a checkpoint is resumed.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override `iterations` (the only setting a resumed run may change).
+        #[arg(long)]
+        iterations: Option<usize>,
+        /// Print the effective config and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Reward-filtered reflow: the teacher's ODE couplings (kept when the Shapes detector marks
+    /// the image correct) regressed by a few-step Euler student in a LoRA adapter (preset:
+    /// configs/reflow-shapes.toml).
+    Reflow {
+        /// The run config (TOML); every field has a default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run directory: couplings/, metrics.jsonl, eval.jsonl, checkpoint/, student_final/.
+        /// A run directory with a checkpoint is resumed.
         #[arg(long)]
         out: PathBuf,
         /// Override `iterations` (the only setting a resumed run may change).
@@ -99,6 +119,25 @@ pub fn run(request: DeviceRequest, command: DistillCommand) -> Result<()> {
             }
             acdmd(request, config, &out)
         }
+        DistillCommand::Reflow {
+            config,
+            out,
+            iterations,
+            print_config,
+        } => {
+            let mut config = match &config {
+                Some(path) => ReflowConfig::from_file(path).map_err(anyhow::Error::msg)?,
+                None => ReflowConfig::default(),
+            };
+            if let Some(n) = iterations {
+                config.iterations = n;
+            }
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
+            reflow(request, config, &out)
+        }
         DistillCommand::Rtdmd(args) => {
             let config = method_config(&args, "configs/rtdmd-shapes.toml", check_rtdmd)?;
             run_grpo_config(request, config, &args)
@@ -116,7 +155,7 @@ fn repo_file(relative: &str) -> PathBuf {
         .join(relative)
 }
 
-fn print_eval(e: &AcDmdEval) {
+fn print_eval(e: &StudentEval) {
     let tags: Vec<String> = e
         .accuracy_by_tag
         .iter()
@@ -132,6 +171,20 @@ fn print_eval(e: &AcDmdEval) {
     );
 }
 
+/// The training and held-out prompt files, the repository's Shapes prompts by default.
+fn prompt_files(
+    train: &Option<PathBuf>,
+    test: &Option<PathBuf>,
+) -> Result<(Vec<prompt::PromptSpec>, Vec<prompt::PromptSpec>)> {
+    let train = train
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
+    let test = test
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
+    Ok((prompt::read_jsonl(&train)?, prompt::read_jsonl(&test)?))
+}
+
 fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let chosen = device::select(request)?;
@@ -141,19 +194,8 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
         .path
         .clone()
         .unwrap_or_else(pipeline::bundled_dir);
-    let train_path = config
-        .train_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
-    let test_path = config
-        .test_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
-    let train: Vec<String> = prompt::read_jsonl(&train_path)?
-        .into_iter()
-        .map(|s| s.prompt)
-        .collect();
-    let test = prompt::read_jsonl(&test_path)?;
+    let (train, test) = prompt_files(&config.train_prompts, &config.test_prompts)?;
+    let train: Vec<String> = train.into_iter().map(|s| s.prompt).collect();
     let base = Pipeline::from_dir(&model, &device)
         .with_context(|| format!("loading the teacher {}", model.display()))?;
     let mut trainer = AcDmdTrainer::new(config, base, train, test, out, &device)?;
@@ -216,6 +258,105 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
             .sigmas()
             .iter()
             .map(|s| format!("{s:.4}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    Ok(())
+}
+
+fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let chosen = device::select(request)?;
+    let device = chosen.device.clone().autodiff();
+    let model = config
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(pipeline::bundled_dir);
+    let (train, test) = prompt_files(&config.train_prompts, &config.test_prompts)?;
+    let base = Pipeline::from_dir(&model, &device)
+        .with_context(|| format!("loading the teacher {}", model.display()))?;
+    println!(
+        "reflow on {chosen}: teacher {} ({} Euler steps, CFG {}), student σ {:?} (Euler), run dir {}",
+        model.display(),
+        config.teacher_steps,
+        config.teacher_guidance,
+        config.sigmas,
+        out.display()
+    );
+    let start = Instant::now();
+    let mut last_report = Instant::now();
+    let mut trainer =
+        ReflowTrainer::new(config, base, train, test, out, &device, |done, total| {
+            if done == total || last_report.elapsed().as_secs() >= 30 {
+                last_report = Instant::now();
+                println!(
+                    "  teacher couplings {done}/{total} ({:.0} s)",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        })?;
+    let index = trainer.couplings();
+    let tags: Vec<String> = index
+        .kept_by_tag
+        .iter()
+        .map(|(t, [kept, drawn])| format!("{t} {kept}/{drawn}"))
+        .collect();
+    println!(
+        "couplings: {} of {} kept ({}), drawn in {:.0} s",
+        index.seeds.len(),
+        index.drawn,
+        tags.join(", "),
+        index.seconds
+    );
+    if trainer.iteration == 0 && trainer.config.eval_every > 0 {
+        // Where the curve starts: the base sampled with the student's few Euler steps, no CFG.
+        print_eval(&trainer.evaluate()?);
+    } else if trainer.iteration > 0 {
+        println!("resumed at iteration {}", trainer.iteration);
+    }
+    let stop = super::stop_on_ctrl_c("iteration")?;
+    while !trainer.done() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let checkpoint = trainer.save_checkpoint()?;
+            let student = trainer.write_student()?;
+            println!(
+                "stopped after iteration {}: checkpoint {}, the student so far {} (rerun the same command to resume)",
+                trainer.iteration,
+                checkpoint.display(),
+                student.display()
+            );
+            return Ok(());
+        }
+        let m = trainer.iterate()?;
+        let by_sigma: Vec<String> = m.loss_by_sigma.iter().map(|l| format!("{l:.4}")).collect();
+        println!(
+            "iter {:>5}  loss {:.4} (per σ {})  |∇| {:.3}  {:.1} s  peak {:.0} MiB  ({:.0} s)",
+            m.iteration,
+            m.loss,
+            by_sigma.join(" "),
+            m.grad_norm,
+            m.seconds,
+            m.peak_memory_mib.unwrap_or(0.0),
+            start.elapsed().as_secs_f64()
+        );
+        if trainer.eval_due() {
+            print_eval(&trainer.evaluate()?);
+        }
+    }
+    let student = out.join("student_final");
+    if !student.join("adapter_model.safetensors").is_file() {
+        trainer.write_student()?;
+    }
+    println!(
+        "done in {:.0} s: the student adapter is {} (generate with --lora it --sigmas {} --sampler euler --cfg 1)",
+        start.elapsed().as_secs_f64(),
+        student.display(),
+        trainer
+            .config
+            .sigmas
+            .iter()
+            .map(|s| format!("{s}"))
             .collect::<Vec<_>>()
             .join(",")
     );

@@ -171,3 +171,210 @@ fn every_acdmd_preset_parses_and_validates() {
     }
     assert!(count >= 2, "presets missing from {}", dir.display());
 }
+
+mod reflow {
+    use super::*;
+    use portaflow::train::distill::reflow::{Keep, ReflowConfig, ReflowTrainer, STUDENT};
+    use portaflow::world::prompt::PromptSpec;
+
+    fn config(iterations: usize) -> ReflowConfig {
+        let mut c = ReflowConfig::default();
+        c.model.lora_rank = 4;
+        c.model.lora_alpha = 8.0;
+        c.teacher_steps = 4;
+        c.teacher_guidance = 3.0;
+        c.pairs_per_prompt = 1;
+        c.keep = Keep::All;
+        c.sigmas = vec![1.0, 0.5];
+        c.batch_size = 4;
+        c.iterations = iterations;
+        c.learning_rate = 1e-2;
+        c.eval_every = 0;
+        c.save_every = 1;
+        c
+    }
+
+    fn prompts(n: usize) -> (Vec<PromptSpec>, Vec<PromptSpec>) {
+        let (train, test) = prompt_sets::build();
+        (train.into_iter().take(n).collect(), test)
+    }
+
+    fn trainer(c: ReflowConfig, n: usize, run: &std::path::Path) -> Result<ReflowTrainer, String> {
+        let device = ChosenDevice::cpu().device;
+        let (train, test) = prompts(n);
+        let ad = device.clone().autodiff();
+        ReflowTrainer::new(
+            c,
+            tiny_pretrained_pipeline(&device),
+            train,
+            test,
+            run,
+            &ad,
+            |_, _| {},
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn student_values(t: &ReflowTrainer) -> Vec<f32> {
+        lora::extract(t.student_transformer(), STUDENT)
+            .unwrap()
+            .into_iter()
+            .flat_map(|(_, m)| m.a.into_iter().chain(m.b))
+            .collect()
+    }
+
+    /// The couplings are the teacher's ODE ends: x₀ stored for each kept seed equals a direct
+    /// generation with that seed; the student regresses them (its loss on a single coupling
+    /// falls), and a resumed run continues where it stopped.
+    #[test]
+    fn the_student_regresses_the_teachers_couplings_and_resumes() {
+        let run = TempDir::new("reflow-run");
+        let mut t = trainer(config(3), 6, run.path()).unwrap();
+        let index = t.couplings().clone();
+        assert_eq!(
+            (index.drawn, index.seeds.len()),
+            (6, 6),
+            "keep = all keeps every one"
+        );
+        // The stored x₀ of coupling 2 is the teacher's 4-step CFG-3 image for its seed.
+        let device = ChosenDevice::cpu().device;
+        let teacher = tiny_pretrained_pipeline(&device);
+        let (train, _) = prompts(6);
+        let options = portaflow::pipeline::GenerateOptions::euler(4, 3.0, vec![index.seeds[2]]);
+        let direct = teacher
+            .generate_latents(
+                &[train[index.prompts[2]].prompt.clone()],
+                &options,
+                &device,
+                |_| {},
+                None,
+            )
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
+        let per = direct.len();
+        let stored: Vec<f32> = bytes[2 * per * 4..3 * per * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let diff = portaflow_tests::max_abs_diff(&stored, &direct);
+        assert!(
+            diff < 1e-5,
+            "stored x0 differs from the teacher's by {diff}"
+        );
+
+        let before = student_values(&t);
+        while !t.done() {
+            let m = t.iterate().unwrap();
+            assert!(m.loss.is_finite() && m.loss_by_sigma.len() == 2, "{m:?}");
+        }
+        let after = student_values(&t);
+        assert_ne!(before, after, "the student adapter did not move");
+        assert!(
+            run.path()
+                .join("student_final/adapter_model.safetensors")
+                .is_file()
+        );
+
+        // Stopped after iteration 2 and resumed: the uninterrupted run's student.
+        let split = TempDir::new("reflow-resume");
+        let mut first = trainer(config(2), 6, split.path()).unwrap();
+        while !first.done() {
+            first.iterate().unwrap();
+        }
+        drop(first);
+        let mut resumed = trainer(config(3), 6, split.path()).unwrap();
+        assert_eq!(resumed.iteration, 2);
+        resumed.iterate().unwrap();
+        let diff = portaflow_tests::max_abs_diff(&student_values(&resumed), &after);
+        assert!(diff < 1e-6, "the resumed run differs by {diff}");
+
+        // One coupling, 40 updates: the regression loss falls well below where it started.
+        let single = TempDir::new("reflow-fit");
+        let mut c = config(40);
+        c.save_every = 40;
+        let mut t = trainer(c, 1, single.path()).unwrap();
+        let losses: Vec<f64> = (0..40).map(|_| t.iterate().unwrap().loss).collect();
+        let (start, end) = (losses[0], losses[35..].iter().sum::<f64>() / 5.0);
+        assert!(end < 0.5 * start, "loss {start:.4} → {end:.4}: {losses:?}");
+
+        // The student evaluates at its own Euler steps.
+        let mut c = config(1);
+        c.eval_prompts = Some(2);
+        c.eval_images_per_prompt = 1;
+        let eval_run = TempDir::new("reflow-eval");
+        let mut t = trainer(c, 2, eval_run.path()).unwrap();
+        let e = t.evaluate().unwrap();
+        assert!(e.steps == 2 && (0.0..=1.0).contains(&e.accuracy), "{e:?}");
+    }
+
+    #[test]
+    fn bad_settings_and_damaged_couplings_are_named() {
+        let mut c = config(1);
+        c.sigmas = vec![1.0, 0.5, 0.75];
+        assert!(c.validate().unwrap_err().contains("sigmas"));
+        let mut c = config(1);
+        c.sigmas = vec![0.9, 0.5];
+        assert!(c.validate().unwrap_err().contains("sigmas must start at 1"));
+        let mut c = config(1);
+        c.batch_size = 1;
+        assert!(c.validate().unwrap_err().contains("batch_size"));
+        let mut c = config(1);
+        c.teacher_guidance = 0.5;
+        assert!(c.validate().unwrap_err().contains("teacher_guidance"));
+        let mut c = config(1);
+        c.model.merge_adapters = vec!["runs/x".into()];
+        assert!(c.validate().unwrap_err().contains("merge_adapters"));
+
+        // A filter nothing passes: the tiny model draws no correct image of these prompts.
+        let mut c = config(1);
+        c.keep = Keep::Correct;
+        let run = TempDir::new("reflow-none-kept");
+        let (train, _) = prompt_sets::build();
+        let hard: Vec<PromptSpec> = train
+            .into_iter()
+            .filter(|s| s.tag == "color_attr")
+            .take(2)
+            .collect();
+        assert!(!hard.is_empty());
+        let device = ChosenDevice::cpu().device;
+        let err = ReflowTrainer::new(
+            c,
+            tiny_pretrained_pipeline(&device),
+            hard,
+            vec![],
+            run.path(),
+            &device.clone().autodiff(),
+            |_, _| {},
+        )
+        .err()
+        .expect("no coupling kept")
+        .to_string();
+        assert!(err.contains("no coupling that passed the filter"), "{err}");
+
+        // Truncated couplings are named, not read.
+        let run = TempDir::new("reflow-truncated");
+        drop(trainer(config(1), 3, run.path()).unwrap());
+        let data = run.path().join("couplings/x0.f32");
+        let bytes = std::fs::read(&data).unwrap();
+        std::fs::write(&data, &bytes[..bytes.len() - 8]).unwrap();
+        let err = trainer(config(1), 3, run.path()).err().unwrap();
+        assert!(err.contains("x0.f32") && err.contains("truncated"), "{err}");
+
+        // Another config in the same run directory.
+        let mut other = config(1);
+        other.teacher_steps = 8;
+        let err = trainer(other, 3, run.path()).err().unwrap();
+        assert!(err.contains("only iterations may change"), "{err}");
+    }
+
+    #[test]
+    fn the_reflow_preset_parses_and_validates() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/reflow-shapes.toml");
+        let c = ReflowConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.keep, Keep::Correct);
+    }
+}

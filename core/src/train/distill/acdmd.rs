@@ -19,15 +19,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use super::DistillError;
+pub(crate) use super::adam;
 use super::objectives::{consistency, cps_transition, dmd_loss, fake_score_loss, renoise};
+use super::{RunState, StudentEval, append_line, evaluate_student, mix, run_error, truncate_log};
 use crate::lora::{self, LoraWeights};
-use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
 use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer};
 use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource, guided_velocity};
 use crate::sample::schedule::{
@@ -212,40 +214,7 @@ pub struct AcDmdMetrics {
 }
 
 /// The student's held-out accuracy, appended to `eval.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AcDmdEval {
-    pub iteration: usize,
-    pub accuracy: f64,
-    pub accuracy_by_tag: std::collections::BTreeMap<String, f64>,
-    pub artifact_rate: f64,
-    pub steps: usize,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct RunState {
-    iteration: usize,
-}
-
-/// Errors of a distillation run.
-#[derive(Debug, thiserror::Error)]
-pub enum DistillError {
-    #[error(transparent)]
-    Pipeline(#[from] PipelineError),
-    #[error(transparent)]
-    Lora(#[from] lora::LoraError),
-    #[error("config: {0}")]
-    Config(String),
-    #[error("{path}: {message}")]
-    Run { path: PathBuf, message: String },
-}
-
-fn run_error(path: &Path, message: impl std::fmt::Display) -> DistillError {
-    DistillError::Run {
-        path: path.to_path_buf(),
-        message: message.to_string(),
-    }
-}
+pub type AcDmdEval = StudentEval;
 
 /// An AC-DMD run in progress: call [`AcDmdTrainer::iterate`] until [`AcDmdTrainer::done`].
 pub struct AcDmdTrainer {
@@ -659,52 +628,22 @@ impl AcDmdTrainer {
 
     /// Held-out accuracy of the student: its own σ list, CPS η, no CFG; appended to `eval.jsonl`.
     pub fn evaluate(&mut self) -> Result<AcDmdEval, DistillError> {
-        let start = Instant::now();
         let c = &self.config;
-        let specs: Vec<PromptSpec> = match c.eval_prompts {
-            Some(n) => self.test.iter().take(n).cloned().collect(),
-            None => self.test.clone(),
-        };
-        let options = EvalOptions {
-            images_per_prompt: c.eval_images_per_prompt,
-            batch_size: c.batch_size,
-            generate: GenerateOptions {
-                guidance_interval: None,
-                steps: self.sigmas.len(),
-                guidance_scale: 1.0,
-                kind: StepKind::Cps { eta: c.eta },
-                seeds: vec![],
-                negative_prompt: String::new(),
-                size: None,
-                initial_noise: None,
-                sigmas: Some(self.sigmas.clone()),
-            },
-            seed: c.seed,
-        };
-        // The pipeline samples with the student for the evaluation, then holds the teacher again.
-        let teacher = std::mem::replace(&mut self.teacher.transformer, self.generator.valid());
-        let report = evaluate_pipeline(
-            &self.teacher,
-            &specs,
-            &options,
+        let mut sampling = GenerateOptions::euler(self.sigmas.len(), 1.0, vec![]);
+        sampling.kind = StepKind::Cps { eta: c.eta };
+        sampling.sigmas = Some(self.sigmas.clone());
+        let eval = evaluate_student(
+            &mut self.teacher,
+            self.generator.valid(),
+            &self.test,
+            c.eval_prompts,
+            c.eval_images_per_prompt,
+            c.batch_size,
+            c.seed,
+            sampling,
+            self.iteration,
             &self.plain_device,
-            None,
-            |_, _| {},
-        );
-        self.teacher.transformer = teacher;
-        let report = report?;
-        let eval = AcDmdEval {
-            iteration: self.iteration,
-            accuracy: report.overall as f64,
-            accuracy_by_tag: report
-                .tags
-                .iter()
-                .map(|(t, a)| (t.clone(), *a as f64))
-                .collect(),
-            artifact_rate: report.artifact_rate(),
-            steps: self.sigmas.len(),
-            seconds: start.elapsed().as_secs_f64(),
-        };
+        )?;
         append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
         Ok(eval)
     }
@@ -746,30 +685,4 @@ impl AcDmdTrainer {
         std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
         Ok(final_dir)
     }
-}
-
-/// AdamW as RTDMD configures its generator and fake score: betas (0.9, 0.999), no weight decay.
-pub(crate) fn adam() -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.0)
-        .init()
-}
-
-/// splitmix64 of (seed, stream): independent per-purpose seeds.
-fn mix(seed: u64, stream: u64) -> u64 {
-    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn append_line(path: &Path, value: &impl Serialize) -> Result<(), DistillError> {
-    crate::train::append_jsonl(path, value).map_err(|e| run_error(path, e))
-}
-
-fn truncate_log(path: &Path, iteration: usize) -> Result<(), DistillError> {
-    crate::train::truncate_jsonl(path, "iteration", iteration).map_err(|e| run_error(path, e))
 }

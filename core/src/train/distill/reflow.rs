@@ -1,0 +1,602 @@
+//! Reward-filtered reflow: a few-step Euler student distilled from the teacher's ODE couplings
+//! (rectified flow's "reflow", Liu et al. 2022; InstaFlow), tilted toward the reward by keeping
+//! only the couplings whose image the Shapes detector marks correct.
+//!
+//! 1. **couplings** (once per run, stored in the run directory): for every training prompt and
+//!    `pairs_per_prompt` seeds, the teacher (the base with CFG) integrates its ODE from the
+//!    seed's noise z to x₀ with `teacher_steps` Euler steps; with `keep = "correct"` a coupling
+//!    stays only if GenEval's rule finds the prompt in the decoded image: the data of
+//!    p̃(x₀ | c) ∝ p_teacher(x₀ | c)·1[correct];
+//! 2. **student** (a LoRA on the base, no CFG): on the straight line x_σ = (1 − σ)·x₀ + σ·z it
+//!    regresses the coupling's velocity z − x₀ at each of its own σ's (an equal share of every
+//!    batch per σ), loss ‖v̂ − (z − x₀)‖²; sampling is then Euler on that σ list.
+//!
+//! A run directory holds `config.toml`, `couplings/` (`index.json` + `x0.f32`), `metrics.jsonl`,
+//! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly) and
+//! `student_final/` (a PEFT folder).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    DistillError, RunState, StudentEval, adam, append_line, evaluate_student, mix, run_error,
+    truncate_log,
+};
+use crate::lora::{self, LoraWeights};
+use crate::pipeline::{
+    GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
+};
+use crate::sample::pipeline::{Denoiser, NoiseSource};
+use crate::train::grpo::clip_global_norm;
+use crate::train::grpo::config::ModelSection;
+use crate::world::geneval::evaluate_image;
+use crate::world::prompt::PromptSpec;
+
+/// The adapter that becomes the student.
+pub const STUDENT: &str = "student";
+
+/// Which teacher couplings the student learns from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// Every coupling: plain reflow, the student approximates the teacher.
+    All,
+    /// Only couplings whose image GenEval's rule marks correct: reward-filtered reflow.
+    Correct,
+}
+
+/// `portaflow distill reflow` settings (every field has a default; see `configs/reflow-*.toml`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReflowConfig {
+    /// Base model (teacher) and the student's LoRA shape.
+    pub model: ModelSection,
+    /// Training prompts (GenEval JSONL); the repository's Shapes training prompts when absent.
+    pub train_prompts: Option<PathBuf>,
+    /// Held-out prompts for evaluation; the repository's Shapes test prompts when absent.
+    pub test_prompts: Option<PathBuf>,
+    /// The teacher's Euler steps and CFG scale.
+    pub teacher_steps: usize,
+    pub teacher_guidance: f64,
+    /// Couplings drawn per training prompt (before filtering).
+    pub pairs_per_prompt: usize,
+    pub keep: Keep,
+    /// The student's σ list (0 is appended by the sampler): its Euler steps.
+    pub sigmas: Vec<f64>,
+    pub learning_rate: f64,
+    pub grad_clip: f64,
+    /// Couplings per update, split evenly over `sigmas`.
+    pub batch_size: usize,
+    pub iterations: usize,
+    pub seed: u64,
+    /// Held-out evaluation every N iterations (and after the last); 0 never.
+    pub eval_every: usize,
+    pub eval_prompts: Option<usize>,
+    pub eval_images_per_prompt: usize,
+    /// Checkpoint every N iterations (and after the last).
+    pub save_every: usize,
+}
+
+impl Default for ReflowConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSection::default(),
+            train_prompts: None,
+            test_prompts: None,
+            teacher_steps: 20,
+            teacher_guidance: 4.5,
+            pairs_per_prompt: 16,
+            keep: Keep::Correct,
+            sigmas: vec![1.0, 0.75, 0.5, 0.25],
+            learning_rate: 1e-4,
+            grad_clip: 1.0,
+            batch_size: 32,
+            iterations: 1000,
+            seed: 42,
+            eval_every: 100,
+            eval_prompts: None,
+            eval_images_per_prompt: 4,
+            save_every: 100,
+        }
+    }
+}
+
+impl ReflowConfig {
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        crate::train::read_toml_config(path, Self::validate)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("serialisable config")
+    }
+
+    /// Checks every field; the message names the field and what it must be.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("teacher_steps", self.teacher_steps),
+            ("pairs_per_prompt", self.pairs_per_prompt),
+            ("batch_size", self.batch_size),
+            ("iterations", self.iterations),
+            ("save_every", self.save_every),
+            ("eval_images_per_prompt", self.eval_images_per_prompt),
+            ("model.lora_rank", self.model.lora_rank),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        for (name, value) in [
+            ("learning_rate", self.learning_rate),
+            ("grad_clip", self.grad_clip),
+            ("model.lora_alpha", self.model.lora_alpha),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{name} must be positive, got {value}"));
+            }
+        }
+        if !(self.teacher_guidance.is_finite() && self.teacher_guidance >= 1.0) {
+            return Err(format!(
+                "teacher_guidance must be ≥ 1 (1: no CFG), got {}",
+                self.teacher_guidance
+            ));
+        }
+        let s = &self.sigmas;
+        if s.is_empty()
+            || s[0] != 1.0
+            || s.iter().any(|v| !(v.is_finite() && *v > 0.0))
+            || s.windows(2).any(|w| w[1] >= w[0])
+        {
+            return Err(format!(
+                "sigmas must start at 1 and decrease strictly above 0 (e.g. [1.0, 0.75, 0.5, 0.25]), got {s:?}"
+            ));
+        }
+        if self.batch_size < s.len() {
+            return Err(format!(
+                "batch_size {} must be at least the number of sigmas ({}): each update trains every σ",
+                self.batch_size,
+                s.len()
+            ));
+        }
+        if self.model.lora_targets.is_empty() {
+            return Err("model.lora_targets is empty".into());
+        }
+        if !self.model.merge_adapters.is_empty() || self.model.init_adapter.is_some() {
+            return Err(
+                "model.merge_adapters / model.init_adapter are GRPO settings; reflow trains a fresh adapter on the base".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn lora(&self) -> lora::LoraConfig {
+        let targets: Vec<&str> = self.model.lora_targets.iter().map(String::as_str).collect();
+        lora::LoraConfig::new(self.model.lora_rank, self.model.lora_alpha, &targets)
+    }
+
+    /// How the student samples: Euler on its σ list, no CFG.
+    pub fn student_sampling(&self) -> GenerateOptions {
+        let mut options = GenerateOptions::euler(self.sigmas.len(), 1.0, vec![]);
+        options.sigmas = Some(self.sigmas.clone());
+        options
+    }
+}
+
+/// `couplings/index.json`: what `x0.f32` holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CouplingIndex {
+    /// One latent's shape `[c, h, w]`.
+    pub shape: [usize; 3],
+    /// Per kept coupling: its training prompt (index into the prompt file) and noise seed.
+    pub prompts: Vec<usize>,
+    pub seeds: Vec<u64>,
+    /// Couplings drawn before filtering, and the kept share per tag.
+    pub drawn: usize,
+    pub kept_by_tag: std::collections::BTreeMap<String, [usize; 2]>,
+    pub teacher_steps: usize,
+    pub teacher_guidance: f64,
+    pub seconds: f64,
+}
+
+/// The teacher's kept couplings: z is regenerated from the seed, x₀ is stored.
+struct Couplings {
+    index: CouplingIndex,
+    /// `[n·c·h·w]`, coupling-major.
+    x0: Vec<f32>,
+}
+
+impl Couplings {
+    fn len(&self) -> usize {
+        self.index.seeds.len()
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), DistillError> {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| run_error(&tmp, e))?;
+        let bytes: Vec<u8> = self.x0.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(tmp.join("x0.f32"), bytes).map_err(|e| run_error(&tmp, e))?;
+        let json = serde_json::to_string_pretty(&self.index).expect("json");
+        std::fs::write(tmp.join("index.json"), json).map_err(|e| run_error(&tmp, e))?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| run_error(dir, e))
+    }
+
+    fn read(dir: &Path) -> Result<Self, DistillError> {
+        let index_path = dir.join("index.json");
+        let text = std::fs::read_to_string(&index_path).map_err(|e| run_error(&index_path, e))?;
+        let index: CouplingIndex =
+            serde_json::from_str(&text).map_err(|e| run_error(&index_path, e))?;
+        let data_path = dir.join("x0.f32");
+        let bytes = std::fs::read(&data_path).map_err(|e| run_error(&data_path, e))?;
+        let expected = index.seeds.len() * index.shape.iter().product::<usize>() * 4;
+        if bytes.len() != expected || index.prompts.len() != index.seeds.len() {
+            return Err(run_error(
+                &data_path,
+                format!(
+                    "holds {} bytes, index.json describes {} couplings of {:?} ({expected} bytes): truncated or mismatched; delete couplings/ to draw them again",
+                    bytes.len(),
+                    index.seeds.len(),
+                    index.shape
+                ),
+            ));
+        }
+        let x0 = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Self { index, x0 })
+    }
+}
+
+/// One iteration's line in `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReflowMetrics {
+    pub iteration: usize,
+    /// ‖v̂ − (z − x₀)‖², mean over the batch, and per σ of the student's list.
+    pub loss: f64,
+    pub loss_by_sigma: Vec<f64>,
+    pub grad_norm: f64,
+    pub seconds: f64,
+    pub peak_memory_mib: Option<f64>,
+}
+
+/// A reflow run in progress: call [`ReflowTrainer::iterate`] until [`ReflowTrainer::done`].
+pub struct ReflowTrainer {
+    pub config: ReflowConfig,
+    /// Base + student adapter (trainable), autodiff device.
+    student: Transformer,
+    /// Text side and scheduler; its transformer is the teacher (the plain base).
+    teacher: Pipeline,
+    optimizer: ModuleOptimizer,
+    couplings: Couplings,
+    train: Vec<PromptSpec>,
+    test: Vec<PromptSpec>,
+    run_dir: PathBuf,
+    pub iteration: usize,
+    device: Device,
+    plain_device: Device,
+}
+
+impl ReflowTrainer {
+    /// Starts a run in `run_dir` (drawing the teacher's couplings first, which reports
+    /// `(done, total)` to `progress`), or resumes it when it holds a checkpoint. `pipeline` is
+    /// the base model on an autodiff device, without adapters.
+    pub fn new(
+        config: ReflowConfig,
+        pipeline: Pipeline,
+        train: Vec<PromptSpec>,
+        test: Vec<PromptSpec>,
+        run_dir: &Path,
+        device: &Device,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, DistillError> {
+        config.validate().map_err(DistillError::Config)?;
+        if train.is_empty() {
+            return Err(DistillError::Config("no training prompts".into()));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|e| run_error(run_dir, e))?;
+        let config_path = run_dir.join("config.toml");
+        let checkpoint = run_dir.join("checkpoint");
+        let couplings_dir = run_dir.join("couplings");
+        let started = checkpoint.join("state.json").is_file() || couplings_dir.is_dir();
+        if started && config_path.is_file() {
+            let mut stored = ReflowConfig::from_file(&config_path).map_err(DistillError::Config)?;
+            stored.iterations = config.iterations;
+            if stored != config {
+                return Err(run_error(
+                    &config_path,
+                    "the run was started with another config; only iterations may change on resume (start a new run directory otherwise)",
+                ));
+            }
+        }
+        std::fs::write(&config_path, config.to_toml()).map_err(|e| run_error(&config_path, e))?;
+
+        let plain_device = device.clone().inner();
+        let teacher = Pipeline {
+            text: pipeline.text.valid(),
+            transformer: pipeline.transformer.valid(),
+            vae: pipeline.vae.map(|v| v.valid()),
+            index: pipeline.index,
+            scheduler: pipeline.scheduler,
+        };
+        let couplings = if couplings_dir.join("index.json").is_file() {
+            Couplings::read(&couplings_dir)?
+        } else {
+            let c = draw_couplings(&config, &teacher, &train, &plain_device, progress)?;
+            c.write(&couplings_dir)?;
+            c
+        };
+        if couplings.len() == 0 {
+            return Err(run_error(
+                &couplings_dir,
+                "the teacher drew no coupling that passed the filter (keep = \"correct\"): draw more per prompt or keep \"all\"",
+            ));
+        }
+
+        let mut student = pipeline.transformer;
+        let mut optimizer = adam();
+        let mut iteration = 0;
+        if checkpoint.join("state.json").is_file() {
+            let adapter = LoraWeights::read(&checkpoint.join(STUDENT))?;
+            lora::attach(
+                &mut student,
+                STUDENT,
+                adapter.component("transformer"),
+                1.0,
+                device,
+            )?;
+            let path = checkpoint.join("optimizer.bin");
+            optimizer = optimizer
+                .load(&path)
+                .map_err(|e| run_error(&path, format!("cannot resume the optimizer: {e}")))?;
+            let state: RunState = crate::model::read_config(&checkpoint.join("state.json"))
+                .map_err(PipelineError::from)?;
+            iteration = state.iteration;
+            truncate_log(&run_dir.join("metrics.jsonl"), iteration)?;
+            truncate_log(&run_dir.join("eval.jsonl"), iteration)?;
+        } else {
+            lora::init_adapter(&mut student, STUDENT, &config.lora(), config.seed, device)?;
+        }
+        Ok(Self {
+            student: lora::train_only(student, STUDENT),
+            teacher,
+            optimizer,
+            couplings,
+            train,
+            test,
+            run_dir: run_dir.to_path_buf(),
+            iteration,
+            device: device.clone(),
+            plain_device,
+            config,
+        })
+    }
+
+    pub fn done(&self) -> bool {
+        self.iteration >= self.config.iterations
+    }
+
+    /// What the couplings hold (kept / drawn, per tag).
+    pub fn couplings(&self) -> &CouplingIndex {
+        &self.couplings.index
+    }
+
+    /// The student (base + adapter).
+    pub fn student_transformer(&self) -> &Transformer {
+        &self.student
+    }
+
+    /// One update: `batch_size` couplings drawn at random, an equal share at each σ.
+    pub fn iterate(&mut self) -> Result<ReflowMetrics, DistillError> {
+        let start = Instant::now();
+        let c = self.config.clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(c.seed, self.iteration as u64));
+        let shape = self.couplings.index.shape;
+        let per = shape.iter().product::<usize>();
+        let denoiser = PipelineDenoiser {
+            transformer: &self.student,
+            prediction: self.teacher.index.prediction,
+        };
+        let groups = c.sigmas.len();
+        let mut losses = Vec::with_capacity(groups);
+        let mut total: Option<Tensor<1>> = None;
+        for (g, &sigma) in c.sigmas.iter().enumerate() {
+            let n = (g + 1) * c.batch_size / groups - g * c.batch_size / groups;
+            let picks: Vec<usize> = (0..n)
+                .map(|_| rng.random_range(0..self.couplings.len()))
+                .collect();
+            let prompts: Vec<String> = picks
+                .iter()
+                .map(|&i| self.train[self.couplings.index.prompts[i]].prompt.clone())
+                .collect();
+            let seeds: Vec<u64> = picks
+                .iter()
+                .map(|&i| self.couplings.index.seeds[i])
+                .collect();
+            let x0: Vec<f32> = picks
+                .iter()
+                .flat_map(|&i| self.couplings.x0[i * per..(i + 1) * per].iter().copied())
+                .collect();
+            let [ch, h, w] = shape;
+            // [n, c, h, w]
+            let x0 = Tensor::<4>::from_data(TensorData::new(x0, [n, ch, h, w]), &self.device);
+            let z = NoiseSource::new(seeds).initial(shape, &self.device);
+            let x_sigma = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
+            let cond = self
+                .teacher
+                .encode(&prompts, &self.plain_device)?
+                .autodiff();
+            let v = denoiser.velocity(x_sigma, sigma, &cond);
+            let loss = (v - (z - x0)).powi_scalar(2).mean();
+            losses.push(loss.clone().into_scalar::<f32>() as f64);
+            let share = loss.mul_scalar(n as f64 / c.batch_size as f64);
+            total = Some(match total {
+                Some(t) => t + share,
+                None => share,
+            });
+        }
+        let total = total.expect("at least one σ");
+        let value = total.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            return Err(run_error(
+                &self.run_dir,
+                format!("iteration {}: loss {value}", self.iteration + 1),
+            ));
+        }
+        let mut grads = GradientsParams::from_grads(total.backward(), &self.student);
+        let norm = clip_global_norm(&self.student, &mut grads, c.grad_clip);
+        self.student = self
+            .optimizer
+            .step(c.learning_rate, self.student.clone(), grads);
+        self.iteration += 1;
+        let metrics = ReflowMetrics {
+            iteration: self.iteration,
+            loss: value,
+            loss_by_sigma: losses,
+            grad_norm: norm,
+            seconds: start.elapsed().as_secs_f64(),
+            peak_memory_mib: crate::train::peak_memory_mib(),
+        };
+        append_line(&self.run_dir.join("metrics.jsonl"), &metrics)?;
+        let last = self.done();
+        if c.save_every > 0 && (self.iteration % c.save_every == 0 || last) {
+            self.save_checkpoint()?;
+        }
+        if last {
+            self.write_student()?;
+        }
+        Ok(metrics)
+    }
+
+    /// The student adapter as a PEFT folder's contents.
+    pub fn student(&self) -> LoraWeights {
+        let modules = lora::extract(&self.student, STUDENT).expect("the student adapter");
+        LoraWeights::from_component("transformer", modules, Some(self.config.lora()))
+    }
+
+    /// Writes the student as it is now to `student_final/` (a PEFT folder).
+    pub fn write_student(&self) -> Result<PathBuf, DistillError> {
+        let dir = self.run_dir.join("student_final");
+        self.student().write_peft(&dir, "transformer")?;
+        Ok(dir)
+    }
+
+    /// Whether this iteration calls for a held-out evaluation.
+    pub fn eval_due(&self) -> bool {
+        let every = self.config.eval_every;
+        every > 0 && !self.test.is_empty() && (self.iteration % every == 0 || self.done())
+    }
+
+    /// Held-out accuracy of the student at its own Euler steps, no CFG; appended to `eval.jsonl`.
+    pub fn evaluate(&mut self) -> Result<StudentEval, DistillError> {
+        let c = &self.config;
+        let eval = evaluate_student(
+            &mut self.teacher,
+            self.student.valid(),
+            &self.test,
+            c.eval_prompts,
+            c.eval_images_per_prompt,
+            c.batch_size,
+            c.seed,
+            c.student_sampling(),
+            self.iteration,
+            &self.plain_device,
+        )?;
+        append_line(&self.run_dir.join("eval.jsonl"), &eval)?;
+        Ok(eval)
+    }
+
+    /// Writes `checkpoint/` atomically: the adapter (PEFT), the optimizer, the iteration.
+    pub fn save_checkpoint(&self) -> Result<PathBuf, DistillError> {
+        let final_dir = self.run_dir.join("checkpoint");
+        let tmp = self.run_dir.join("checkpoint.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        self.student()
+            .write_peft(&tmp.join(STUDENT), "transformer")?;
+        let path = tmp.join("optimizer.bin");
+        self.optimizer
+            .save(&path)
+            .map_err(|e| run_error(&path, e))?;
+        let state_path = tmp.join("state.json");
+        let state = RunState {
+            iteration: self.iteration,
+        };
+        std::fs::write(
+            &state_path,
+            serde_json::to_string_pretty(&state).expect("json"),
+        )
+        .map_err(|e| run_error(&state_path, e))?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
+        Ok(final_dir)
+    }
+}
+
+/// The teacher's ODE from each coupling's noise, scored and filtered by `config.keep`.
+fn draw_couplings(
+    config: &ReflowConfig,
+    teacher: &Pipeline,
+    train: &[PromptSpec],
+    device: &Device,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Couplings, DistillError> {
+    let start = Instant::now();
+    let side = teacher.resolution();
+    let shape = teacher.latent_shape(side, side)?;
+    let per_prompt = config.pairs_per_prompt;
+    let jobs: Vec<(usize, u64)> = (0..train.len())
+        .flat_map(|p| (0..per_prompt).map(move |k| (p, (p * per_prompt + k) as u64)))
+        .map(|(p, j)| (p, mix(config.seed, 1 << 32 | j)))
+        .collect();
+    let mut index = CouplingIndex {
+        shape,
+        prompts: Vec::new(),
+        seeds: Vec::new(),
+        drawn: jobs.len(),
+        kept_by_tag: Default::default(),
+        teacher_steps: config.teacher_steps,
+        teacher_guidance: config.teacher_guidance,
+        seconds: 0.0,
+    };
+    let mut x0 = Vec::new();
+    let mut done = 0;
+    for chunk in jobs.chunks(16) {
+        let prompts: Vec<String> = chunk
+            .iter()
+            .map(|&(p, _)| train[p].prompt.clone())
+            .collect();
+        let seeds: Vec<u64> = chunk.iter().map(|&(_, s)| s).collect();
+        let options =
+            GenerateOptions::euler(config.teacher_steps, config.teacher_guidance, seeds.clone());
+        let latents = teacher.generate_latents(&prompts, &options, device, |_| {}, None)?;
+        let images = to_images(teacher.decode(latents.clone()));
+        let values = latents
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| run_error(Path::new("couplings"), format!("teacher latents: {e:?}")))?;
+        let per = shape.iter().product::<usize>();
+        for (j, (&(p, seed), image)) in chunk.iter().zip(&images).enumerate() {
+            let spec = &train[p];
+            let correct = evaluate_image(spec, image).correct;
+            let entry = index.kept_by_tag.entry(spec.tag.clone()).or_insert([0, 0]);
+            entry[1] += 1;
+            if config.keep == Keep::All || correct {
+                entry[0] += 1;
+                index.prompts.push(p);
+                index.seeds.push(seed);
+                x0.extend_from_slice(&values[j * per..(j + 1) * per]);
+            }
+        }
+        done += chunk.len();
+        progress(done, jobs.len());
+    }
+    index.seconds = start.elapsed().as_secs_f64();
+    Ok(Couplings { index, x0 })
+}
