@@ -296,18 +296,20 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
                 );
             }
         })?;
-    let index = trainer.couplings();
-    let tags: Vec<String> = index
-        .kept_by_tag
+    let by_tag = trainer.couplings_by_tag();
+    let tags: Vec<String> = by_tag
         .iter()
-        .map(|(t, [kept, drawn])| format!("{t} {kept}/{drawn}"))
+        .map(|(t, [correct, drawn])| format!("{t} {correct}/{drawn}"))
         .collect();
+    let index = trainer.couplings();
     println!(
-        "couplings: {} of {} kept ({}), drawn in {:.0} s",
+        "couplings: {} of {} correct ({}), drawn in {:.0} s; keep {:?}, correct weight {}",
+        index.correct.iter().filter(|&&c| c).count(),
         index.seeds.len(),
-        index.drawn,
         tags.join(", "),
-        index.seconds
+        index.seconds,
+        trainer.config.keep,
+        trainer.config.correct_weight
     );
     if trainer.iteration == 0 && trainer.config.eval_every > 0 {
         // Where the curve starts: the base sampled with the student's few Euler steps, no CFG.

@@ -231,11 +231,7 @@ mod reflow {
         let run = TempDir::new("reflow-run");
         let mut t = trainer(config(3), 6, run.path()).unwrap();
         let index = t.couplings().clone();
-        assert_eq!(
-            (index.drawn, index.seeds.len()),
-            (6, 6),
-            "keep = all keeps every one"
-        );
+        assert_eq!((index.seeds.len(), index.correct.len()), (6, 6));
         // The stored x₀ of coupling 2 is the teacher's 4-step CFG-3 image for its seed.
         let device = ChosenDevice::cpu().device;
         let teacher = tiny_pretrained_pipeline(&device);
@@ -352,7 +348,29 @@ mod reflow {
         .err()
         .expect("no coupling kept")
         .to_string();
-        assert!(err.contains("no coupling that passed the filter"), "{err}");
+        assert!(
+            err.contains("none of the 2 couplings may be drawn"),
+            "{err}"
+        );
+
+        // Another run's couplings are reused only when drawn with the same teacher settings.
+        let first = TempDir::new("reflow-first");
+        drop(trainer(config(1), 3, first.path()).unwrap());
+        let mut reuse = config(1);
+        reuse.couplings_from = Some(first.path().join("couplings"));
+        let second = TempDir::new("reflow-second");
+        let t = trainer(reuse.clone(), 3, second.path()).unwrap();
+        assert_eq!(t.couplings().seeds.len(), 3);
+        assert!(
+            !second.path().join("couplings").exists(),
+            "drew again instead of reusing"
+        );
+        drop(t);
+        reuse.teacher_guidance = 2.0;
+        let err = trainer(reuse, 3, TempDir::new("reflow-third").path())
+            .err()
+            .unwrap();
+        assert!(err.contains("these couplings were drawn with"), "{err}");
 
         // Truncated couplings are named, not read.
         let run = TempDir::new("reflow-truncated");

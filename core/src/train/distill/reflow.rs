@@ -2,14 +2,17 @@
 //! (rectified flow's "reflow", Liu et al. 2022; InstaFlow), tilted toward the reward by keeping
 //! only the couplings whose image the Shapes detector marks correct.
 //!
-//! 1. **couplings** (once per run, stored in the run directory): for every training prompt and
-//!    `pairs_per_prompt` seeds, the teacher (the base with CFG) integrates its ODE from the
-//!    seed's noise z to x₀ with `teacher_steps` Euler steps; with `keep = "correct"` a coupling
-//!    stays only if GenEval's rule finds the prompt in the decoded image: the data of
-//!    p̃(x₀ | c) ∝ p_teacher(x₀ | c)·1[correct];
+//! 1. **couplings** (once per run, stored in the run directory, or reused from another run's with
+//!    the same teacher settings): for every training prompt and `pairs_per_prompt` seeds, the
+//!    teacher (the base with CFG) integrates its ODE from the seed's noise z to x₀ with
+//!    `teacher_steps` Euler steps, and GenEval's rule judges the decoded image;
 //! 2. **student** (a LoRA on the base, no CFG): on the straight line x_σ = (1 − σ)·x₀ + σ·z it
 //!    regresses the coupling's velocity z − x₀ at each of its own σ's (an equal share of every
-//!    batch per σ), loss ‖v̂ − (z − x₀)‖²; sampling is then Euler on that σ list.
+//!    batch per σ), loss ‖v̂ − (z − x₀)‖²; sampling is then Euler on that σ list. Couplings are
+//!    drawn with weight `correct_weight` when the teacher's image was correct and 1 otherwise
+//!    (`keep = "correct"`: only correct ones), so the student learns
+//!    p̃(x₀ | c) ∝ p_teacher(x₀ | c)·w(correct): reward-weighted regression on the teacher's
+//!    couplings; `keep = "all"` with weight 1 is plain reflow.
 //!
 //! A run directory holds `config.toml`, `couplings/` (`index.json` + `x0.f32`), `metrics.jsonl`,
 //! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly) and
@@ -52,6 +55,15 @@ pub enum Keep {
     Correct,
 }
 
+impl Keep {
+    fn name(self) -> &'static str {
+        match self {
+            Keep::All => "all",
+            Keep::Correct => "correct",
+        }
+    }
+}
+
 /// `portaflow distill reflow` settings (every field has a default; see `configs/reflow-*.toml`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,7 +79,11 @@ pub struct ReflowConfig {
     pub teacher_guidance: f64,
     /// Couplings drawn per training prompt (before filtering).
     pub pairs_per_prompt: usize,
+    /// Use another run's `couplings/` (drawn with the same teacher settings) instead of drawing.
+    pub couplings_from: Option<PathBuf>,
     pub keep: Keep,
+    /// With `keep = "all"`: how much more often a coupling whose image was correct is drawn.
+    pub correct_weight: f64,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -93,7 +109,9 @@ impl Default for ReflowConfig {
             teacher_steps: 20,
             teacher_guidance: 4.5,
             pairs_per_prompt: 16,
+            couplings_from: None,
             keep: Keep::Correct,
+            correct_weight: 1.0,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -135,6 +153,7 @@ impl ReflowConfig {
         for (name, value) in [
             ("learning_rate", self.learning_rate),
             ("grad_clip", self.grad_clip),
+            ("correct_weight", self.correct_weight),
             ("model.lora_alpha", self.model.lora_alpha),
         ] {
             if !(value.is_finite() && value > 0.0) {
@@ -193,18 +212,47 @@ impl ReflowConfig {
 pub struct CouplingIndex {
     /// One latent's shape `[c, h, w]`.
     pub shape: [usize; 3],
-    /// Per kept coupling: its training prompt (index into the prompt file) and noise seed.
+    /// Per coupling: its training prompt (index into the prompt file), noise seed, and whether
+    /// GenEval's rule found the prompt in the teacher's image.
     pub prompts: Vec<usize>,
     pub seeds: Vec<u64>,
-    /// Couplings drawn before filtering, and the kept share per tag.
-    pub drawn: usize,
-    pub kept_by_tag: std::collections::BTreeMap<String, [usize; 2]>,
-    pub teacher_steps: usize,
-    pub teacher_guidance: f64,
+    pub correct: Vec<bool>,
+    /// What drew them: a run may reuse them only with the same settings.
+    pub draw: DrawSettings,
     pub seconds: f64,
 }
 
-/// The teacher's kept couplings: z is regenerated from the seed, x₀ is stored.
+/// The settings that determine the couplings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrawSettings {
+    pub model: Option<PathBuf>,
+    pub train_prompts: Option<PathBuf>,
+    pub teacher_steps: usize,
+    pub teacher_guidance: f64,
+    pub pairs_per_prompt: usize,
+    pub seed: u64,
+    /// The training prompts' count, a guard against an edited prompt file.
+    pub prompt_count: usize,
+}
+
+impl DrawSettings {
+    fn of(config: &ReflowConfig, prompt_count: usize) -> Self {
+        Self {
+            model: config.model.path.clone(),
+            train_prompts: config.train_prompts.clone(),
+            teacher_steps: config.teacher_steps,
+            teacher_guidance: config.teacher_guidance,
+            pairs_per_prompt: config.pairs_per_prompt,
+            seed: config.seed,
+            prompt_count,
+        }
+    }
+}
+
+/// Per tag: (correct, drawn).
+pub type TagCounts = std::collections::BTreeMap<String, [usize; 2]>;
+
+/// The teacher's couplings: z is regenerated from the seed, x₀ is stored.
 struct Couplings {
     index: CouplingIndex,
     /// `[n·c·h·w]`, coupling-major.
@@ -214,6 +262,33 @@ struct Couplings {
 impl Couplings {
     fn len(&self) -> usize {
         self.index.seeds.len()
+    }
+
+    fn by_tag(&self, train: &[PromptSpec]) -> TagCounts {
+        let mut counts = TagCounts::new();
+        for (&p, &correct) in self.index.prompts.iter().zip(&self.index.correct) {
+            let entry = counts.entry(train[p].tag.clone()).or_insert([0, 0]);
+            entry[0] += correct as usize;
+            entry[1] += 1;
+        }
+        counts
+    }
+
+    /// Cumulative sampling weights under `keep` / `correct_weight`.
+    fn cumulative_weights(&self, config: &ReflowConfig) -> Vec<f64> {
+        let mut total = 0.0;
+        self.index
+            .correct
+            .iter()
+            .map(|&correct| {
+                total += match (config.keep, correct) {
+                    (_, true) => config.correct_weight,
+                    (Keep::All, false) => 1.0,
+                    (Keep::Correct, false) => 0.0,
+                };
+                total
+            })
+            .collect()
     }
 
     fn write(&self, dir: &Path) -> Result<(), DistillError> {
@@ -236,7 +311,10 @@ impl Couplings {
         let data_path = dir.join("x0.f32");
         let bytes = std::fs::read(&data_path).map_err(|e| run_error(&data_path, e))?;
         let expected = index.seeds.len() * index.shape.iter().product::<usize>() * 4;
-        if bytes.len() != expected || index.prompts.len() != index.seeds.len() {
+        if bytes.len() != expected
+            || index.prompts.len() != index.seeds.len()
+            || index.correct.len() != index.seeds.len()
+        {
             return Err(run_error(
                 &data_path,
                 format!(
@@ -276,6 +354,8 @@ pub struct ReflowTrainer {
     teacher: Pipeline,
     optimizer: ModuleOptimizer,
     couplings: Couplings,
+    /// Cumulative sampling weights of the couplings.
+    cumulative: Vec<f64>,
     train: Vec<PromptSpec>,
     test: Vec<PromptSpec>,
     run_dir: PathBuf,
@@ -326,17 +406,39 @@ impl ReflowTrainer {
             index: pipeline.index,
             scheduler: pipeline.scheduler,
         };
-        let couplings = if couplings_dir.join("index.json").is_file() {
-            Couplings::read(&couplings_dir)?
+        let settings = DrawSettings::of(&config, train.len());
+        let source = config
+            .couplings_from
+            .clone()
+            .unwrap_or(couplings_dir.clone());
+        let couplings = if source.join("index.json").is_file() {
+            let c = Couplings::read(&source)?;
+            if c.index.draw != settings {
+                return Err(run_error(
+                    &source,
+                    format!(
+                        "these couplings were drawn with {:?}, this run draws with {settings:?}",
+                        c.index.draw
+                    ),
+                ));
+            }
+            c
+        } else if config.couplings_from.is_some() {
+            return Err(run_error(&source, "no couplings here (index.json missing)"));
         } else {
-            let c = draw_couplings(&config, &teacher, &train, &plain_device, progress)?;
+            let c = draw_couplings(&config, settings, &teacher, &train, &plain_device, progress)?;
             c.write(&couplings_dir)?;
             c
         };
-        if couplings.len() == 0 {
+        let cumulative = couplings.cumulative_weights(&config);
+        if cumulative.last().is_none_or(|&w| w <= 0.0) {
             return Err(run_error(
-                &couplings_dir,
-                "the teacher drew no coupling that passed the filter (keep = \"correct\"): draw more per prompt or keep \"all\"",
+                &source,
+                format!(
+                    "none of the {} couplings may be drawn under keep = \"{}\": the teacher drew no correct image; draw more per prompt or keep \"all\"",
+                    couplings.len(),
+                    config.keep.name()
+                ),
             ));
         }
 
@@ -369,6 +471,7 @@ impl ReflowTrainer {
             teacher,
             optimizer,
             couplings,
+            cumulative,
             train,
             test,
             run_dir: run_dir.to_path_buf(),
@@ -383,9 +486,23 @@ impl ReflowTrainer {
         self.iteration >= self.config.iterations
     }
 
-    /// What the couplings hold (kept / drawn, per tag).
+    /// What the couplings hold.
     pub fn couplings(&self) -> &CouplingIndex {
         &self.couplings.index
+    }
+
+    /// Per tag: the couplings whose teacher image was correct, and all of them.
+    pub fn couplings_by_tag(&self) -> TagCounts {
+        self.couplings.by_tag(&self.train)
+    }
+
+    /// A coupling drawn with the run's weights.
+    fn pick(&self, rng: &mut ChaCha8Rng) -> usize {
+        let total = *self.cumulative.last().expect("couplings");
+        let u = rng.random::<f64>() * total;
+        self.cumulative
+            .partition_point(|&w| w <= u)
+            .min(self.cumulative.len() - 1)
     }
 
     /// The student (base + adapter).
@@ -409,9 +526,7 @@ impl ReflowTrainer {
         let mut total: Option<Tensor<1>> = None;
         for (g, &sigma) in c.sigmas.iter().enumerate() {
             let n = (g + 1) * c.batch_size / groups - g * c.batch_size / groups;
-            let picks: Vec<usize> = (0..n)
-                .map(|_| rng.random_range(0..self.couplings.len()))
-                .collect();
+            let picks: Vec<usize> = (0..n).map(|_| self.pick(&mut rng)).collect();
             let prompts: Vec<String> = picks
                 .iter()
                 .map(|&i| self.train[self.couplings.index.prompts[i]].prompt.clone())
@@ -539,9 +654,10 @@ impl ReflowTrainer {
     }
 }
 
-/// The teacher's ODE from each coupling's noise, scored and filtered by `config.keep`.
+/// The teacher's ODE from each coupling's noise, judged by GenEval's rule.
 fn draw_couplings(
     config: &ReflowConfig,
+    settings: DrawSettings,
     teacher: &Pipeline,
     train: &[PromptSpec],
     device: &Device,
@@ -550,6 +666,7 @@ fn draw_couplings(
     let start = Instant::now();
     let side = teacher.resolution();
     let shape = teacher.latent_shape(side, side)?;
+    let per = shape.iter().product::<usize>();
     let per_prompt = config.pairs_per_prompt;
     let jobs: Vec<(usize, u64)> = (0..train.len())
         .flat_map(|p| (0..per_prompt).map(move |k| (p, (p * per_prompt + k) as u64)))
@@ -557,16 +674,13 @@ fn draw_couplings(
         .collect();
     let mut index = CouplingIndex {
         shape,
-        prompts: Vec::new(),
-        seeds: Vec::new(),
-        drawn: jobs.len(),
-        kept_by_tag: Default::default(),
-        teacher_steps: config.teacher_steps,
-        teacher_guidance: config.teacher_guidance,
+        prompts: Vec::with_capacity(jobs.len()),
+        seeds: Vec::with_capacity(jobs.len()),
+        correct: Vec::with_capacity(jobs.len()),
+        draw: settings,
         seconds: 0.0,
     };
-    let mut x0 = Vec::new();
-    let mut done = 0;
+    let mut x0 = Vec::with_capacity(jobs.len() * per);
     for chunk in jobs.chunks(16) {
         let prompts: Vec<String> = chunk
             .iter()
@@ -581,22 +695,49 @@ fn draw_couplings(
             .into_data()
             .try_to_vec::<f32>()
             .map_err(|e| run_error(Path::new("couplings"), format!("teacher latents: {e:?}")))?;
-        let per = shape.iter().product::<usize>();
-        for (j, (&(p, seed), image)) in chunk.iter().zip(&images).enumerate() {
-            let spec = &train[p];
-            let correct = evaluate_image(spec, image).correct;
-            let entry = index.kept_by_tag.entry(spec.tag.clone()).or_insert([0, 0]);
-            entry[1] += 1;
-            if config.keep == Keep::All || correct {
-                entry[0] += 1;
-                index.prompts.push(p);
-                index.seeds.push(seed);
-                x0.extend_from_slice(&values[j * per..(j + 1) * per]);
-            }
+        x0.extend_from_slice(&values);
+        for (&(p, seed), image) in chunk.iter().zip(&images) {
+            index.prompts.push(p);
+            index.seeds.push(seed);
+            index.correct.push(evaluate_image(&train[p], image).correct);
         }
-        done += chunk.len();
-        progress(done, jobs.len());
+        progress(index.seeds.len(), jobs.len());
     }
     index.seconds = start.elapsed().as_secs_f64();
     Ok(Couplings { index, x0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn couplings(correct: Vec<bool>) -> Couplings {
+        let n = correct.len();
+        Couplings {
+            index: CouplingIndex {
+                shape: [1, 1, 1],
+                prompts: vec![0; n],
+                seeds: (0..n as u64).collect(),
+                correct,
+                draw: DrawSettings::of(&ReflowConfig::default(), 1),
+                seconds: 0.0,
+            },
+            x0: vec![0.0; n],
+        }
+    }
+
+    #[test]
+    fn couplings_are_weighted_by_the_teachers_verdict() {
+        let c = couplings(vec![true, false, true, false]);
+        let mut config = ReflowConfig {
+            keep: Keep::Correct,
+            correct_weight: 3.0,
+            ..Default::default()
+        };
+        assert_eq!(c.cumulative_weights(&config), [3.0, 3.0, 6.0, 6.0]);
+        config.keep = Keep::All;
+        assert_eq!(c.cumulative_weights(&config), [3.0, 4.0, 7.0, 8.0]);
+        config.correct_weight = 1.0;
+        assert_eq!(c.cumulative_weights(&config), [1.0, 2.0, 3.0, 4.0]);
+    }
 }
