@@ -17,10 +17,12 @@ mod adapter;
 mod config;
 mod format;
 mod kohya;
+mod sampling;
 
 pub use adapter::LoraAdapter;
 pub use config::{Init, LoraConfig, Targets};
 pub use format::{Format, LoraModule, LoraWeights};
+pub use sampling::{AdapterSampling, SAMPLING_FILE};
 
 use burn::module::{Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};

@@ -79,6 +79,10 @@ fn both_adapters_train_and_a_resumed_run_continues() {
             .join("generator_final/adapter_model.safetensors")
             .is_file()
     );
+    let card = std::fs::read_to_string(run.path().join("generator_final/sampling.json")).unwrap();
+    let card = lora::AdapterSampling::from_json(&card).unwrap();
+    assert_eq!((card.sampler.as_str(), card.eta), ("cps", Some(0.9)));
+    assert_eq!(card.sigmas, t.sigmas());
 
     // Stopped after iteration 2 and resumed: the same student as the uninterrupted run.
     let split = TempDir::new("acdmd-resume");
@@ -272,6 +276,12 @@ mod reflow {
             run.path()
                 .join("student_final/adapter_model.safetensors")
                 .is_file()
+        );
+        let card = std::fs::read_to_string(run.path().join("student_final/sampling.json")).unwrap();
+        let card = lora::AdapterSampling::from_json(&card).unwrap();
+        assert_eq!(
+            (card.sampler.as_str(), card.sigmas.as_slice()),
+            ("euler", &[1.0, 0.5][..])
         );
 
         // Stopped after iteration 2 and resumed: the uninterrupted run's student.

@@ -611,6 +611,15 @@ impl AcDmdTrainer {
     pub fn write_student(&self) -> Result<PathBuf, DistillError> {
         let dir = self.run_dir.join("generator_final");
         self.student().write_peft(&dir, "transformer")?;
+        lora::AdapterSampling::new(
+            StepKind::Cps {
+                eta: self.config.eta,
+            },
+            &self.sigmas,
+            1.0,
+        )
+        .write(&dir)
+        .map_err(|e| run_error(&dir, e))?;
         Ok(dir)
     }
 

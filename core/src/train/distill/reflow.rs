@@ -37,6 +37,7 @@ use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
 use crate::sample::pipeline::{Denoiser, NoiseSource};
+use crate::sample::step::StepKind;
 use crate::train::grpo::clip_global_norm;
 use crate::train::grpo::config::ModelSection;
 use crate::world::geneval::evaluate_image;
@@ -600,6 +601,9 @@ impl ReflowTrainer {
     pub fn write_student(&self) -> Result<PathBuf, DistillError> {
         let dir = self.run_dir.join("student_final");
         self.student().write_peft(&dir, "transformer")?;
+        lora::AdapterSampling::new(StepKind::Euler, &self.config.sigmas, 1.0)
+            .write(&dir)
+            .map_err(|e| run_error(&dir, e))?;
         Ok(dir)
     }
 
