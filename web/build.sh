@@ -36,7 +36,10 @@ sources=()
 for f in "${files[@]}"; do sources+=("$MODEL/$f"); done
 if [ -n "$STUDENT" ]; then
   [ -f "$STUDENT/adapter_model.safetensors" ] || { echo "no student adapter in $STUDENT (STUDENT= builds without one)" >&2; exit 1; }
-  for f in adapter_config.json adapter_model.safetensors; do
+  for f in adapter_config.json adapter_model.safetensors sampling.json; do
+    # sampling.json (how the student samples) is optional: without it, RTDMD's 4 CPS steps
+    [ -f "$STUDENT/$f" ] || [ "$f" = sampling.json ] || { echo "missing $STUDENT/$f" >&2; exit 1; }
+    [ -f "$STUDENT/$f" ] || continue
     files+=("student/$f")
     sources+=("$STUDENT/$f")
   done

@@ -48,13 +48,17 @@ pub const STUDENT_FILES: [&str; 2] = [
     "student/adapter_model.safetensors",
 ];
 
+/// How the student samples (`lora::AdapterSampling`); without it, RTDMD's 4 CPS steps.
+pub const STUDENT_SAMPLING: &str = "student/sampling.json";
+
 /// Files a model has only sometimes (a latent model's autoencoder, the few-step student's
-/// adapter): fetched when the manifest lists them.
+/// adapter and its sampling card): fetched when the manifest lists them.
 #[wasm_bindgen]
 pub fn optional_model_files() -> Vec<String> {
     pipeline::memory::AUTOENCODER_FILES
         .iter()
         .chain(&STUDENT_FILES)
+        .chain(&[STUDENT_SAMPLING])
         .map(|f| f.to_string())
         .collect()
 }
@@ -70,6 +74,8 @@ pub struct Engine {
     pipeline: Option<Rc<Pipeline>>,
     /// Whether the few-step student's adapter is merged into the loaded model.
     student: bool,
+    /// How the student samples.
+    student_sampling: Option<lora::AdapterSampling>,
 }
 
 #[wasm_bindgen]
@@ -84,6 +90,7 @@ impl Engine {
             files: BTreeMap::new(),
             pipeline: None,
             student: false,
+            student_sampling: None,
         };
         if want != "webgpu" {
             return cpu(None);
@@ -107,6 +114,7 @@ impl Engine {
                     files: BTreeMap::new(),
                     pipeline: None,
                     student: false,
+                    student_sampling: None,
                 }
             }
             Err(e) => cpu(Some(format!("WebGPU is not available here ({e})"))),
@@ -133,6 +141,7 @@ impl Engine {
     pub fn load(&mut self) -> Result<(), JsError> {
         let mut files = std::mem::take(&mut self.files);
         let [config, weights] = STUDENT_FILES.map(|name| files.remove(name));
+        let card = files.remove(STUDENT_SAMPLING);
         let error = |e: &dyn std::fmt::Display| JsError::new(&e.to_string());
         let mut pipeline = Pipeline::from_memory(files, &self.device).map_err(|e| error(&e))?;
         self.student = match (config, weights) {
@@ -151,11 +160,40 @@ impl Engine {
             (None, None) => false,
             _ => return Err(JsError::new("the student adapter needs both of its files")),
         };
+        self.student_sampling = match (self.student, card) {
+            (false, _) => None,
+            (true, Some(card)) => {
+                let text = String::from_utf8(card)
+                    .map_err(|_| JsError::new("student/sampling.json is not UTF-8"))?;
+                Some(lora::AdapterSampling::from_json(&text).map_err(|e| error(&e))?)
+            }
+            // An AC-DMD student from before the card: RTDMD's σ list with CPS η 0.9.
+            (true, None) => Some(lora::AdapterSampling::new(
+                StepKind::Cps { eta: 0.9 },
+                &timestep_sigmas(&RTDMD_TIMESTEPS, pipeline.scheduler.shift),
+                1.0,
+            )),
+        };
         self.pipeline = Some(Rc::new(pipeline));
         Ok(())
     }
 
-    /// Whether the loaded model is the few-step student (sample it with CPS, 4 steps, CFG 1).
+    /// The student's sampler ("euler" or "cps"); empty without a student.
+    pub fn student_sampler(&self) -> String {
+        self.student_sampling
+            .as_ref()
+            .map_or(String::new(), |c| c.sampler.clone())
+    }
+
+    /// The student's steps (its model calls per image); 0 without a student.
+    pub fn student_steps(&self) -> u32 {
+        self.student_sampling
+            .as_ref()
+            .map_or(0, |c| c.sigmas.len() as u32)
+    }
+
+    /// Whether the loaded model is the few-step student (sample it with [`Engine::student_sampler`]
+    /// at [`Engine::student_steps`], CFG 1).
     pub fn has_student(&self) -> bool {
         self.student
     }
@@ -173,8 +211,8 @@ impl Engine {
 
     /// One image as RGBA bytes (`resolution()`² × 4), resolving a Promise. `sampler` is "euler"
     /// or "cps" (η 0.9, the few-step sampler); the same settings and seed give the native
-    /// engine's image (`portaflow generate --sampler … --seed …`). With the student loaded, 4
-    /// steps are its own σ list (`--sigmas 1,0.75,0.5,0.25` natively).
+    /// engine's image (`portaflow generate --sampler … --seed …`). With the student loaded, its
+    /// step count samples at its own σ list (`--sigmas 1,0.75,0.5,0.25` natively).
     pub fn generate(
         &self,
         prompt: String,
@@ -185,7 +223,11 @@ impl Engine {
     ) -> Result<js_sys::Promise, JsError> {
         let pipeline = self.loaded()?.clone();
         let device = self.device.clone();
-        let student = self.student;
+        let student_sigmas = self
+            .student_sampling
+            .as_ref()
+            .filter(|c| c.sigmas.len() == steps as usize)
+            .map(|c| c.sigmas.clone());
         let kind = match sampler.as_str() {
             "euler" => StepKind::Euler,
             "cps" => StepKind::Cps { eta: 0.9 },
@@ -197,10 +239,8 @@ impl Engine {
         Ok(wasm_bindgen_futures::future_to_promise(async move {
             let mut options = GenerateOptions::euler(steps as usize, cfg, vec![seed as u64]);
             options.kind = kind;
-            if student && steps as usize == RTDMD_TIMESTEPS.len() {
-                // The student was distilled at RTDMD's σ list, not the scheduler's 4 steps.
-                options.sigmas = Some(timestep_sigmas(&RTDMD_TIMESTEPS, pipeline.scheduler.shift));
-            }
+            // The student was distilled at its σ list, not at the scheduler's steps.
+            options.sigmas = student_sigmas;
             let latents = pipeline
                 .generate_latents(&[prompt], &options, &device, |_| {}, None)
                 .map_err(|e| JsError::new(&e.to_string()))?;

@@ -15,11 +15,18 @@ const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..")
 const portaflow = process.env.PORTAFLOW_BIN ?? path.join(repo, "target/debug/portaflow");
 const browserPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 // When web/build.sh shipped the few-step student, the page and the native engine both sample it
-// (4 CPS steps, no CFG); otherwise the base model with CFG.
+// as its sampling.json says (without one: RTDMD's 4 CPS steps), no CFG; otherwise the base model
+// with CFG.
 const manifest = JSON.parse(fs.readFileSync(path.join(repo, "web/dist/manifest.json"), "utf8"));
 const student = manifest.files.some((f) => f.name.startsWith("student/"))
   ? (process.env.STUDENT ?? path.join(repo, "assets/models/shapes-4nfe")) : null;
-const settings = { prompt: "a photo of a blue square", seed: 7, steps: 4, cfg: student ? 1 : 4, sampler: "cps" };
+const cardPath = path.join(repo, "web/dist/model/student/sampling.json");
+const card = !student ? null : fs.existsSync(cardPath) ? JSON.parse(fs.readFileSync(cardPath, "utf8"))
+  : { sampler: "cps", eta: 0.9, sigmas: [1, 0.75, 0.5, 0.25] };
+const settings = {
+  prompt: "a photo of a blue square", seed: 7, steps: card ? card.sigmas.length : 4,
+  cfg: student ? 1 : 4, sampler: card ? card.sampler : "cps",
+};
 // 8-bit levels: WebGPU and the CPU round differently in the last float bits.
 const TOLERANCE = 3;
 
@@ -32,9 +39,9 @@ function nativeImage() {
   const out = path.join(os.tmpdir(), `portaflow-e2e-native-${process.pid}.png`);
   execFileSync(portaflow, ["--device", "cpu", "generate", "--prompt", settings.prompt,
     "--seed", String(settings.seed), "--steps", String(settings.steps), "--cfg", String(settings.cfg),
-    "--sampler", settings.sampler,
-    // The student samples at RTDMD's σ list (what the page uses for it at 4 steps).
-    ...(student ? ["--lora", student, "--sigmas", "1,0.75,0.5,0.25"] : []), "-o", out],
+    "--sampler", card && card.eta !== undefined ? `${card.sampler}:${card.eta}` : settings.sampler,
+    // The student samples at its σ list (what the page uses for it at its step count).
+    ...(student ? ["--lora", student, "--sigmas", card.sigmas.join(",")] : []), "-o", out],
   { stdio: "inherit" });
   const png = PNG.sync.read(fs.readFileSync(out));
   fs.rmSync(out);
@@ -107,9 +114,11 @@ try {
         `${name}: the page says which device runs`);
       if (student) {
         const loaded = await page.textContent("#progress-text");
-        const cfg = await page.inputValue("#cfg");
-        check(loaded.includes("4-step student") && cfg === "1",
-          `${name}: the student is loaded and the page samples it without CFG (${loaded})`);
+        const [cfg, steps, sampler] = await Promise.all(
+          ["#cfg", "#steps", "#sampler"].map((id) => page.inputValue(id)));
+        check(loaded.includes(`${settings.steps}-step student`) && cfg === "1"
+          && steps === String(settings.steps) && sampler === settings.sampler,
+          `${name}: the student is loaded and the page samples it as its card says, without CFG (${loaded}; ${sampler}, ${steps} steps)`);
       }
       const first = await generate(page);
       check(first.state === "done", `${name}: generated (${first.error})`);

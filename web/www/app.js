@@ -65,12 +65,12 @@ async function main() {
   engine.load();
   const student = engine.has_student();
   if (student) {
-    // The distilled student samples in 4 CPS steps without CFG (one model call per step).
-    $("steps").value = 4;
+    // The distilled student samples at its own steps without CFG (one model call per step).
+    $("steps").value = engine.student_steps();
     $("cfg").value = 1;
-    $("sampler").value = "cps";
+    $("sampler").value = engine.student_sampler();
   }
-  const what = student ? `${manifest.model} + its 4-step student` : manifest.model;
+  const what = student ? `${manifest.model} + its ${engine.student_steps()}-step student` : manifest.model;
   $("progress-text").textContent = `${what} loaded (${(total / 1e6).toFixed(1)} MB, checked)`;
   const side = engine.resolution();
   $("image").width = side;
