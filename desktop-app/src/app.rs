@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use egui::{ColorImage, TextureHandle, TextureOptions};
 use portaflow::device::DeviceRequest;
+use portaflow::lora::AdapterSampling;
 use portaflow::world::render::Image;
 
 use crate::train::TrainTab;
@@ -97,6 +98,7 @@ impl Form {
             seed,
             count,
             adapters: Vec::new(),
+            sigmas: None,
         })
     }
 
@@ -230,8 +232,12 @@ impl PortaflowApp {
                     self.preview = None;
                 }
                 Event::Adapters(list) => {
+                    let had_student = self.student().is_some();
                     self.adapters = list;
                     self.adapter_error = None;
+                    if !had_student && let Some(card) = self.student().cloned() {
+                        self.use_student_settings(&card);
+                    }
                 }
                 Event::Cancelled => {
                     self.status = Status::Ready;
@@ -258,6 +264,11 @@ impl PortaflowApp {
                     .iter()
                     .map(|a| format!("{}:{}", a.path.display(), a.weight))
                     .collect();
+                // A student samples at its own σ list when asked for its step count.
+                request.sigmas = self
+                    .student()
+                    .filter(|card| card.sigmas.len() == request.steps)
+                    .map(|card| card.sigmas.clone());
                 self.errors = FormErrors::default();
                 self.message = None;
                 self.status = Status::Generating {
@@ -398,6 +409,12 @@ impl PortaflowApp {
             ("seed", picture.seed.to_string()),
             ("sampler", r.sampler.label().to_string()),
             ("steps", r.steps.to_string()),
+            (
+                "sigmas",
+                r.sigmas.as_ref().map_or(String::new(), |s| {
+                    s.iter().map(f64::to_string).collect::<Vec<_>>().join(",")
+                }),
+            ),
             ("cfg", r.cfg.to_string()),
             ("model", self.model.clone()),
             ("loras", r.adapters.join(" ")),
@@ -448,12 +465,57 @@ impl PortaflowApp {
             if ui.button("Add adapter").clicked() {
                 self.add_adapter();
             }
+            if ui.button("Bundled 4-step student").clicked() {
+                self.add_bundled_student();
+            }
         });
         ui.label("PEFT folder, diffusers / kohya .safetensors or torch .pt; weight −2 to 2.");
         self.adapter_list(ui);
         if let Some(message) = &self.message {
             ui.label(message);
         }
+    }
+
+    /// The sampling card of an attached few-step student (the first one with a card).
+    pub fn student(&self) -> Option<&AdapterSampling> {
+        self.adapters
+            .iter()
+            .filter(|a| a.weight != 0.0)
+            .find_map(|a| a.sampling.as_ref())
+    }
+
+    /// Sets the form to sample a student as it was trained: its sampler, its steps, no CFG.
+    fn use_student_settings(&mut self, card: &AdapterSampling) {
+        self.form.steps = card.sigmas.len().to_string();
+        self.form.cfg = "1".into();
+        match Sampler::of_card(card) {
+            Some(sampler) => {
+                self.form.sampler = sampler;
+                self.message = Some(format!(
+                    "a {}-step student: sampler {}, {} steps at its σ list, CFG 1",
+                    card.sigmas.len(),
+                    sampler.label(),
+                    card.sigmas.len()
+                ));
+            }
+            None => {
+                self.message = Some(format!(
+                    "a {}-step student sampled with {} η {:?}, which the form does not offer: set the sampler by hand",
+                    card.sigmas.len(),
+                    card.sampler,
+                    card.eta
+                ))
+            }
+        }
+    }
+
+    /// Attaches the bundled model's few-step student (`assets/models/shapes-4nfe`).
+    pub fn add_bundled_student(&mut self) {
+        let dir = portaflow::pipeline::bundled_dir().with_file_name("shapes-4nfe");
+        self.worker.send(Command::AddAdapter {
+            path: dir,
+            weight: 1.0,
+        });
     }
 
     /// Validates the adapter fields and asks the worker to attach it.

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 use portaflow::device::{self, ChosenDevice, DeviceRequest};
-use portaflow::lora::LoraWeights;
+use portaflow::lora::{AdapterSampling, LoraWeights, SAMPLING_FILE};
 use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
 use portaflow::train::grpo::config::GrpoConfig;
@@ -58,6 +58,8 @@ pub struct GenerateRequest {
     pub count: usize,
     /// The adapters attached when it was asked for, `PATH:WEIGHT` (recorded in saved PNGs).
     pub adapters: Vec<String>,
+    /// An explicit σ list (a few-step student's own) instead of the scheduler's `steps`.
+    pub sigmas: Option<Vec<f64>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +71,16 @@ pub enum Sampler {
 
 impl Sampler {
     pub const ALL: [Sampler; 3] = [Sampler::Euler, Sampler::Sde, Sampler::Cps];
+
+    /// The form's sampler for a student's sampling card (its η is the form's own: CPS 0.9).
+    pub fn of_card(card: &AdapterSampling) -> Option<Sampler> {
+        match card.sampler.as_str() {
+            "euler" => Some(Sampler::Euler),
+            "cps" if card.eta == Some(0.9) => Some(Sampler::Cps),
+            "sde" if card.eta == Some(0.7) => Some(Sampler::Sde),
+            _ => None,
+        }
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -95,6 +107,8 @@ pub struct Adapter {
     pub weight: f64,
     /// Linears it wraps.
     pub linears: usize,
+    /// A few-step student's `sampling.json`, when its folder has one.
+    pub sampling: Option<AdapterSampling>,
 }
 
 /// What the worker reports.
@@ -224,19 +238,27 @@ impl Worker {
                         };
                         let name = format!("adapter{next_adapter}");
                         next_adapter += 1;
-                        let added = LoraWeights::read(&path)
-                            .map_err(|e| e.to_string())
-                            .and_then(|w| {
-                                p.add_lora(&w, &name, weight, &chosen.device)
-                                    .map_err(|e| e.to_string())
-                            });
+                        let card = path.join(SAMPLING_FILE);
+                        let sampling = match std::fs::read_to_string(&card) {
+                            Ok(text) => AdapterSampling::from_json(&text)
+                                .map(Some)
+                                .map_err(|e| format!("{}: {e}", card.display())),
+                            Err(_) => Ok(None),
+                        };
+                        let added = sampling.and_then(|sampling| {
+                            let w = LoraWeights::read(&path).map_err(|e| e.to_string())?;
+                            p.add_lora(&w, &name, weight, &chosen.device)
+                                .map(|linears| (linears, sampling))
+                                .map_err(|e| e.to_string())
+                        });
                         match added {
-                            Ok(linears) => {
+                            Ok((linears, sampling)) => {
                                 adapters.push(Adapter {
                                     name,
                                     path,
                                     weight,
                                     linears,
+                                    sampling,
                                 });
                                 send(Event::Adapters(adapters.clone()));
                             }
@@ -372,6 +394,7 @@ fn generate(
             .collect(),
     );
     options.kind = request.sampler.kind();
+    options.sigmas = request.sigmas.clone();
     options.negative_prompt = request.negative_prompt.clone();
     let prompts = vec![request.prompt.clone(); request.count];
     // Pixel-space models show their latent as is; a small latent (the bundled model's 16×16)
@@ -447,6 +470,7 @@ mod tests {
             seed: 1,
             count: 1,
             adapters: Vec::new(),
+            sigmas: None,
         };
         let previews = std::sync::Mutex::new(Vec::new());
         let send = |event: Event| {

@@ -223,3 +223,45 @@ fn a_training_run_plots_pauses_resumes_stops_and_continues() {
     });
     let _ = std::fs::remove_dir_all(&run_dir);
 }
+
+/// The Models tab attaches the bundled 4-step student; its sampling card sets the form (sampler,
+/// 4 steps, CFG 1) and a generation samples at its σ list.
+#[test]
+fn the_bundled_student_sets_its_own_sampling_and_generates() {
+    let mut h = harness(DeviceRequest::Cpu);
+    wait_until(&mut h, Duration::from_secs(60), "the bundled model", |s| {
+        s.app.status == Status::Ready
+    });
+    h.state_mut().tab = Tab::Models;
+    h.step();
+    click_button(&mut h, "Bundled 4-step student");
+    wait_until(&mut h, Duration::from_secs(30), "the student", |s| {
+        !s.app.adapters.is_empty()
+    });
+    h.step();
+    let app = &h.state().app;
+    let card = app.student().expect("the student's sampling card").clone();
+    assert_eq!(app.form.steps, card.sigmas.len().to_string());
+    assert_eq!(app.form.cfg, "1");
+    assert_eq!(
+        Some(app.form.sampler),
+        portaflow_desktop::worker::Sampler::of_card(&card)
+    );
+    assert!(
+        app.message
+            .as_deref()
+            .is_some_and(|m| m.contains("-step student")),
+        "{:?}",
+        app.message
+    );
+    h.state_mut().tab = Tab::Generate;
+    h.step();
+    type_into(&mut h, "Images", "1");
+    click_button(&mut h, "Generate");
+    wait_until(&mut h, Duration::from_secs(120), "an image", |s| {
+        s.app.gallery.len() == 1
+    });
+    let request = &h.state().app.gallery[0].request;
+    assert_eq!(request.sigmas.as_deref(), Some(card.sigmas.as_slice()));
+    assert!(request.adapters[0].contains("shapes-4nfe"));
+}
