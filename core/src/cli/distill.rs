@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 
 use portaflow::device::{self, DeviceRequest};
 use portaflow::pipeline::{self, Pipeline};
-use portaflow::train::distill::StudentEval;
-use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdTrainer};
-use portaflow::train::distill::reflow::{ReflowConfig, ReflowTrainer};
+use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdMetrics, AcDmdTrainer};
+use portaflow::train::distill::reflow::{ReflowConfig, ReflowMetrics, ReflowTrainer};
+use portaflow::train::distill::{DistillError, StudentEval};
 use portaflow::train::grpo::config::{GrpoConfig, SdeType};
 use portaflow::world::prompt;
 
@@ -212,24 +212,9 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
     } else if trainer.iteration > 0 {
         println!("resumed at iteration {}", trainer.iteration);
     }
-    let start = Instant::now();
-    let stop = super::stop_on_ctrl_c("iteration")?;
-    while !trainer.done() {
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let checkpoint = trainer.save_checkpoint()?;
-            let student = trainer.write_student()?;
-            println!(
-                "stopped after iteration {}: checkpoint {}, the student so far {} (rerun the same command to resume)",
-                trainer.iteration,
-                checkpoint.display(),
-                student.display()
-            );
-            return Ok(());
-        }
-        let m = trainer.iterate()?;
-        println!(
-            "iter {:>5}  dmd {:.4}  fake {:.4}  consistency {:.2e}  stop {} (s {:.2})  |∇| {:.3}  {:.1} s  peak {:.0} MiB  ({:.0} s)",
-            m.iteration,
+    drive(&mut trainer, Instant::now(), |m: &AcDmdMetrics| {
+        format!(
+            "dmd {:.4}  fake {:.4}  consistency {:.2e}  stop {} (s {:.2})  |∇| {:.3}  {:.1} s  peak {:.0} MiB",
             m.dmd_loss,
             m.fake_loss,
             m.consistency,
@@ -238,29 +223,8 @@ fn acdmd(request: DeviceRequest, config: AcDmdConfig, out: &Path) -> Result<()> 
             m.generator_grad_norm,
             m.seconds,
             m.peak_memory_mib.unwrap_or(0.0),
-            start.elapsed().as_secs_f64()
-        );
-        if trainer.eval_due() {
-            print_eval(&trainer.evaluate()?);
-        }
-    }
-    // A run resumed after its last iteration (e.g. with a smaller --iterations) still leaves its
-    // student.
-    let student = out.join("generator_final");
-    if !student.join("adapter_model.safetensors").is_file() {
-        trainer.write_student()?;
-    }
-    println!(
-        "done in {:.0} s: the student adapter is {} (generate with --lora it --sigmas {} --sampler cps)",
-        start.elapsed().as_secs_f64(),
-        student.display(),
-        trainer
-            .sigmas()
-            .iter()
-            .map(|s| format!("{s:.4}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+        )
+    })?;
     Ok(())
 }
 
@@ -317,6 +281,96 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
     } else if trainer.iteration > 0 {
         println!("resumed at iteration {}", trainer.iteration);
     }
+    drive(&mut trainer, start, |m: &ReflowMetrics| {
+        let by_sigma: Vec<String> = m.loss_by_sigma.iter().map(|l| format!("{l:.4}")).collect();
+        format!(
+            "loss {:.4} (per σ {})  |∇| {:.3}  {:.1} s  peak {:.0} MiB",
+            m.loss,
+            by_sigma.join(" "),
+            m.grad_norm,
+            m.seconds,
+            m.peak_memory_mib.unwrap_or(0.0),
+        )
+    })?;
+    Ok(())
+}
+
+/// What `drive` needs of a student's trainer.
+trait StudentRun {
+    type Metrics;
+    fn done(&self) -> bool;
+    fn iterate(&mut self) -> Result<Self::Metrics, DistillError>;
+    fn iteration(&self) -> usize;
+    fn eval_due(&self) -> bool;
+    fn evaluate(&mut self) -> Result<StudentEval, DistillError>;
+    fn save_checkpoint(&self) -> Result<PathBuf, DistillError>;
+    fn write_student(&self) -> Result<PathBuf, DistillError>;
+    fn student_dir(&self) -> PathBuf;
+    /// How to sample the student: the `generate` flags.
+    fn sampling_flags(&self) -> String;
+}
+
+macro_rules! student_run {
+    ($trainer:ty, $metrics:ty, $dir:literal, $flags:expr) => {
+        impl StudentRun for $trainer {
+            type Metrics = $metrics;
+            fn done(&self) -> bool {
+                <$trainer>::done(self)
+            }
+            fn iterate(&mut self) -> Result<$metrics, DistillError> {
+                <$trainer>::iterate(self)
+            }
+            fn iteration(&self) -> usize {
+                self.iteration
+            }
+            fn eval_due(&self) -> bool {
+                <$trainer>::eval_due(self)
+            }
+            fn evaluate(&mut self) -> Result<StudentEval, DistillError> {
+                <$trainer>::evaluate(self)
+            }
+            fn save_checkpoint(&self) -> Result<PathBuf, DistillError> {
+                <$trainer>::save_checkpoint(self)
+            }
+            fn write_student(&self) -> Result<PathBuf, DistillError> {
+                <$trainer>::write_student(self)
+            }
+            fn student_dir(&self) -> PathBuf {
+                self.run_dir().join($dir)
+            }
+            fn sampling_flags(&self) -> String {
+                let flags: fn(&$trainer) -> String = $flags;
+                flags(self)
+            }
+        }
+    };
+}
+
+fn sigma_list(sigmas: &[f64]) -> String {
+    sigmas
+        .iter()
+        .map(|s| format!("{s}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+student_run!(AcDmdTrainer, AcDmdMetrics, "generator_final", |t| format!(
+    "--sigmas {} --sampler cps:{} --cfg 1",
+    sigma_list(t.sigmas()),
+    t.config.eta
+));
+student_run!(ReflowTrainer, ReflowMetrics, "student_final", |t| format!(
+    "--sigmas {} --sampler euler --cfg 1",
+    sigma_list(&t.config.sigmas)
+));
+
+/// Runs a student's iterations to the end with its evaluations; Ctrl-C saves a checkpoint and
+/// the student so far. `line` formats an iteration's metrics.
+fn drive<T: StudentRun>(
+    trainer: &mut T,
+    start: Instant,
+    line: impl Fn(&T::Metrics) -> String,
+) -> Result<()> {
     let stop = super::stop_on_ctrl_c("iteration")?;
     while !trainer.done() {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -324,43 +378,34 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
             let student = trainer.write_student()?;
             println!(
                 "stopped after iteration {}: checkpoint {}, the student so far {} (rerun the same command to resume)",
-                trainer.iteration,
+                trainer.iteration(),
                 checkpoint.display(),
                 student.display()
             );
             return Ok(());
         }
         let m = trainer.iterate()?;
-        let by_sigma: Vec<String> = m.loss_by_sigma.iter().map(|l| format!("{l:.4}")).collect();
         println!(
-            "iter {:>5}  loss {:.4} (per σ {})  |∇| {:.3}  {:.1} s  peak {:.0} MiB  ({:.0} s)",
-            m.iteration,
-            m.loss,
-            by_sigma.join(" "),
-            m.grad_norm,
-            m.seconds,
-            m.peak_memory_mib.unwrap_or(0.0),
+            "iter {:>5}  {}  ({:.0} s)",
+            trainer.iteration(),
+            line(&m),
             start.elapsed().as_secs_f64()
         );
         if trainer.eval_due() {
             print_eval(&trainer.evaluate()?);
         }
     }
-    let student = out.join("student_final");
+    // A run resumed after its last iteration (e.g. with a smaller --iterations) still leaves its
+    // student.
+    let student = trainer.student_dir();
     if !student.join("adapter_model.safetensors").is_file() {
         trainer.write_student()?;
     }
     println!(
-        "done in {:.0} s: the student adapter is {} (generate with --lora it --sigmas {} --sampler euler --cfg 1)",
+        "done in {:.0} s: the student adapter is {} (generate with --lora it {})",
         start.elapsed().as_secs_f64(),
         student.display(),
-        trainer
-            .config
-            .sigmas
-            .iter()
-            .map(|s| format!("{s}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        trainer.sampling_flags()
     );
     Ok(())
 }

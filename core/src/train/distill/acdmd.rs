@@ -343,6 +343,11 @@ impl AcDmdTrainer {
         self.iteration >= self.config.iterations
     }
 
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// The student's σ list (0 appended by the sampler).
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas

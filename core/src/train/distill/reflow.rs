@@ -487,6 +487,11 @@ impl ReflowTrainer {
         self.iteration >= self.config.iterations
     }
 
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// What the couplings hold.
     pub fn couplings(&self) -> &CouplingIndex {
         &self.couplings.index
