@@ -96,3 +96,19 @@ pub fn resumed_run_config<C: serde::de::DeserializeOwned>(
     let state: Stored<C> = crate::model::read_config(&path)?;
     Ok(Some(state.config))
 }
+
+/// Config checks: every count is at least 1; the error names the first that is not.
+pub fn require_counts(fields: &[(&str, usize)]) -> Result<(), String> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((name, _)) => Err(format!("{name} must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+/// Config checks: every value is finite and positive; the error names the first that is not.
+pub fn require_positive(fields: &[(&str, f64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        Some((name, value)) => Err(format!("{name} must be positive, got {value}")),
+        None => Ok(()),
+    }
+}

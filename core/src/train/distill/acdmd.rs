@@ -124,17 +124,13 @@ impl AcDmdConfig {
 
     /// Checks every field; the message names the field and what it must be.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, value) in [
+        crate::train::require_counts(&[
             ("batch_size", self.batch_size),
             ("iterations", self.iterations),
             ("save_every", self.save_every),
             ("eval_images_per_prompt", self.eval_images_per_prompt),
             ("model.lora_rank", self.model.lora_rank),
-        ] {
-            if value == 0 {
-                return Err(format!("{name} must be at least 1"));
-            }
-        }
+        ])?;
         let t = &self.timesteps;
         let in_range = t.iter().all(|&x| x.is_finite() && x > 0.0 && x <= 1000.0);
         if t.is_empty() || !in_range || t.windows(2).any(|w| w[1] >= w[0]) {

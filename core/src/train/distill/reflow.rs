@@ -138,7 +138,7 @@ impl ReflowConfig {
 
     /// Checks every field; the message names the field and what it must be.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, value) in [
+        crate::train::require_counts(&[
             ("teacher_steps", self.teacher_steps),
             ("pairs_per_prompt", self.pairs_per_prompt),
             ("batch_size", self.batch_size),
@@ -146,21 +146,13 @@ impl ReflowConfig {
             ("save_every", self.save_every),
             ("eval_images_per_prompt", self.eval_images_per_prompt),
             ("model.lora_rank", self.model.lora_rank),
-        ] {
-            if value == 0 {
-                return Err(format!("{name} must be at least 1"));
-            }
-        }
-        for (name, value) in [
+        ])?;
+        crate::train::require_positive(&[
             ("learning_rate", self.learning_rate),
             ("grad_clip", self.grad_clip),
             ("correct_weight", self.correct_weight),
             ("model.lora_alpha", self.model.lora_alpha),
-        ] {
-            if !(value.is_finite() && value > 0.0) {
-                return Err(format!("{name} must be positive, got {value}"));
-            }
-        }
+        ])?;
         if !(self.teacher_guidance.is_finite() && self.teacher_guidance >= 1.0) {
             return Err(format!(
                 "teacher_guidance must be ≥ 1 (1: no CFG), got {}",

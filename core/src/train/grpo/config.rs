@@ -630,11 +630,7 @@ impl GrpoConfig {
             ("run.eval_images_per_prompt", r.eval_images_per_prompt),
             ("model.lora_rank", self.model.lora_rank),
         ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(format!("{name} must be at least 1"));
-            }
-        }
+        crate::train::require_counts(&positive)?;
         if let Some(minutes) = r.budget_minutes
             && !(minutes.is_finite() && minutes > 0.0)
         {
