@@ -1,6 +1,6 @@
 //! `sampling.json` beside a few-step student's PEFT files: how the adapter was trained to be
 //! sampled (its sampler, σ list and CFG). PEFT has no place for it; `distill acdmd` and
-//! `distill reflow` write it, the web engine reads it.
+//! `distill reflow` write it, the web engine and the desktop app read it.
 
 use std::path::Path;
 
@@ -15,9 +15,9 @@ pub const SAMPLING_FILE: &str = "sampling.json";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSampling {
-    /// "euler" or "cps".
+    /// "euler", "cps", "sde" (Flow-GRPO) or "dance-sde".
     pub sampler: String,
-    /// CPS η (absent for Euler).
+    /// The stochastic sampler's η / noise level (absent for Euler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
     /// The σ list (0 appended by the sampler): one model call per entry without CFG.
