@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 pub use super::DistillError;
 pub(crate) use super::adam;
 use super::objectives::{consistency, cps_transition, dmd_loss, fake_score_loss, renoise};
-use super::{RunState, StudentEval, append_line, evaluate_student, mix, run_error, truncate_log};
+use super::{
+    RunState, StudentEval, append_line, evaluate_student, mix, run_error, truncate_log,
+    write_checkpoint,
+};
 use crate::lora::{self, LoraWeights};
 use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer};
 use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource, guided_velocity};
@@ -660,39 +663,18 @@ impl AcDmdTrainer {
 
     /// Writes `checkpoint/` atomically: both adapters (PEFT folders), both optimizers, iteration.
     pub fn save_checkpoint(&self) -> Result<PathBuf, DistillError> {
-        let final_dir = self.run_dir.join("checkpoint");
-        let tmp = self.run_dir.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        let lora_config = self.config.lora();
-        for (model, name, dir) in [
-            (&self.generator, GENERATOR, "generator"),
-            (&self.fake, FAKE_SCORE, "fake_score"),
-        ] {
-            LoraWeights::from_component(
-                "transformer",
-                lora::extract(model, name)?,
-                Some(lora_config.clone()),
-            )
-            .write_peft(&tmp.join(dir), "transformer")?;
-        }
-        for (optimizer, file) in [
-            (&self.generator_optimizer, "generator_optimizer.bin"),
-            (&self.fake_optimizer, "fake_score_optimizer.bin"),
-        ] {
-            let path = tmp.join(file);
-            optimizer.save(&path).map_err(|e| run_error(&path, e))?;
-        }
-        let state_path = tmp.join("state.json");
-        let state = RunState {
-            iteration: self.iteration,
-        };
-        std::fs::write(
-            &state_path,
-            serde_json::to_string_pretty(&state).expect("json"),
+        write_checkpoint(
+            &self.run_dir,
+            &self.config.lora(),
+            &[
+                (&self.generator, GENERATOR, "generator"),
+                (&self.fake, FAKE_SCORE, "fake_score"),
+            ],
+            &[
+                (&self.generator_optimizer, "generator_optimizer.bin"),
+                (&self.fake_optimizer, "fake_score_optimizer.bin"),
+            ],
+            self.iteration,
         )
-        .map_err(|e| run_error(&state_path, e))?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
-        Ok(final_dir)
     }
 }

@@ -43,6 +43,35 @@ fn run_error(path: &Path, message: impl std::fmt::Display) -> DistillError {
     }
 }
 
+/// Writes `run_dir/checkpoint/` atomically (through `checkpoint.tmp`): each `(model, adapter
+/// name, folder)` as a PEFT folder, each `(optimizer, file)`, and `state.json` with `iteration`.
+fn write_checkpoint(
+    run_dir: &Path,
+    lora_config: &lora::LoraConfig,
+    adapters: &[(&Transformer, &str, &str)],
+    optimizers: &[(&ModuleOptimizer, &str)],
+    iteration: usize,
+) -> Result<PathBuf, DistillError> {
+    let final_dir = run_dir.join("checkpoint");
+    let tmp = run_dir.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (model, name, dir) in adapters {
+        let modules = lora::extract(*model, name)?;
+        lora::LoraWeights::from_component("transformer", modules, Some(lora_config.clone()))
+            .write_peft(&tmp.join(dir), "transformer")?;
+    }
+    for (optimizer, file) in optimizers {
+        let path = tmp.join(file);
+        optimizer.save(&path).map_err(|e| run_error(&path, e))?;
+    }
+    let state_path = tmp.join("state.json");
+    let state = serde_json::to_string_pretty(&RunState { iteration }).expect("json");
+    std::fs::write(&state_path, state).map_err(|e| run_error(&state_path, e))?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
+    Ok(final_dir)
+}
+
 /// AdamW as RTDMD configures its generator and fake score: betas (0.9, 0.999), no weight decay.
 pub(crate) fn adam() -> ModuleOptimizer {
     AdamWConfig::new()

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     DistillError, RunState, StudentEval, adam, append_line, evaluate_student, mix, run_error,
-    truncate_log,
+    truncate_log, write_checkpoint,
 };
 use crate::lora::{self, LoraWeights};
 use crate::pipeline::{
@@ -631,27 +631,13 @@ impl ReflowTrainer {
 
     /// Writes `checkpoint/` atomically: the adapter (PEFT), the optimizer, the iteration.
     pub fn save_checkpoint(&self) -> Result<PathBuf, DistillError> {
-        let final_dir = self.run_dir.join("checkpoint");
-        let tmp = self.run_dir.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        self.student()
-            .write_peft(&tmp.join(STUDENT), "transformer")?;
-        let path = tmp.join("optimizer.bin");
-        self.optimizer
-            .save(&path)
-            .map_err(|e| run_error(&path, e))?;
-        let state_path = tmp.join("state.json");
-        let state = RunState {
-            iteration: self.iteration,
-        };
-        std::fs::write(
-            &state_path,
-            serde_json::to_string_pretty(&state).expect("json"),
+        write_checkpoint(
+            &self.run_dir,
+            &self.config.lora(),
+            &[(&self.student, STUDENT, STUDENT)],
+            &[(&self.optimizer, "optimizer.bin")],
+            self.iteration,
         )
-        .map_err(|e| run_error(&state_path, e))?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| run_error(&final_dir, e))?;
-        Ok(final_dir)
     }
 }
 
