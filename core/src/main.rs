@@ -149,17 +149,19 @@ struct GenerateArgs {
     /// torch .pt); repeat to stack.
     #[arg(long = "lora")]
     loras: Vec<String>,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale (1 disables CFG).
-    #[arg(long, default_value_t = 4.0)]
-    cfg: f64,
+    /// Denoising steps [default: 20, or a student adapter's own].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (1 disables CFG) [default: 4, or a student adapter's own].
+    #[arg(long)]
+    cfg: Option<f64>,
     /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
     #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
     cfg_interval: Option<Vec<f64>>,
-    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9).
-    #[arg(long, default_value = "euler")]
-    sampler: String,
+    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9) [default:
+    /// euler, or a student adapter's own: a `--lora` folder with a `sampling.json`].
+    #[arg(long)]
+    sampler: Option<String>,
     /// An explicit σ list instead of `--steps` (e.g. `1,0.9,0.75,0.5`, RTDMD's 4-step student).
     #[arg(long, value_delimiter = ',')]
     sigmas: Option<Vec<f64>>,
@@ -464,15 +466,16 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         (pipe, None)
     };
     cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    let kind = sampler_kind(&args.sampler)?;
+    let sampling = Sampling::resolve(&args)?;
+    let kind = sampler_kind(&sampling.sampler)?;
     let first_seed = args.seed.unwrap_or_else(rand::random);
     let seeds: Vec<u64> = (0..args.num_images as u64)
         .map(|k| first_seed + k)
         .collect();
     let options = GenerateOptions {
         guidance_interval: interval(&args.cfg_interval)?,
-        steps: args.steps,
-        guidance_scale: args.cfg,
+        steps: sampling.steps,
+        guidance_scale: sampling.cfg,
         kind,
         seeds: seeds.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -482,7 +485,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             .as_deref()
             .map(|path| pipeline::read_noise(path, &chosen.device))
             .transpose()?,
-        sigmas: args.sigmas.clone(),
+        sigmas: sampling.sigmas.clone(),
     };
     let loaded = start.elapsed();
     let progress =
@@ -512,9 +515,9 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             ("prompt", args.prompt.clone()),
             ("negative_prompt", args.negative_prompt.clone()),
             ("seed", seed.to_string()),
-            ("sampler", args.sampler.clone()),
-            ("steps", args.steps.to_string()),
-            ("cfg", args.cfg.to_string()),
+            ("sampler", sampling.sampler.clone()),
+            ("steps", sampling.steps.to_string()),
+            ("cfg", sampling.cfg.to_string()),
             ("model", dir.display().to_string()),
             ("loras", args.loras.join(" ")),
             (
@@ -730,6 +733,68 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         args.out.join("checkpoint").display()
     );
     Ok(())
+}
+
+/// `generate`'s sampler settings: the flags given, else the first `--lora` folder's
+/// `sampling.json` (a few-step student's own), else the defaults (20 Euler steps, CFG 4).
+struct Sampling {
+    sampler: String,
+    steps: usize,
+    cfg: f64,
+    sigmas: Option<Vec<f64>>,
+}
+
+impl Sampling {
+    fn resolve(args: &GenerateArgs) -> Result<Self> {
+        let mut card = None;
+        for spec in &args.loras {
+            let dir = PathBuf::from(spec.rsplit_once(':').map_or(spec.as_str(), |(p, w)| {
+                if w.parse::<f64>().is_ok() {
+                    p
+                } else {
+                    spec.as_str()
+                }
+            }));
+            let path = dir.join(portaflow::lora::SAMPLING_FILE);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let parsed = portaflow::lora::AdapterSampling::from_json(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+                card = Some(parsed);
+                break;
+            }
+        }
+        if let Some(c) = &card {
+            eprintln!(
+                "sampling as the student's sampling.json says: {} at σ {:?}, CFG {} (flags override)",
+                c.sampler, c.sigmas, c.guidance_scale
+            );
+        }
+        let card_sampler = card.as_ref().map(|c| match c.eta {
+            Some(eta) => format!("{}:{eta}", c.sampler),
+            None => c.sampler.clone(),
+        });
+        Ok(Self {
+            sampler: args
+                .sampler
+                .clone()
+                .or(card_sampler)
+                .unwrap_or_else(|| "euler".into()),
+            steps: args
+                .steps
+                .or(card.as_ref().map(|c| c.sigmas.len()))
+                .unwrap_or(20),
+            cfg: args
+                .cfg
+                .or(card.as_ref().map(|c| c.guidance_scale))
+                .unwrap_or(4.0),
+            // The card's σ list applies unless the steps or the σ list were given.
+            sigmas: match (&args.sigmas, args.steps) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(_)) => None,
+                (None, None) => card.map(|c| c.sigmas),
+            },
+        })
+    }
 }
 
 /// `--sampler NAME[:NOISE]`: `sde:0.8` sets the Flow-SDE noise level, `cps:0.5` the CPS η.
