@@ -916,3 +916,52 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(extra: &[&str]) -> Sampling {
+        let student = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/shapes-4nfe");
+        let mut argv = vec!["portaflow", "generate", "--prompt", "a red circle"];
+        argv.extend_from_slice(extra);
+        let argv: Vec<String> = argv.iter().map(|a| a.replace("STUDENT", student)).collect();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Generate(args) => Sampling::resolve(&args).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// A student's sampling.json sets what the flags leave open; flags win; without a student
+    /// the defaults stand.
+    #[test]
+    fn generate_takes_a_students_sampling_unless_flags_say_otherwise() {
+        let plain = resolve(&[]);
+        assert_eq!(
+            (plain.sampler.as_str(), plain.steps, plain.cfg),
+            ("euler", 20, 4.0)
+        );
+        assert_eq!(plain.sigmas, None);
+        let card = portaflow::lora::AdapterSampling::from_json(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../assets/models/shapes-4nfe/sampling.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let student = resolve(&["--lora", "STUDENT"]);
+        assert_eq!(student.steps, card.sigmas.len());
+        assert_eq!(student.cfg, card.guidance_scale);
+        assert_eq!(student.sigmas.as_ref(), Some(&card.sigmas));
+        assert!(student.sampler.starts_with(&card.sampler));
+        let weighted = resolve(&["--lora", "STUDENT:0.5", "--cfg", "2"]);
+        assert_eq!(
+            (weighted.cfg, weighted.sigmas.as_ref()),
+            (2.0, Some(&card.sigmas))
+        );
+        let stepped = resolve(&["--lora", "STUDENT", "--steps", "8", "--sampler", "cps"]);
+        assert_eq!((stepped.steps, stepped.sigmas), (8, None));
+        assert_eq!(stepped.sampler, "cps");
+    }
+}
