@@ -21,39 +21,11 @@ use super::train::{GrpoRunArgs, run_grpo_config};
 pub enum DistillCommand {
     /// RTDMD's AC-DMD cold start: distil the model (with CFG) into a few-step CPS student held
     /// in a LoRA adapter (presets: configs/acdmd-*.toml).
-    Acdmd {
-        /// The run config (TOML); every field has a default.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Run directory: metrics.jsonl, eval.jsonl, checkpoint/, generator_final/. A run
-        /// directory with a checkpoint is resumed.
-        #[arg(long)]
-        out: PathBuf,
-        /// Override `iterations` (the only setting a resumed run may change).
-        #[arg(long)]
-        iterations: Option<usize>,
-        /// Print the effective config and exit.
-        #[arg(long)]
-        print_config: bool,
-    },
+    Acdmd(StudentArgs),
     /// Reward-filtered reflow: the teacher's ODE couplings (kept when the Shapes detector marks
     /// the image correct) regressed by a few-step Euler student in a LoRA adapter (preset:
     /// configs/reflow-shapes.toml).
-    Reflow {
-        /// The run config (TOML); every field has a default.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Run directory: couplings/, metrics.jsonl, eval.jsonl, checkpoint/, student_final/.
-        /// A run directory with a checkpoint is resumed.
-        #[arg(long)]
-        out: PathBuf,
-        /// Override `iterations` (the only setting a resumed run may change).
-        #[arg(long)]
-        iterations: Option<usize>,
-        /// Print the effective config and exit.
-        #[arg(long)]
-        print_config: bool,
-    },
+    Reflow(StudentArgs),
     /// RTDMD's RL stage on the GRPO trainer: SubGRPO on the few-step CPS student, the
     /// final-step auxiliary loss, LoRA stacking (default config: configs/rtdmd-shapes.toml; it
     /// must roll out with CPS at a few-step `sample.sigmas`).
@@ -61,6 +33,66 @@ pub enum DistillCommand {
     /// Flow-OPD on the GRPO trainer: on-policy distillation from routed task teachers (default
     /// config: configs/opd-shapes.toml; it must have `[train.opd]`).
     Opd(GrpoRunArgs),
+}
+
+/// `distill acdmd` / `distill reflow`: the trainers of their own.
+#[derive(clap::Args)]
+pub struct StudentArgs {
+    /// The run config (TOML); every field has a default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, eval.jsonl, checkpoint/, the student folder
+    /// (generator_final/ or student_final/). A run directory with a checkpoint is resumed.
+    #[arg(long)]
+    out: PathBuf,
+    /// Override `iterations` (the only setting a resumed run may change).
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Print the effective config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+/// What `student_config` needs of a student trainer's config.
+trait StudentConfig: Default + Sized {
+    fn from_file(path: &Path) -> Result<Self, String>;
+    fn to_toml(&self) -> String;
+    fn set_iterations(&mut self, n: usize);
+}
+
+macro_rules! student_config {
+    ($config:ty) => {
+        impl StudentConfig for $config {
+            fn from_file(path: &Path) -> Result<Self, String> {
+                <$config>::from_file(path)
+            }
+            fn to_toml(&self) -> String {
+                <$config>::to_toml(self)
+            }
+            fn set_iterations(&mut self, n: usize) {
+                self.iterations = n;
+            }
+        }
+    };
+}
+student_config!(AcDmdConfig);
+student_config!(ReflowConfig);
+
+/// The config file given (or the defaults) with `--iterations` applied; `None` after
+/// `--print-config` printed it.
+fn student_config<C: StudentConfig>(args: &StudentArgs) -> Result<Option<C>> {
+    let mut config = match &args.config {
+        Some(path) => C::from_file(path).map_err(anyhow::Error::msg)?,
+        None => C::default(),
+    };
+    if let Some(n) = args.iterations {
+        config.set_iterations(n);
+    }
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(None);
+    }
+    Ok(Some(config))
 }
 
 /// The config of `distill rtdmd` / `distill opd`: the file given, or the preset; `check` names
@@ -100,44 +132,14 @@ pub fn check_opd(c: &GrpoConfig) -> Result<(), String> {
 
 pub fn run(request: DeviceRequest, command: DistillCommand) -> Result<()> {
     match command {
-        DistillCommand::Acdmd {
-            config,
-            out,
-            iterations,
-            print_config,
-        } => {
-            let mut config = match &config {
-                Some(path) => AcDmdConfig::from_file(path).map_err(anyhow::Error::msg)?,
-                None => AcDmdConfig::default(),
-            };
-            if let Some(n) = iterations {
-                config.iterations = n;
-            }
-            if print_config {
-                print!("{}", config.to_toml());
-                return Ok(());
-            }
-            acdmd(request, config, &out)
-        }
-        DistillCommand::Reflow {
-            config,
-            out,
-            iterations,
-            print_config,
-        } => {
-            let mut config = match &config {
-                Some(path) => ReflowConfig::from_file(path).map_err(anyhow::Error::msg)?,
-                None => ReflowConfig::default(),
-            };
-            if let Some(n) = iterations {
-                config.iterations = n;
-            }
-            if print_config {
-                print!("{}", config.to_toml());
-                return Ok(());
-            }
-            reflow(request, config, &out)
-        }
+        DistillCommand::Acdmd(args) => match student_config(&args)? {
+            Some(config) => acdmd(request, config, &args.out),
+            None => Ok(()),
+        },
+        DistillCommand::Reflow(args) => match student_config(&args)? {
+            Some(config) => reflow(request, config, &args.out),
+            None => Ok(()),
+        },
         DistillCommand::Rtdmd(args) => {
             let config = method_config(&args, "configs/rtdmd-shapes.toml", check_rtdmd)?;
             run_grpo_config(request, config, &args)

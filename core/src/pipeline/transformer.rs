@@ -129,7 +129,9 @@ fn cpu_chunks(x: &Tensor<4>) -> usize {
     if cfg!(target_arch = "wasm32") || x.is_autodiff() || !flex_kernels::applies(x) {
         return 1;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Asked once: on Linux it reads the cgroup quota files, too slow for every forward.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     cores.min(x.dims()[0])
 }
 
