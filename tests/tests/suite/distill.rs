@@ -251,7 +251,7 @@ mod reflow {
             )
             .unwrap()
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap();
         let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
         let per = direct.len();
@@ -363,24 +363,48 @@ mod reflow {
             "{err}"
         );
 
-        // Another run's couplings are reused only when drawn with the same teacher settings.
+        // Other runs' couplings are reused, pooled, only when drawn by the same teacher.
         let first = TempDir::new("reflow-first");
         drop(trainer(config(1), 3, first.path()).unwrap());
+        let other_draw = TempDir::new("reflow-other-draw");
+        let mut seed_7 = config(1);
+        seed_7.seed = 7;
+        seed_7.pairs_per_prompt = 2;
+        drop(trainer(seed_7, 3, other_draw.path()).unwrap());
         let mut reuse = config(1);
-        reuse.couplings_from = Some(first.path().join("couplings"));
+        reuse.couplings_from = vec![
+            first.path().join("couplings"),
+            other_draw.path().join("couplings"),
+        ];
         let second = TempDir::new("reflow-second");
         let t = trainer(reuse.clone(), 3, second.path()).unwrap();
-        assert_eq!(t.couplings().seeds.len(), 3);
+        assert_eq!(t.couplings().seeds.len(), 3 + 6, "both draws pooled");
+        assert_eq!(t.couplings().prompts[..3], [0, 1, 2]);
+        assert_eq!(t.couplings().prompts[3..], [0, 0, 1, 1, 2, 2]);
         assert!(
             !second.path().join("couplings").exists(),
             "drew again instead of reusing"
         );
         drop(t);
+        let mut twice = reuse.clone();
+        twice.couplings_from = vec![first.path().join("couplings"); 2];
+        let err = trainer(twice, 3, TempDir::new("reflow-twice").path())
+            .err()
+            .unwrap();
+        assert!(err.contains("occurs twice in couplings_from"), "{err}");
         reuse.teacher_guidance = 2.0;
         let err = trainer(reuse, 3, TempDir::new("reflow-third").path())
             .err()
             .unwrap();
         assert!(err.contains("these couplings were drawn with"), "{err}");
+        // In a config file: one folder or a list.
+        let one: ReflowConfig = toml::from_str("couplings_from = \"a/couplings\"").unwrap();
+        let many: ReflowConfig = toml::from_str("couplings_from = [\"a\", \"b\"]").unwrap();
+        assert_eq!(
+            one.couplings_from,
+            [std::path::PathBuf::from("a/couplings")]
+        );
+        assert_eq!(many.couplings_from.len(), 2);
 
         // Truncated couplings are named, not read.
         let run = TempDir::new("reflow-truncated");

@@ -2,8 +2,8 @@
 //! (rectified flow's "reflow", Liu et al. 2022; InstaFlow), tilted toward the reward by keeping
 //! only the couplings whose image the Shapes detector marks correct.
 //!
-//! 1. **couplings** (once per run, stored in the run directory, or reused from another run's with
-//!    the same teacher settings): for every training prompt and `pairs_per_prompt` seeds, the
+//! 1. **couplings** (once per run, stored in the run directory, or reused from other runs' drawn
+//!    by the same teacher, pooled): for every training prompt and `pairs_per_prompt` seeds, the
 //!    teacher (the base with CFG) integrates its ODE from the seed's noise z to x₀ with
 //!    `teacher_steps` Euler steps, and GenEval's rule judges the decoded image;
 //! 2. **student** (a LoRA on the base, no CFG): on the straight line x_σ = (1 − σ)·x₀ + σ·z it
@@ -80,8 +80,11 @@ pub struct ReflowConfig {
     pub teacher_guidance: f64,
     /// Couplings drawn per training prompt (before filtering).
     pub pairs_per_prompt: usize,
-    /// Use another run's `couplings/` (drawn with the same teacher settings) instead of drawing.
-    pub couplings_from: Option<PathBuf>,
+    /// Learn from these `couplings/` folders of other runs, pooled, instead of drawing: each
+    /// must come from the same teacher (model, prompts, steps, CFG) and no noise seed may occur
+    /// twice, so draws with different `seed` or `pairs_per_prompt` add up. One path or a list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub couplings_from: Vec<PathBuf>,
     pub keep: Keep,
     /// With `keep = "all"`: how much more often a coupling whose image was correct is drawn.
     pub correct_weight: f64,
@@ -110,7 +113,7 @@ impl Default for ReflowConfig {
             teacher_steps: 20,
             teacher_guidance: 4.5,
             pairs_per_prompt: 16,
-            couplings_from: None,
+            couplings_from: vec![],
             keep: Keep::Correct,
             correct_weight: 1.0,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
@@ -229,6 +232,21 @@ pub struct DrawSettings {
 }
 
 impl DrawSettings {
+    /// Whether both were drawn by the same teacher on the same prompts (the draw's own seed and
+    /// count may differ).
+    fn same_teacher(&self, other: &Self) -> bool {
+        let teacher = |d: &Self| {
+            (
+                d.model.clone(),
+                d.train_prompts.clone(),
+                d.teacher_steps,
+                d.teacher_guidance,
+                d.prompt_count,
+            )
+        };
+        teacher(self) == teacher(other)
+    }
+
     fn of(config: &ReflowConfig, prompt_count: usize) -> Self {
         Self {
             model: config.model.path.clone(),
@@ -282,6 +300,56 @@ impl Couplings {
                 total
             })
             .collect()
+    }
+
+    /// The couplings of several stored draws by the run's teacher, pooled in order.
+    fn pool(dirs: &[PathBuf], settings: &DrawSettings) -> Result<Self, DistillError> {
+        let mut pooled: Option<Self> = None;
+        let mut seen = std::collections::HashSet::new();
+        for dir in dirs {
+            if !dir.join("index.json").is_file() {
+                return Err(run_error(dir, "no couplings here (index.json missing)"));
+            }
+            let c = Self::read(dir)?;
+            if !c.index.draw.same_teacher(settings) {
+                return Err(run_error(
+                    dir,
+                    format!(
+                        "these couplings were drawn with {:?}, this run's teacher is {settings:?}",
+                        c.index.draw
+                    ),
+                ));
+            }
+            if let Some(&seed) = c.index.seeds.iter().find(|&&s| !seen.insert(s)) {
+                return Err(run_error(
+                    dir,
+                    format!(
+                        "noise seed {seed} occurs twice in couplings_from (the same folder listed twice, or two draws with the same seed)"
+                    ),
+                ));
+            }
+            pooled = Some(match pooled {
+                None => c,
+                Some(mut p) => {
+                    if p.index.shape != c.index.shape {
+                        return Err(run_error(
+                            dir,
+                            format!(
+                                "latents of shape {:?}, the other couplings' are {:?}",
+                                c.index.shape, p.index.shape
+                            ),
+                        ));
+                    }
+                    p.index.prompts.extend(c.index.prompts);
+                    p.index.seeds.extend(c.index.seeds);
+                    p.index.correct.extend(c.index.correct);
+                    p.index.seconds += c.index.seconds;
+                    p.x0.extend(c.x0);
+                    p
+                }
+            });
+        }
+        Ok(pooled.expect("validated: couplings_from is not empty here"))
     }
 
     fn write(&self, dir: &Path) -> Result<(), DistillError> {
@@ -378,7 +446,9 @@ impl ReflowTrainer {
         let config_path = run_dir.join("config.toml");
         let checkpoint = run_dir.join("checkpoint");
         let couplings_dir = run_dir.join("couplings");
-        let started = checkpoint.join("state.json").is_file() || couplings_dir.is_dir();
+        let started = checkpoint.join("state.json").is_file()
+            || couplings_dir.is_dir()
+            || run_dir.join("metrics.jsonl").is_file();
         if started && config_path.is_file() {
             let mut stored = ReflowConfig::from_file(&config_path).map_err(DistillError::Config)?;
             stored.iterations = config.iterations;
@@ -400,15 +470,13 @@ impl ReflowTrainer {
             scheduler: pipeline.scheduler,
         };
         let settings = DrawSettings::of(&config, train.len());
-        let source = config
-            .couplings_from
-            .clone()
-            .unwrap_or(couplings_dir.clone());
-        let couplings = if source.join("index.json").is_file() {
-            let c = Couplings::read(&source)?;
+        let couplings = if !config.couplings_from.is_empty() {
+            Couplings::pool(&config.couplings_from, &settings)?
+        } else if couplings_dir.join("index.json").is_file() {
+            let c = Couplings::read(&couplings_dir)?;
             if c.index.draw != settings {
                 return Err(run_error(
-                    &source,
+                    &couplings_dir,
                     format!(
                         "these couplings were drawn with {:?}, this run draws with {settings:?}",
                         c.index.draw
@@ -416,8 +484,6 @@ impl ReflowTrainer {
                 ));
             }
             c
-        } else if config.couplings_from.is_some() {
-            return Err(run_error(&source, "no couplings here (index.json missing)"));
         } else {
             let c = draw_couplings(&config, settings, &teacher, &train, &plain_device, progress)?;
             c.write(&couplings_dir)?;
@@ -426,7 +492,7 @@ impl ReflowTrainer {
         let cumulative = couplings.cumulative_weights(&config);
         if cumulative.last().is_none_or(|&w| w <= 0.0) {
             return Err(run_error(
-                &source,
+                config.couplings_from.first().unwrap_or(&couplings_dir),
                 format!(
                     "none of the {} couplings may be drawn under keep = \"{}\": the teacher drew no correct image; draw more per prompt or keep \"all\"",
                     couplings.len(),
@@ -639,6 +705,20 @@ impl ReflowTrainer {
             self.iteration,
         )
     }
+}
+
+/// A path or a list of paths.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// The teacher's ODE from each coupling's noise, judged by GenEval's rule.
