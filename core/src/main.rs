@@ -106,20 +106,8 @@ struct EvalArgs {
     /// torch .pt); repeat to stack.
     #[arg(long = "lora")]
     loras: Vec<String>,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 4.0)]
-    cfg: f64,
-    /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
-    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
-    cfg_interval: Option<Vec<f64>>,
-    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9; a few-step
-    /// student's sampler).
-    #[arg(long, default_value = "euler")]
-    sampler: String,
-    /// An explicit σ list instead of `--steps` (e.g. `1,0.75,0.5,0.25`, the 4-NFE student's).
-    #[arg(long, value_delimiter = ',')]
-    sigmas: Option<Vec<f64>>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[arg(long, default_value_t = 4)]
     images_per_prompt: usize,
     #[arg(long, default_value_t = 8)]
@@ -132,6 +120,28 @@ struct EvalArgs {
     /// Write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// How `generate` and `eval` sample; what is not given comes from a student adapter's
+/// `sampling.json` (see [`Sampling::resolve`]), else the defaults.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Denoising steps [default: 20, or a student adapter's own].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (1 disables CFG) [default: 4, or a student adapter's own].
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
+    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
+    cfg_interval: Option<Vec<f64>>,
+    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9) [default:
+    /// euler, or a student adapter's own: a `--lora` folder with a `sampling.json`].
+    #[arg(long)]
+    sampler: Option<String>,
+    /// An explicit σ list instead of `--steps` (e.g. `1,0.75,0.5,0.25`, the bundled student's).
+    #[arg(long, value_delimiter = ',')]
+    sigmas: Option<Vec<f64>>,
 }
 
 #[derive(clap::Args)]
@@ -149,22 +159,8 @@ struct GenerateArgs {
     /// torch .pt); repeat to stack.
     #[arg(long = "lora")]
     loras: Vec<String>,
-    /// Denoising steps [default: 20, or a student adapter's own].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale (1 disables CFG) [default: 4, or a student adapter's own].
-    #[arg(long)]
-    cfg: Option<f64>,
-    /// Guide only while LOW < σ ≤ HIGH (`--cfg-interval 0.3,1`); every step when absent.
-    #[arg(long, value_delimiter = ',', value_name = "LOW,HIGH")]
-    cfg_interval: Option<Vec<f64>>,
-    /// euler, sde[:LEVEL] (Flow-GRPO SDE, noise level 0.7) or cps[:ETA] (η 0.9) [default:
-    /// euler, or a student adapter's own: a `--lora` folder with a `sampling.json`].
-    #[arg(long)]
-    sampler: Option<String>,
-    /// An explicit σ list instead of `--steps` (e.g. `1,0.9,0.75,0.5`, RTDMD's 4-step student).
-    #[arg(long, value_delimiter = ',')]
-    sigmas: Option<Vec<f64>>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seed of the first image; image k uses seed + k. Random if absent.
     #[arg(long)]
     seed: Option<u64>,
@@ -466,14 +462,14 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         (pipe, None)
     };
     cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    let sampling = Sampling::resolve(&args)?;
+    let sampling = Sampling::resolve(&args.loras, &args.sampling)?;
     let kind = sampler_kind(&sampling.sampler)?;
     let first_seed = args.seed.unwrap_or_else(rand::random);
     let seeds: Vec<u64> = (0..args.num_images as u64)
         .map(|k| first_seed + k)
         .collect();
     let options = GenerateOptions {
-        guidance_interval: interval(&args.cfg_interval)?,
+        guidance_interval: interval(&args.sampling.cfg_interval)?,
         steps: sampling.steps,
         guidance_scale: sampling.cfg,
         kind,
@@ -735,8 +731,8 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// `generate`'s sampler settings: the flags given, else the first `--lora` folder's
-/// `sampling.json` (a few-step student's own), else the defaults (20 Euler steps, CFG 4).
+/// `generate`'s and `eval`'s sampler settings: the flags given, else the first `--lora`
+/// folder's `sampling.json` (a few-step student's own), else the defaults (20 Euler steps, CFG 4).
 struct Sampling {
     sampler: String,
     steps: usize,
@@ -745,9 +741,9 @@ struct Sampling {
 }
 
 impl Sampling {
-    fn resolve(args: &GenerateArgs) -> Result<Self> {
+    fn resolve(loras: &[String], args: &SamplingArgs) -> Result<Self> {
         let mut card = None;
-        for spec in &args.loras {
+        for spec in loras {
             let dir = PathBuf::from(spec.rsplit_once(':').map_or(spec.as_str(), |(p, w)| {
                 if w.parse::<f64>().is_ok() {
                     p
@@ -849,19 +845,20 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
         let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
         cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
+        let sampling = Sampling::resolve(&args.loras, &args.sampling)?;
         let options = eval::EvalOptions {
             images_per_prompt: args.images_per_prompt,
             batch_size: args.batch_size,
             generate: GenerateOptions {
-                guidance_interval: interval(&args.cfg_interval)?,
-                steps: args.steps,
-                guidance_scale: args.cfg,
-                kind: sampler_kind(&args.sampler)?,
+                guidance_interval: interval(&args.sampling.cfg_interval)?,
+                steps: sampling.steps,
+                guidance_scale: sampling.cfg,
+                kind: sampler_kind(&sampling.sampler)?,
                 seeds: vec![],
                 negative_prompt: String::new(),
                 size: None,
                 initial_noise: None,
-                sigmas: args.sigmas.clone(),
+                sigmas: sampling.sigmas,
             },
             seed: args.seed,
         };
@@ -921,21 +918,27 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    fn resolve(extra: &[&str]) -> Sampling {
+    fn resolve_for(command: &[&str], extra: &[&str]) -> Sampling {
         let student = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/models/shapes-4nfe");
-        let mut argv = vec!["portaflow", "generate", "--prompt", "a red circle"];
+        let mut argv = vec!["portaflow"];
+        argv.extend_from_slice(command);
         argv.extend_from_slice(extra);
         let argv: Vec<String> = argv.iter().map(|a| a.replace("STUDENT", student)).collect();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Generate(args) => Sampling::resolve(&args).unwrap(),
+            Command::Generate(args) => Sampling::resolve(&args.loras, &args.sampling).unwrap(),
+            Command::Eval(args) => Sampling::resolve(&args.loras, &args.sampling).unwrap(),
             _ => unreachable!(),
         }
+    }
+
+    fn resolve(extra: &[&str]) -> Sampling {
+        resolve_for(&["generate", "--prompt", "a red circle"], extra)
     }
 
     /// A student's sampling.json sets what the flags leave open; flags win; without a student
     /// the defaults stand.
     #[test]
-    fn generate_takes_a_students_sampling_unless_flags_say_otherwise() {
+    fn generate_and_eval_take_a_students_sampling_unless_flags_say_otherwise() {
         let plain = resolve(&[]);
         assert_eq!(
             (plain.sampler.as_str(), plain.steps, plain.cfg),
@@ -963,5 +966,12 @@ mod tests {
         let stepped = resolve(&["--lora", "STUDENT", "--steps", "8", "--sampler", "cps"]);
         assert_eq!((stepped.steps, stepped.sigmas), (8, None));
         assert_eq!(stepped.sampler, "cps");
+        // `eval` resolves the same way.
+        let eval = ["eval", "--prompts", "p.jsonl"];
+        let scored = resolve_for(&eval, &["--lora", "STUDENT"]);
+        assert_eq!(scored.sigmas.as_ref(), Some(&card.sigmas));
+        assert_eq!(scored.cfg, card.guidance_scale);
+        let base = resolve_for(&eval, &[]);
+        assert_eq!((base.steps, base.cfg, base.sigmas), (20, 4.0, None));
     }
 }
