@@ -233,7 +233,9 @@ mod reflow {
     #[test]
     fn the_student_regresses_the_teachers_couplings_and_resumes() {
         let run = TempDir::new("reflow-run");
-        let mut t = trainer(config(3), 6, run.path()).unwrap();
+        let mut snapshotted = config(3);
+        snapshotted.snapshot_every = 2;
+        let mut t = trainer(snapshotted, 6, run.path()).unwrap();
         let index = t.couplings().clone();
         assert_eq!((index.seeds.len(), index.correct.len()), (6, 6));
         // The stored x₀ of coupling 2 is the teacher's 4-step CFG-3 image for its seed.
@@ -283,6 +285,13 @@ mod reflow {
             (card.sampler.as_str(), card.sigmas.as_slice()),
             ("euler", &[1.0, 0.5][..])
         );
+        let snapshots = run.path().join("snapshots");
+        let kept: Vec<_> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(kept, ["iter-2"], "snapshot_every = 2 over 3 iterations");
+        assert!(snapshots.join("iter-2/sampling.json").is_file());
 
         // Stopped after iteration 2 and resumed: the uninterrupted run's student.
         let split = TempDir::new("reflow-resume");

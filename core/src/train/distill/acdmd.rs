@@ -29,8 +29,8 @@ pub use super::DistillError;
 pub(crate) use super::adam;
 use super::objectives::{consistency, cps_transition, dmd_loss, fake_score_loss, renoise};
 use super::{
-    RunState, StudentEval, append_line, evaluate_student, mix, run_error, truncate_log,
-    write_checkpoint,
+    RunState, StudentEval, append_line, evaluate_student, mix, run_error, snapshot_dir,
+    truncate_log, write_checkpoint,
 };
 use crate::lora::{self, LoraWeights};
 use crate::pipeline::{GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer};
@@ -87,6 +87,9 @@ pub struct AcDmdConfig {
     pub eval_images_per_prompt: usize,
     /// Checkpoint every N iterations (and after the last).
     pub save_every: usize,
+    /// Keep a copy of the student every N iterations in `snapshots/iter-N/` (a PEFT folder with
+    /// its `sampling.json`, to pick an iteration by a held-out evaluation later); 0 never.
+    pub snapshot_every: usize,
 }
 
 impl Default for AcDmdConfig {
@@ -112,6 +115,7 @@ impl Default for AcDmdConfig {
             eval_prompts: Some(96),
             eval_images_per_prompt: 1,
             save_every: 100,
+            snapshot_every: 0,
         }
     }
 }
@@ -605,6 +609,9 @@ impl AcDmdTrainer {
         if due(c.save_every) {
             self.save_checkpoint()?;
         }
+        if c.snapshot_every > 0 && self.iteration % c.snapshot_every == 0 {
+            self.write_student_to(snapshot_dir(&self.run_dir, self.iteration))?;
+        }
         if last {
             self.write_student()?;
         }
@@ -613,7 +620,11 @@ impl AcDmdTrainer {
 
     /// Writes the student as it is now to `generator_final/` (a PEFT folder).
     pub fn write_student(&self) -> Result<PathBuf, DistillError> {
-        let dir = self.run_dir.join("generator_final");
+        self.write_student_to(self.run_dir.join("generator_final"))
+    }
+
+    /// Writes the student as it is now to `dir` (a PEFT folder with its `sampling.json`).
+    fn write_student_to(&self, dir: PathBuf) -> Result<PathBuf, DistillError> {
         self.student().write_peft(&dir, "transformer")?;
         lora::AdapterSampling::new(
             StepKind::Cps {

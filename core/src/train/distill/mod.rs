@@ -72,6 +72,11 @@ fn write_checkpoint(
     Ok(final_dir)
 }
 
+/// Where the student of iteration `iteration` is kept with `snapshot_every`.
+pub fn snapshot_dir(run_dir: &Path, iteration: usize) -> PathBuf {
+    run_dir.join("snapshots").join(format!("iter-{iteration}"))
+}
+
 /// AdamW as RTDMD configures its generator and fake score: betas (0.9, 0.999), no weight decay.
 pub(crate) fn adam() -> ModuleOptimizer {
     AdamWConfig::new()

@@ -15,8 +15,8 @@
 //!    couplings; `keep = "all"` with weight 1 is plain reflow.
 //!
 //! A run directory holds `config.toml`, `couplings/` (`index.json` + `x0.f32`), `metrics.jsonl`,
-//! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly) and
-//! `student_final/` (a PEFT folder).
+//! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly),
+//! `snapshots/iter-N/` (with `snapshot_every`) and `student_final/` (a PEFT folder).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     DistillError, RunState, StudentEval, adam, append_line, evaluate_student, mix, run_error,
-    truncate_log, write_checkpoint,
+    snapshot_dir, truncate_log, write_checkpoint,
 };
 use crate::lora::{self, LoraWeights};
 use crate::pipeline::{
@@ -102,6 +102,9 @@ pub struct ReflowConfig {
     pub eval_images_per_prompt: usize,
     /// Checkpoint every N iterations (and after the last).
     pub save_every: usize,
+    /// Keep a copy of the student every N iterations in `snapshots/iter-N/` (a PEFT folder with
+    /// its `sampling.json`, to pick an iteration by a held-out evaluation later); 0 never.
+    pub snapshot_every: usize,
 }
 
 impl Default for ReflowConfig {
@@ -126,6 +129,7 @@ impl Default for ReflowConfig {
             eval_prompts: None,
             eval_images_per_prompt: 4,
             save_every: 100,
+            snapshot_every: 0,
         }
     }
 }
@@ -648,6 +652,9 @@ impl ReflowTrainer {
         if c.save_every > 0 && (self.iteration % c.save_every == 0 || last) {
             self.save_checkpoint()?;
         }
+        if c.snapshot_every > 0 && self.iteration % c.snapshot_every == 0 {
+            self.write_student_to(snapshot_dir(&self.run_dir, self.iteration))?;
+        }
         if last {
             self.write_student()?;
         }
@@ -662,7 +669,11 @@ impl ReflowTrainer {
 
     /// Writes the student as it is now to `student_final/` (a PEFT folder).
     pub fn write_student(&self) -> Result<PathBuf, DistillError> {
-        let dir = self.run_dir.join("student_final");
+        self.write_student_to(self.run_dir.join("student_final"))
+    }
+
+    /// Writes the student as it is now to `dir` (a PEFT folder with its `sampling.json`).
+    fn write_student_to(&self, dir: PathBuf) -> Result<PathBuf, DistillError> {
         self.student().write_peft(&dir, "transformer")?;
         lora::AdapterSampling::new(StepKind::Euler, &self.config.sigmas, 1.0)
             .write(&dir)
