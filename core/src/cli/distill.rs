@@ -277,6 +277,13 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
         trainer.config.keep,
         trainer.config.correct_weight
     );
+    if trainer.config.recouple_min_correct > 0 {
+        println!(
+            "re-coupled: {} wrong couplings learn the nearest correct image of their prompt (prompts with at least {} correct)",
+            trainer.recoupled(),
+            trainer.config.recouple_min_correct
+        );
+    }
     if trainer.iteration == 0 && trainer.config.eval_every > 0 {
         // Where the curve starts: the base sampled with the student's few Euler steps, no CFG.
         print_eval(&trainer.evaluate()?);

@@ -88,6 +88,12 @@ pub struct ReflowConfig {
     pub keep: Keep,
     /// With `keep = "all"`: how much more often a coupling whose image was correct is drawn.
     pub correct_weight: f64,
+    /// Re-coupling (0: off): a coupling whose image was wrong, of a prompt with at least this
+    /// many correct ones, learns to carry its noise to the nearest correct image of its prompt
+    /// (L2 between the latents) and is then drawn as a correct one. Filtering alone does not
+    /// tilt a deterministic student: one that reproduces the teacher's map on the kept noises
+    /// reproduces it on every noise, wrong images included. Re-coupling changes the map.
+    pub recouple_min_correct: usize,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -119,6 +125,7 @@ impl Default for ReflowConfig {
             couplings_from: vec![],
             keep: Keep::Correct,
             correct_weight: 1.0,
+            recouple_min_correct: 0,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -289,14 +296,54 @@ impl Couplings {
         counts
     }
 
-    /// Cumulative sampling weights under `keep` / `correct_weight`.
-    fn cumulative_weights(&self, config: &ReflowConfig) -> Vec<f64> {
-        let mut total = 0.0;
-        self.index
-            .correct
+    /// Per coupling, the coupling whose x₀ it learns: its own, or with `recouple_min_correct`
+    /// the nearest correct one of its prompt when its own image was wrong.
+    fn targets(&self, min_correct: usize) -> Vec<usize> {
+        let per = self.index.shape.iter().product::<usize>();
+        let latent = |i: usize| &self.x0[i * per..(i + 1) * per];
+        let mut correct_of = std::collections::HashMap::<usize, Vec<usize>>::new();
+        for (i, (&p, &ok)) in self
+            .index
+            .prompts
             .iter()
-            .map(|&correct| {
-                total += match (config.keep, correct) {
+            .zip(&self.index.correct)
+            .enumerate()
+        {
+            if ok {
+                correct_of.entry(p).or_default().push(i);
+            }
+        }
+        (0..self.len())
+            .map(|i| {
+                let candidates = correct_of
+                    .get(&self.index.prompts[i])
+                    .map_or(&[][..], Vec::as_slice);
+                if self.index.correct[i] || min_correct == 0 || candidates.len() < min_correct {
+                    return i;
+                }
+                let distance = |j: usize| -> f64 {
+                    latent(i)
+                        .iter()
+                        .zip(latent(j))
+                        .map(|(a, b)| ((a - b) as f64).powi(2))
+                        .sum()
+                };
+                *candidates
+                    .iter()
+                    .min_by(|&&a, &&b| distance(a).total_cmp(&distance(b)))
+                    .expect("at least min_correct ≥ 1 candidates")
+            })
+            .collect()
+    }
+
+    /// Cumulative sampling weights under `keep` / `correct_weight`: a coupling counts as
+    /// correct when its target's image was correct.
+    fn cumulative_weights(&self, config: &ReflowConfig, targets: &[usize]) -> Vec<f64> {
+        let mut total = 0.0;
+        targets
+            .iter()
+            .map(|&t| {
+                total += match (config.keep, self.index.correct[t]) {
                     (_, true) => config.correct_weight,
                     (Keep::All, false) => 1.0,
                     (Keep::Correct, false) => 0.0,
@@ -419,6 +466,8 @@ pub struct ReflowTrainer {
     teacher: Pipeline,
     optimizer: ModuleOptimizer,
     couplings: Couplings,
+    /// Per coupling, whose x₀ it learns (see [`ReflowConfig::recouple_min_correct`]).
+    targets: Vec<usize>,
     /// Cumulative sampling weights of the couplings.
     cumulative: Vec<f64>,
     train: Vec<PromptSpec>,
@@ -493,7 +542,8 @@ impl ReflowTrainer {
             c.write(&couplings_dir)?;
             c
         };
-        let cumulative = couplings.cumulative_weights(&config);
+        let targets = couplings.targets(config.recouple_min_correct);
+        let cumulative = couplings.cumulative_weights(&config, &targets);
         if cumulative.last().is_none_or(|&w| w <= 0.0) {
             return Err(run_error(
                 config.couplings_from.first().unwrap_or(&couplings_dir),
@@ -534,6 +584,7 @@ impl ReflowTrainer {
             teacher,
             optimizer,
             couplings,
+            targets,
             cumulative,
             train,
             test,
@@ -557,6 +608,15 @@ impl ReflowTrainer {
     /// What the couplings hold.
     pub fn couplings(&self) -> &CouplingIndex {
         &self.couplings.index
+    }
+
+    /// How many wrong couplings learn a correct image's x₀ (`recouple_min_correct`).
+    pub fn recoupled(&self) -> usize {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| i != *t)
+            .count()
     }
 
     /// Per tag: the couplings whose teacher image was correct, and all of them.
@@ -605,7 +665,8 @@ impl ReflowTrainer {
                 .collect();
             let x0: Vec<f32> = picks
                 .iter()
-                .flat_map(|&i| self.couplings.x0[i * per..(i + 1) * per].iter().copied())
+                .map(|&i| self.targets[i])
+                .flat_map(|t| self.couplings.x0[t * per..(t + 1) * per].iter().copied())
                 .collect();
             let [ch, h, w] = shape;
             // [n, c, h, w]
@@ -812,10 +873,33 @@ mod tests {
             correct_weight: 3.0,
             ..Default::default()
         };
-        assert_eq!(c.cumulative_weights(&config), [3.0, 3.0, 6.0, 6.0]);
+        let own = c.targets(0);
+        assert_eq!(own, [0, 1, 2, 3]);
+        assert_eq!(c.cumulative_weights(&config, &own), [3.0, 3.0, 6.0, 6.0]);
         config.keep = Keep::All;
-        assert_eq!(c.cumulative_weights(&config), [3.0, 4.0, 7.0, 8.0]);
+        assert_eq!(c.cumulative_weights(&config, &own), [3.0, 4.0, 7.0, 8.0]);
         config.correct_weight = 1.0;
-        assert_eq!(c.cumulative_weights(&config), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(c.cumulative_weights(&config, &own), [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    /// A wrong coupling learns the nearest correct x₀ of its own prompt, and only when that
+    /// prompt has enough correct ones.
+    #[test]
+    fn recoupling_targets_the_nearest_correct_image_of_the_same_prompt() {
+        let mut c = couplings(vec![true, true, false, false, true, false]);
+        c.index.prompts = vec![0, 0, 0, 1, 1, 1];
+        c.x0 = vec![0.0, 10.0, 8.0, -1.0, 5.0, 0.0];
+        // Prompt 0: coupling 2 (x₀ 8) is nearest to coupling 1 (10). Prompt 1 has one correct.
+        assert_eq!(c.targets(2), [0, 1, 1, 3, 4, 5]);
+        assert_eq!(c.targets(1), [0, 1, 1, 4, 4, 4]);
+        assert_eq!(c.targets(3), [0, 1, 2, 3, 4, 5]);
+        let config = ReflowConfig {
+            keep: Keep::Correct,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.cumulative_weights(&config, &c.targets(2)),
+            [1.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        );
     }
 }
