@@ -10,9 +10,9 @@
 //!    regresses the coupling's velocity z − x₀ at each of its own σ's (an equal share of every
 //!    batch per σ), loss ‖v̂ − (z − x₀)‖²; sampling is then Euler on that σ list. Couplings are
 //!    drawn with weight `correct_weight` when the teacher's image was correct and 1 otherwise
-//!    (`keep = "correct"`: only correct ones), so the student learns
-//!    p̃(x₀ | c) ∝ p_teacher(x₀ | c)·w(correct): reward-weighted regression on the teacher's
-//!    couplings; `keep = "all"` with weight 1 is plain reflow.
+//!    (`keep = "correct"`: only correct ones); `keep = "all"` with weight 1 is plain reflow.
+//!    The couplings are deterministic (z → the teacher's x₀(z)), so filtering only chooses which
+//!    noises the teacher's map is learned on; `recouple_min_correct` changes the map itself.
 //!
 //! A run directory holds `config.toml`, `couplings/` (`index.json` + `x0.f32`), `metrics.jsonl`,
 //! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly),
