@@ -99,15 +99,8 @@ struct EvalArgs {
     /// Score existing images laid out as GenEval lays them out instead of generating.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// A pipeline folder (default: the bundled model).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// LoRA adapters to apply, `PATH[:WEIGHT]` (PEFT folder, diffusers / kohya .safetensors,
-    /// torch .pt); repeat to stack.
-    #[arg(long = "lora")]
-    loras: Vec<String>,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    model: ModelArgs,
     #[arg(long, default_value_t = 4)]
     images_per_prompt: usize,
     #[arg(long, default_value_t = 8)]
@@ -120,6 +113,26 @@ struct EvalArgs {
     /// Write the JSON report here.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// The model `generate` and `eval` sample: a pipeline folder, its adapters and how to sample.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A pipeline folder (default: the bundled model, or env PORTAFLOW_MODEL).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// LoRA adapters to apply, `PATH[:WEIGHT]` (PEFT folder, diffusers / kohya .safetensors,
+    /// torch .pt); repeat to stack.
+    #[arg(long = "lora")]
+    loras: Vec<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+impl ModelArgs {
+    fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(pipeline::bundled_dir)
+    }
 }
 
 /// How `generate` and `eval` sample; what is not given comes from a student adapter's
@@ -152,15 +165,8 @@ struct GenerateArgs {
     /// What to avoid (the unconditional branch of CFG).
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// A pipeline folder (default: the bundled model, or env PORTAFLOW_MODEL).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// LoRA adapters to apply, `PATH[:WEIGHT]` (PEFT folder, diffusers / kohya .safetensors,
-    /// torch .pt); repeat to stack.
-    #[arg(long = "lora")]
-    loras: Vec<String>,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    model: ModelArgs,
     /// Seed of the first image; image k uses seed + k. Random if absent.
     #[arg(long)]
     seed: Option<u64>,
@@ -425,7 +431,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
     anyhow::ensure!(!args.prompt.trim().is_empty(), "--prompt is empty");
     anyhow::ensure!(args.num_images > 0, "--num-images must be at least 1");
     let chosen = device::select(request)?;
-    let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
+    let dir = args.model.dir();
     let start = Instant::now();
     let loading = || format!("loading the model from {}", dir.display());
     let configure = |text: &mut pipeline::TextStack| -> Result<()> {
@@ -461,15 +467,15 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         configure(&mut pipe.text)?;
         (pipe, None)
     };
-    cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-    let sampling = Sampling::resolve(&args.loras, &args.sampling)?;
+    cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device)?;
+    let sampling = Sampling::resolve(&args.model)?;
     let kind = sampler_kind(&sampling.sampler)?;
     let first_seed = args.seed.unwrap_or_else(rand::random);
     let seeds: Vec<u64> = (0..args.num_images as u64)
         .map(|k| first_seed + k)
         .collect();
     let options = GenerateOptions {
-        guidance_interval: interval(&args.sampling.cfg_interval)?,
+        guidance_interval: interval(&args.model.sampling.cfg_interval)?,
         steps: sampling.steps,
         guidance_scale: sampling.cfg,
         kind,
@@ -515,7 +521,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
             ("steps", sampling.steps.to_string()),
             ("cfg", sampling.cfg.to_string()),
             ("model", dir.display().to_string()),
-            ("loras", args.loras.join(" ")),
+            ("loras", args.model.loras.join(" ")),
             (
                 "software",
                 format!("portaflow {}", env!("CARGO_PKG_VERSION")),
@@ -741,9 +747,10 @@ struct Sampling {
 }
 
 impl Sampling {
-    fn resolve(loras: &[String], args: &SamplingArgs) -> Result<Self> {
+    fn resolve(model: &ModelArgs) -> Result<Self> {
+        let args = &model.sampling;
         let mut card = None;
-        for spec in loras {
+        for spec in &model.loras {
             let dir = PathBuf::from(spec.rsplit_once(':').map_or(spec.as_str(), |(p, w)| {
                 if w.parse::<f64>().is_ok() {
                     p
@@ -841,16 +848,16 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
         let specs = prompt::read_jsonl(path)?;
         anyhow::ensure!(!specs.is_empty(), "{}: no prompts", path.display());
         let chosen = device::select(request)?;
-        let dir = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
+        let dir = args.model.dir();
         let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
-        cli::lora::apply(&mut pipe, &args.loras, &chosen.device)?;
-        let sampling = Sampling::resolve(&args.loras, &args.sampling)?;
+        cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device)?;
+        let sampling = Sampling::resolve(&args.model)?;
         let options = eval::EvalOptions {
             images_per_prompt: args.images_per_prompt,
             batch_size: args.batch_size,
             generate: GenerateOptions {
-                guidance_interval: interval(&args.sampling.cfg_interval)?,
+                guidance_interval: interval(&args.model.sampling.cfg_interval)?,
                 steps: sampling.steps,
                 guidance_scale: sampling.cfg,
                 kind: sampler_kind(&sampling.sampler)?,
@@ -925,8 +932,8 @@ mod tests {
         argv.extend_from_slice(extra);
         let argv: Vec<String> = argv.iter().map(|a| a.replace("STUDENT", student)).collect();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Generate(args) => Sampling::resolve(&args.loras, &args.sampling).unwrap(),
-            Command::Eval(args) => Sampling::resolve(&args.loras, &args.sampling).unwrap(),
+            Command::Generate(args) => Sampling::resolve(&args.model).unwrap(),
+            Command::Eval(args) => Sampling::resolve(&args.model).unwrap(),
             _ => unreachable!(),
         }
     }
