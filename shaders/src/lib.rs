@@ -9,8 +9,10 @@
 //! Every kernel keeps an equality test against the plain burn-tensor implementation of the same
 //! formula (`tests/tests/kernels.rs`).
 
+mod norm_modulate;
 mod sde_step;
 
+pub use norm_modulate::norm_modulate;
 pub use sde_step::{SdeStepOutput, flow_sde_step};
 
 /// Errors from launching a hand-written kernel.
@@ -61,4 +63,4 @@ impl KernelTemplate {
 }
 
 /// Every hand-written kernel in the crate.
-pub const KERNELS: &[KernelTemplate] = &[sde_step::TEMPLATE];
+pub const KERNELS: &[KernelTemplate] = &[sde_step::TEMPLATE, norm_modulate::TEMPLATE];

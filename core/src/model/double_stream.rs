@@ -17,7 +17,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use super::layers::{
-    GeluFeedForward, Linear, QkvNorm, chunks, gated, layer_norm, modulate, rope_attention,
+    GeluFeedForward, Linear, QkvNorm, chunks, gated, norm_modulate, rope_attention,
 };
 use super::weights::{LoadError, Weights};
 
@@ -162,8 +162,8 @@ impl<F: Module + StreamFeedForward> DoubleStreamBlock<F> {
             }
             Modulation::Shared { image, text } => (image.to_vec(), text.to_vec()),
         };
-        let x_in = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
-        let c_in = modulate(layer_norm(context.clone()), cm[0].clone(), cm[1].clone());
+        let x_in = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
+        let c_in = norm_modulate(context.clone(), cm[0].clone(), cm[1].clone());
         let [q, k, v] = self.attn_image.forward(x_in, heads);
         let [cq, ck, cv] = self.attn_context.forward(c_in, heads);
         let (n_txt, n_img) = (context.dims()[1], x.dims()[1]);
@@ -188,6 +188,6 @@ impl<F: Module + StreamFeedForward> DoubleStreamBlock<F> {
 
 /// `x + gate · ff(LN(x)·(1 + scale) + shift)` with `m = [shift, scale, gate]`.
 fn feed_forward<F: StreamFeedForward>(ff: &F, x: Tensor<3>, m: &[Tensor<2>]) -> Tensor<3> {
-    let input = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
+    let input = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
     x + gated(ff.forward(input), m[2].clone())
 }

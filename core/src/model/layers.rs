@@ -231,6 +231,28 @@ pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     x * scale.add_scalar(1.0).unsqueeze_dim(1) + shift.unsqueeze_dim(1)
 }
 
+/// `modulate(layer_norm(x), shift, scale)`, the AdaLN input of every MMDiT / FLUX block: one
+/// fused kernel (`portaflow_shaders::norm_modulate`) on a wgpu device outside autodiff, the
+/// tensor ops elsewhere.
+///
+/// # Shapes
+/// - `x`: `[b, seq, dim]`; `shift`, `scale`: `[b, dim]`
+pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
+    let on_wgpu = matches!(
+        x.device().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(_)
+    );
+    if on_wgpu && !x.is_autodiff() {
+        // Falls back on what the kernel declines (e.g. half precision).
+        if let Ok(out) =
+            portaflow_shaders::norm_modulate(x.clone(), shift.clone(), scale.clone(), NORM_EPS)
+        {
+            return out;
+        }
+    }
+    modulate(layer_norm(x), shift, scale)
+}
+
 /// `x · gate` with a per-sample gate. `x`: `[b, seq, dim]`, `gate`: `[b, dim]`.
 pub fn gated(x: Tensor<3>, gate: Tensor<2>) -> Tensor<3> {
     x * gate.unsqueeze_dim(1)

@@ -142,3 +142,66 @@ fn fused_sde_step_refuses_bad_input_with_a_message() {
     .to_string();
     assert!(err.contains("sigma_next < sigma"), "{err}");
 }
+
+#[test]
+fn fused_norm_modulate_equals_layer_norm_then_modulate() {
+    use portaflow::model::layers::{layer_norm, modulate, norm_modulate};
+    let gpu = vulkan();
+    let cpu = ChosenDevice::cpu();
+    // Widths below, at and above the 64-lane workgroup, not multiples of it; an offset mean
+    // and a large scale, where a one-pass variance would lose precision.
+    for (b, tokens, width) in [(1, 1, 7), (2, 5, 64), (3, 9, 100), (2, 16, 200)] {
+        let x = Tensor::<3>::random(
+            [b, tokens, width],
+            Distribution::Normal(3.0, 5.0),
+            &cpu.device,
+        );
+        let shift = Tensor::<2>::random([b, width], Distribution::Normal(0.0, 1.0), &cpu.device);
+        let scale = Tensor::<2>::random([b, width], Distribution::Normal(0.0, 1.0), &cpu.device);
+        let want: Vec<f32> = modulate(layer_norm(x.clone()), shift.clone(), scale.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let g3 = |t: &Tensor<3>| Tensor::<3>::from_data(t.to_data(), &gpu.device);
+        let g2 = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &gpu.device);
+        let got: Vec<f32> = portaflow_shaders::norm_modulate(g3(&x), g2(&shift), g2(&scale), 1e-6)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let err = max_abs_diff(&want, &got);
+        assert!(err < 1e-4, "[{b}, {tokens}, {width}]: max difference {err}");
+        // The layer the models call takes the kernel on wgpu and agrees too.
+        let layer: Vec<f32> = norm_modulate(g3(&x), g2(&shift), g2(&scale))
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(
+            max_abs_diff(&want, &layer) < 1e-4,
+            "[{b}, {tokens}, {width}] via the layer"
+        );
+    }
+    // Bad input is named.
+    let x = Tensor::<3>::zeros([2, 3, 8], &gpu.device);
+    let err = portaflow_shaders::norm_modulate(
+        x.clone(),
+        Tensor::<2>::zeros([2, 8], &gpu.device),
+        Tensor::<2>::zeros([2, 9], &gpu.device),
+        1e-6,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("`scale`") && err.contains("[2, 9]"), "{err}");
+    let on_cpu = Tensor::<3>::zeros([2, 3, 8], &cpu.device);
+    let err = portaflow_shaders::norm_modulate(
+        on_cpu,
+        Tensor::<2>::zeros([2, 8], &cpu.device),
+        Tensor::<2>::zeros([2, 8], &cpu.device),
+        1e-6,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("wgpu"), "{err}");
+}

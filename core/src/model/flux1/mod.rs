@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::double_stream::{DoubleStreamBlock, DoubleStreamSpec, Modulation};
 use super::layers::{
-    GeluFeedForward, Linear, MlpEmbedder, QkvNorm, chunks, gated, layer_norm, modulate,
-    rope_attention, rope_tables, timestep_embedding,
+    GeluFeedForward, Linear, MlpEmbedder, QkvNorm, chunks, gated, norm_modulate, rope_attention,
+    rope_tables, timestep_embedding,
 };
 use super::weights::{LoadError, Weights};
 
@@ -187,7 +187,7 @@ impl FluxSingleTransformerBlock {
         heads: usize,
     ) -> Tensor<3> {
         let m = chunks(self.norm.forward(temb_act), 3);
-        let normed = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
+        let normed = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
         let mlp = super::layers::gelu_tanh(self.proj_mlp.forward(normed.clone()));
         let [q, k, v] = self.attn.forward(normed, heads);
         let attn = rope_attention(q, k, v, &rope.0, &rope.1);
@@ -312,7 +312,7 @@ impl Flux1Transformer {
         let hidden = joint.narrow(1, n_txt, n_img);
         let m = chunks(self.norm_out.forward(temb_act), 2); // scale, shift
         self.proj_out
-            .forward(modulate(layer_norm(hidden), m[1].clone(), m[0].clone()))
+            .forward(norm_modulate(hidden, m[1].clone(), m[0].clone()))
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::double_stream::{DoubleStreamBlock, DoubleStreamSpec, Modulation, StreamFeedForward};
 use super::layers::{
-    Linear, MlpEmbedder, RmsNorm, chunks, gated, layer_norm, modulate, rope_attention, rope_tables,
+    Linear, MlpEmbedder, RmsNorm, chunks, gated, norm_modulate, rope_attention, rope_tables,
     split_heads, timestep_embedding,
 };
 use super::weights::{LoadError, Weights};
@@ -257,7 +257,7 @@ impl Flux2SingleTransformerBlock {
     /// `m`: the shared single-stream modulation (shift, scale, gate). `x`: `[b, n_txt + n_img, d]`.
     fn forward(&self, x: Tensor<3>, m: &[Tensor<2>], rope: &Rope, heads: usize) -> Tensor<3> {
         let d = x.dims()[2];
-        let normed = modulate(layer_norm(x.clone()), m[0].clone(), m[1].clone());
+        let normed = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
         let fused = self.to_qkv_mlp_proj.forward(normed); // [b, s, 3d + 2m]
         let mlp_width = fused.dims()[2] - 3 * d;
         let q = self
@@ -421,7 +421,7 @@ impl Flux2Transformer {
         let hidden = joint.narrow(1, n_txt, n_img);
         let m = chunks(self.norm_out.forward(temb_act), 2); // scale, shift
         self.proj_out
-            .forward(modulate(layer_norm(hidden), m[1].clone(), m[0].clone()))
+            .forward(norm_modulate(hidden, m[1].clone(), m[0].clone()))
     }
 }
 

@@ -5,8 +5,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use crate::model::layers::{
-    GeluFeedForward, Linear, MlpEmbedder, RmsNorm, chunks, gated, layer_norm, merge_heads,
-    modulate, sdpa, silu, split_heads, timestep_embedding,
+    GeluFeedForward, Linear, MlpEmbedder, RmsNorm, chunks, gated, merge_heads, norm_modulate, sdpa,
+    silu, split_heads, timestep_embedding,
 };
 use crate::model::weights::{LoadError, Weights};
 
@@ -301,21 +301,21 @@ impl JointTransformerBlock {
             self.norm1.forward(temb_act.clone()),
             if self.attn2.is_some() { 9 } else { 6 },
         );
-        let normed = layer_norm(x.clone());
-        let attn_in = modulate(normed.clone(), m[0].clone(), m[1].clone());
+        let input = x.clone();
+        let attn_in = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
 
         let context_mod = self.norm1_context.forward(temb_act);
         let (context_in, context_m) = if self.ff_context.is_some() {
             let cm = chunks(context_mod, 6);
             (
-                modulate(layer_norm(context.clone()), cm[0].clone(), cm[1].clone()),
+                norm_modulate(context.clone(), cm[0].clone(), cm[1].clone()),
                 Some(cm),
             )
         } else {
             // AdaLayerNormContinuous: scale first, then shift
             let cm = chunks(context_mod, 2);
             (
-                modulate(layer_norm(context.clone()), cm[1].clone(), cm[0].clone()),
+                norm_modulate(context.clone(), cm[1].clone(), cm[0].clone()),
                 None,
             )
         };
@@ -324,17 +324,17 @@ impl JointTransformerBlock {
         let (attn_img, attn_txt) = self.attn.forward(attn_in, Some(context_in), heads_n);
         let mut x = x + gated(attn_img, m[2].clone());
         if let Some(attn2) = &self.attn2 {
-            let attn2_in = modulate(normed, m[6].clone(), m[7].clone());
+            let attn2_in = norm_modulate(input, m[6].clone(), m[7].clone());
             let (out, _) = attn2.forward(attn2_in, None, heads_n);
             x = x + gated(out, m[8].clone());
         }
-        let ff_in = modulate(layer_norm(x.clone()), m[3].clone(), m[4].clone());
+        let ff_in = norm_modulate(x.clone(), m[3].clone(), m[4].clone());
         x = x.clone() + gated(self.ff.forward(ff_in), m[5].clone());
 
         let context = match (context_m, attn_txt, &self.ff_context) {
             (Some(cm), Some(attn_txt), Some(ff_context)) => {
                 let c = context + gated(attn_txt, cm[2].clone());
-                let ff_in = modulate(layer_norm(c.clone()), cm[3].clone(), cm[4].clone());
+                let ff_in = norm_modulate(c.clone(), cm[3].clone(), cm[4].clone());
                 Some(c.clone() + gated(ff_context.forward(ff_in), cm[5].clone()))
             }
             _ => None,
@@ -478,7 +478,7 @@ impl Sd3Transformer {
         }
         // norm_out: AdaLayerNormContinuous, scale then shift
         let m = chunks(self.norm_out.forward(temb_act), 2);
-        let hidden = modulate(layer_norm(hidden), m[1].clone(), m[0].clone());
+        let hidden = norm_modulate(hidden, m[1].clone(), m[0].clone());
         let out = self.proj_out.forward(hidden); // [b, h·w, p·p·c_out], channels (p, q, c)
         let c_out = self.config.out_channels;
         // [b, h, w, p, q, c] → [b, c, h, p, w, q] → [b, c, H, W]
