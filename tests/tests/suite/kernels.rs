@@ -205,3 +205,53 @@ fn fused_norm_modulate_equals_layer_norm_then_modulate() {
     .to_string();
     assert!(err.contains("wgpu"), "{err}");
 }
+
+#[test]
+fn fused_rms_norm_equals_the_tensor_ops() {
+    use burn::module::Param;
+    use portaflow::model::layers::RmsNorm;
+    let gpu = vulkan();
+    let cpu = ChosenDevice::cpu();
+    // Rows of widths below, at and above the 32-lane workgroup; 3-D and 4-D (q / k heads).
+    for dims in [[1, 1, 5], [2, 7, 32], [3, 4, 100]] {
+        let x = Tensor::<3>::random(dims, Distribution::Normal(0.5, 3.0), &cpu.device);
+        let weight = Tensor::<1>::random([dims[2]], Distribution::Normal(1.0, 0.5), &cpu.device);
+        let norm = |device: &burn::tensor::Device| RmsNorm {
+            weight: Param::from_tensor(Tensor::from_data(weight.to_data(), device)),
+            eps: 1e-6,
+        };
+        let want: Vec<f32> = norm(&cpu.device)
+            .forward(x.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        let on_gpu = Tensor::<3>::from_data(x.to_data(), &gpu.device);
+        let got: Vec<f32> = portaflow_shaders::rms_norm(
+            on_gpu.clone(),
+            Tensor::from_data(weight.to_data(), &gpu.device),
+            1e-6,
+        )
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+        let err = max_abs_diff(&want, &got);
+        assert!(err < 1e-4, "{dims:?}: max difference {err}");
+        // The layer takes the kernel on wgpu and agrees, also on [b, heads, seq, head_dim].
+        let layer: Vec<f32> = norm(&gpu.device)
+            .forward(on_gpu.clone().reshape([dims[0], 1, dims[1], dims[2]]))
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(max_abs_diff(&want, &layer) < 1e-4, "{dims:?} via the layer");
+    }
+    let err = portaflow_shaders::rms_norm(
+        Tensor::<3>::zeros([2, 3, 8], &gpu.device),
+        Tensor::<1>::zeros([9], &gpu.device),
+        1e-6,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("`weight`") && err.contains("[9]"), "{err}");
+}
