@@ -10,11 +10,9 @@
 //! formula (`tests/tests/kernels.rs`).
 
 mod norm_modulate;
-mod rms_norm;
 mod sde_step;
 
 pub use norm_modulate::norm_modulate;
-pub use rms_norm::rms_norm;
 pub use sde_step::{SdeStepOutput, flow_sde_step};
 
 /// Errors from launching a hand-written kernel.
@@ -65,15 +63,4 @@ impl KernelTemplate {
 }
 
 /// Every hand-written kernel in the crate.
-pub const KERNELS: &[KernelTemplate] = &[
-    sde_step::TEMPLATE,
-    norm_modulate::TEMPLATE,
-    rms_norm::TEMPLATE,
-];
-
-/// The dispatch of a kernel that runs one workgroup per row: rows beyond 65,535 (WebGPU's
-/// per-dimension limit) wrap into y, and the kernel skips the surplus of the last y-row.
-fn one_workgroup_per_row(rows: usize) -> cubecl::prelude::CubeCount {
-    let x = rows.clamp(1, 65_535);
-    cubecl::prelude::CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
-}
+pub const KERNELS: &[KernelTemplate] = &[sde_step::TEMPLATE, norm_modulate::TEMPLATE];

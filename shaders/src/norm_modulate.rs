@@ -10,13 +10,15 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
-use cubecl::prelude::{CubeDim, KernelId};
+use cubecl::prelude::{CubeCount, CubeDim, KernelId};
 use cubecl::server::KernelArguments;
 
-use crate::{KernelError, KernelTemplate, one_workgroup_per_row};
+use crate::{KernelError, KernelTemplate};
 
 const KERNEL: &str = "norm_modulate";
 const WORKGROUP_SIZE: u32 = 64;
+/// The most workgroups one dispatch dimension takes (WebGPU's default limit).
+const MAX_GROUPS_PER_DIM: usize = 65_535;
 
 pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     file: "norm_modulate.wgsl",
@@ -96,8 +98,14 @@ impl NormModulateOps for CubeBackend {
             params.binding(),
             out.handle.clone().binding(),
         ]);
+        let groups_x = rows.min(MAX_GROUPS_PER_DIM);
+        let groups_y = rows.div_ceil(groups_x);
         let kernel = SourceKernel::new(NormModulateSource, CubeDim::new_1d(WORKGROUP_SIZE));
-        client.launch(Box::new(kernel), one_workgroup_per_row(rows), arguments);
+        client.launch(
+            Box::new(kernel),
+            CubeCount::Static(groups_x as u32, groups_y as u32, 1),
+            arguments,
+        );
         out
     }
 }

@@ -129,15 +129,8 @@ impl RmsNorm {
         Self { eps, ..self }
     }
 
-    /// `x · rsqrt(mean(x²) + ε) · weight` over the last dimension: one fused kernel
-    /// (`portaflow_shaders::rms_norm`) on a wgpu device outside autodiff.
+    /// `x · rsqrt(mean(x²) + ε) · weight` over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if on_wgpu_untracked(&x) {
-            // Falls back on what the kernel declines (e.g. half precision).
-            if let Ok(out) = portaflow_shaders::rms_norm(x.clone(), self.weight.val(), self.eps) {
-                return out;
-            }
-        }
         let rms = x
             .clone()
             .square()
@@ -245,7 +238,11 @@ pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
 /// # Shapes
 /// - `x`: `[b, seq, dim]`; `shift`, `scale`: `[b, dim]`
 pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
-    if on_wgpu_untracked(&x) {
+    let on_wgpu = matches!(
+        x.device().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(_)
+    );
+    if on_wgpu && !x.is_autodiff() {
         // Falls back on what the kernel declines (e.g. half precision).
         if let Ok(out) =
             portaflow_shaders::norm_modulate(x.clone(), shift.clone(), scale.clone(), NORM_EPS)
@@ -254,16 +251,6 @@ pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor
         }
     }
     modulate(layer_norm(x), shift, scale)
-}
-
-/// Whether `x` lives on a wgpu (CubeCL) device outside autodiff: where the hand-written
-/// kernels of `portaflow_shaders` run.
-fn on_wgpu_untracked<const D: usize>(x: &Tensor<D>) -> bool {
-    !x.is_autodiff()
-        && matches!(
-            x.device().as_dispatch(),
-            burn::backend::DispatchDevice::Cube(_)
-        )
 }
 
 /// `x · gate` with a per-sample gate. `x`: `[b, seq, dim]`, `gate`: `[b, dim]`.
