@@ -41,6 +41,30 @@ pub enum KernelError {
     },
 }
 
+/// A kernel source for burn's template mechanism: `$source` (a unit struct) fills the
+/// `workgroup_size` of `$template` with `$workgroup_size`.
+macro_rules! wgsl_kernel_source {
+    ($source:ident, $template:expr, $workgroup_size:expr) => {
+        struct $source;
+
+        impl burn_cubecl::template::KernelSource for $source {
+            fn source(&self) -> burn_cubecl::template::SourceTemplate {
+                burn_cubecl::template::SourceTemplate::new($template.source)
+                    .register("workgroup_size", $workgroup_size.to_string())
+            }
+
+            fn id(&self) -> cubecl::prelude::KernelId {
+                cubecl::prelude::KernelId::new::<Self>().info($workgroup_size)
+            }
+
+            fn lang(&self) -> &'static str {
+                "wgsl"
+            }
+        }
+    };
+}
+pub(crate) use wgsl_kernel_source;
+
 /// A WGSL kernel template: its file name and the template values it needs.
 pub struct KernelTemplate {
     /// File name under `shaders/wgsl/`.

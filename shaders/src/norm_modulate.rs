@@ -9,11 +9,11 @@ use burn::tensor::{DType, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
-use cubecl::prelude::{CubeCount, CubeDim, KernelId};
+use burn_cubecl::template::SourceKernel;
+use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::server::KernelArguments;
 
-use crate::{KernelError, KernelTemplate};
+use crate::{KernelError, KernelTemplate, wgsl_kernel_source};
 
 const KERNEL: &str = "norm_modulate";
 const WORKGROUP_SIZE: u32 = 64;
@@ -26,21 +26,7 @@ pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     example_values: &[("workgroup_size", "64")],
 };
 
-struct NormModulateSource;
-
-impl KernelSource for NormModulateSource {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(TEMPLATE.source).register("workgroup_size", WORKGROUP_SIZE.to_string())
-    }
-
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(WORKGROUP_SIZE)
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
-    }
-}
+wgsl_kernel_source!(NormModulateSource, TEMPLATE, WORKGROUP_SIZE);
 
 /// Output spec for the lazy Fusion backend: like `x`.
 fn norm_modulate_meta(
@@ -171,6 +157,7 @@ pub fn norm_modulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn_cubecl::template::KernelSource;
 
     #[test]
     fn template_fills_every_placeholder() {

@@ -9,11 +9,11 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
-use cubecl::prelude::{CubeCount, CubeDim, KernelId};
+use burn_cubecl::template::SourceKernel;
+use cubecl::prelude::{CubeCount, CubeDim};
 use cubecl::server::KernelArguments;
 
-use crate::{KernelError, KernelTemplate};
+use crate::{KernelError, KernelTemplate, wgsl_kernel_source};
 
 const KERNEL: &str = "flow_sde_step";
 const WORKGROUP_SIZE: u32 = 256;
@@ -24,21 +24,7 @@ pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     example_values: &[("workgroup_size", "256")],
 };
 
-struct SdeStepSource;
-
-impl KernelSource for SdeStepSource {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(TEMPLATE.source).register("workgroup_size", WORKGROUP_SIZE.to_string())
-    }
-
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info(WORKGROUP_SIZE)
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
-    }
-}
+wgsl_kernel_source!(SdeStepSource, TEMPLATE, WORKGROUP_SIZE);
 
 /// Output specs of the fused step for the lazy Fusion backend: x' and mean like `x`, log-prob `[batch]`.
 fn step_meta(
@@ -229,6 +215,7 @@ pub fn flow_sde_step<const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn_cubecl::template::KernelSource;
 
     #[test]
     fn template_fills_every_placeholder() {
