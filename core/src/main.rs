@@ -2,6 +2,7 @@
 
 mod cli;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -881,7 +882,18 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
             &options,
             &chosen.device,
             args.save_images.as_deref(),
-            |done, total| eprint!("\r{done}/{total} images"),
+            {
+                // A redrawn counter on a terminal; each new tenth on a line of its own in a log.
+                let mut tenths_shown = 0;
+                move |done, total| {
+                    if std::io::stderr().is_terminal() {
+                        eprint!("\r{done}/{total} images");
+                    } else if done * 10 / total.max(1) > tenths_shown {
+                        tenths_shown = done * 10 / total.max(1);
+                        eprintln!("{done}/{total} images");
+                    }
+                }
+            },
         )?
     };
     eprintln!();

@@ -328,10 +328,12 @@ impl Couplings {
                         .map(|(a, b)| ((a - b) as f64).powi(2))
                         .sum()
                 };
-                *candidates
+                candidates
                     .iter()
-                    .min_by(|&&a, &&b| distance(a).total_cmp(&distance(b)))
+                    .map(|&j| (distance(j), j))
+                    .min_by(|a, b| a.0.total_cmp(&b.0))
                     .expect("at least min_correct ≥ 1 candidates")
+                    .1
             })
             .collect()
     }
