@@ -752,13 +752,7 @@ impl Sampling {
         let args = &model.sampling;
         let mut card = None;
         for spec in &model.loras {
-            let dir = PathBuf::from(spec.rsplit_once(':').map_or(spec.as_str(), |(p, w)| {
-                if w.parse::<f64>().is_ok() {
-                    p
-                } else {
-                    spec.as_str()
-                }
-            }));
+            let (dir, _) = cli::lora::parse_spec(spec)?;
             let path = dir.join(portaflow::lora::SAMPLING_FILE);
             if let Ok(text) = std::fs::read_to_string(&path) {
                 let parsed = portaflow::lora::AdapterSampling::from_json(&text)

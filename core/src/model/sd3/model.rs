@@ -5,8 +5,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use crate::model::layers::{
-    GeluFeedForward, Linear, MlpEmbedder, RmsNorm, chunks, gated, merge_heads, norm_modulate, sdpa,
-    silu, split_heads, timestep_embedding,
+    GeluFeedForward, Linear, MlpEmbedder, RmsNorm, chunks, gated, layer_norm, merge_heads,
+    modulate, norm_modulate, sdpa, silu, split_heads, timestep_embedding,
 };
 use crate::model::weights::{LoadError, Weights};
 
@@ -301,8 +301,17 @@ impl JointTransformerBlock {
             self.norm1.forward(temb_act.clone()),
             if self.attn2.is_some() { 9 } else { 6 },
         );
-        let input = x.clone();
-        let attn_in = norm_modulate(x.clone(), m[0].clone(), m[1].clone());
+        // SD3.5's second attention reads the same LayerNorm with its own modulation: normalise
+        // once for both; a block with one attention takes the fused norm + modulate.
+        let (attn_in, attn2_in) = if self.attn2.is_some() {
+            let normed = layer_norm(x.clone());
+            (
+                modulate(normed.clone(), m[0].clone(), m[1].clone()),
+                Some(modulate(normed, m[6].clone(), m[7].clone())),
+            )
+        } else {
+            (norm_modulate(x.clone(), m[0].clone(), m[1].clone()), None)
+        };
 
         let context_mod = self.norm1_context.forward(temb_act);
         let (context_in, context_m) = if self.ff_context.is_some() {
@@ -323,8 +332,7 @@ impl JointTransformerBlock {
         let heads_n = heads;
         let (attn_img, attn_txt) = self.attn.forward(attn_in, Some(context_in), heads_n);
         let mut x = x + gated(attn_img, m[2].clone());
-        if let Some(attn2) = &self.attn2 {
-            let attn2_in = norm_modulate(input, m[6].clone(), m[7].clone());
+        if let (Some(attn2), Some(attn2_in)) = (&self.attn2, attn2_in) {
             let (out, _) = attn2.forward(attn2_in, None, heads_n);
             x = x + gated(out, m[8].clone());
         }
