@@ -89,6 +89,11 @@ struct SamplingResult {
     images_per_second: f64,
     /// Transformer forward FLOPs per call (matmuls only, analytic) / median time.
     gflops: f64,
+    /// Medians of the call's phases: text encoding (prompts and, with CFG, the negative prompt),
+    /// the denoising loop, and the autoencoder's decode with the 8-bit images' readback.
+    encode_seconds: f64,
+    denoise_seconds: f64,
+    decode_seconds: f64,
     peak_memory_mib: Option<f64>,
 }
 
@@ -121,29 +126,57 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
     let prompt = "a photo of a red circle left of a blue square".to_string();
     let mut sampling = Vec::new();
     println!(
-        "{:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10}",
-        "steps", "batch", "first s", "median s", "min s", "images/s", "GFLOP/s", "peak MiB"
+        "{:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>24} {:>10}",
+        "steps",
+        "batch",
+        "first s",
+        "median s",
+        "min s",
+        "images/s",
+        "GFLOP/s",
+        "encode/denoise/decode s",
+        "peak MiB"
     );
     for &steps in &args.steps {
         for &batch in &args.batches {
             reset_peak_memory();
             let options = GenerateOptions::euler(steps, args.cfg, (0..batch as u64).collect());
             let prompts = vec![prompt.clone(); batch];
-            let call = || -> Result<f64> {
+            // One call = `Pipeline::generate` in its three phases, each waited for, so that the
+            // phases add up to the call.
+            let call = || -> Result<[f64; 4]> {
                 let start = Instant::now();
-                let images = pipe.generate(&prompts, &options, &chosen.device, |_| {}, None)?;
+                let (cond, uncond) = pipe.conditioning(&prompts, &options, &chosen.device)?;
+                chosen.device.sync()?;
+                let encoded = Instant::now();
+                let latents =
+                    pipe.sample_conditioned(cond, uncond, &options, &chosen.device, |_| {}, None)?;
+                chosen.device.sync()?;
+                let denoised = Instant::now();
+                let images = pipeline::to_images(pipe.decode(latents));
                 anyhow::ensure!(images.len() == batch, "expected {batch} images");
-                Ok(start.elapsed().as_secs_f64())
+                let end = Instant::now();
+                Ok([
+                    (end - start).as_secs_f64(),
+                    (encoded - start).as_secs_f64(),
+                    (denoised - encoded).as_secs_f64(),
+                    (end - denoised).as_secs_f64(),
+                ])
             };
             let mut first = 0.0;
             for k in 0..args.warmup {
                 let t = call()?;
                 if k == 0 {
-                    first = t;
+                    first = t[0];
                 }
             }
-            let mut times: Vec<f64> = (0..args.runs).map(|_| call()).collect::<Result<_>>()?;
-            times.sort_by(f64::total_cmp);
+            let calls: Vec<[f64; 4]> = (0..args.runs).map(|_| call()).collect::<Result<_>>()?;
+            let phase = |i: usize| {
+                let mut t: Vec<f64> = calls.iter().map(|c| c[i]).collect();
+                t.sort_by(f64::total_cmp);
+                t
+            };
+            let times = phase(0);
             let median = times[times.len() / 2];
             let work = flops.forward(batch * cfg_factor) * steps as f64;
             let result = SamplingResult {
@@ -154,10 +187,13 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
                 min_seconds: times[0],
                 images_per_second: batch as f64 / median,
                 gflops: work / median / 1e9,
+                encode_seconds: phase(1)[args.runs / 2],
+                denoise_seconds: phase(2)[args.runs / 2],
+                decode_seconds: phase(3)[args.runs / 2],
                 peak_memory_mib: peak_memory_mib(),
             };
             println!(
-                "{:>5} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.2} {:>8.2} {:>10.0}",
+                "{:>5} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.2} {:>8.2} {:>24} {:>10.0}",
                 steps,
                 batch,
                 result.first_seconds,
@@ -165,6 +201,10 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
                 result.min_seconds,
                 result.images_per_second,
                 result.gflops,
+                format!(
+                    "{:.3} / {:.3} / {:.3}",
+                    result.encode_seconds, result.denoise_seconds, result.decode_seconds
+                ),
                 result.peak_memory_mib.unwrap_or(f64::NAN)
             );
             sampling.push(result);

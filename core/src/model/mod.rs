@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod double_stream;
 pub mod export;
+pub mod flex_conv;
 pub mod flex_kernels;
 pub mod flux1;
 pub mod flux2;
