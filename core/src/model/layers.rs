@@ -325,10 +325,10 @@ pub(crate) const GELU_CUBIC: f64 = 0.044715;
 /// which equals `½·x·(1 + tanh(…))` exactly since `½(1 + tanh z) = sigmoid(2z)`. burn's
 /// `gelu_approximate` computes x³ with `powf` and calls `tanh`, both scalar libm calls per element
 /// on the CPU: they took 37% of a Flex sampling profile, against one `exp` here. On Flex outside
-/// autodiff it is one fused pass (`flex_kernels`), within 1e-6 relative.
+/// autodiff it is one fused pass (`flex::activations`), within 1e-6 relative.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if super::flex_kernels::applies(&x) {
-        return super::flex_kernels::gelu_tanh(x);
+    if super::flex::activations::applies(&x) {
+        return super::flex::activations::gelu_tanh(x);
     }
     gelu_tanh_tensor_ops(x)
 }
@@ -340,11 +340,11 @@ fn gelu_tanh_tensor_ops<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     x * sigmoid(inner)
 }
 
-/// SiLU `x·sigmoid(x)`: burn's, or on Flex outside autodiff one fused pass (`flex_kernels`),
+/// SiLU `x·sigmoid(x)`: burn's, or on Flex outside autodiff one fused pass (`flex::activations`),
 /// within 1e-6 relative.
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if super::flex_kernels::applies(&x) {
-        return super::flex_kernels::silu(x);
+    if super::flex::activations::applies(&x) {
+        return super::flex::activations::silu(x);
     }
     burn::tensor::activation::silu(x)
 }
@@ -396,11 +396,15 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, seq, heads * head_dim])
 }
 
-/// Scaled dot-product attention without mask, scale 1/√head_dim.
+/// Scaled dot-product attention without mask, scale 1/√head_dim: burn's, or on Flex outside
+/// autodiff `flex::attention`.
 ///
 /// # Shapes
 /// - `q`, `k`, `v`: `[b, heads, seq, head_dim]` → `[b, heads, seq, head_dim]`
 pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    if super::flex::attention::applies(&q, &k, &v) {
+        return super::flex::attention::sdpa(q, k, v);
+    }
     attention(q, k, v, None, None, Default::default())
 }
 
@@ -552,7 +556,7 @@ mod tests {
             .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 24.0 * (1.0 + (i % 7) as f32))
             .collect();
         let x = Tensor::<2>::from_data(TensorData::new(values, [1, 40_001]), &device);
-        assert!(crate::model::flex_kernels::applies(&x));
+        assert!(crate::model::flex::activations::applies(&x));
         let fused: Vec<f32> = gelu_tanh(x.clone()).into_data().try_to_vec().unwrap();
         let plain: Vec<f32> = gelu_tanh_tensor_ops(x.clone())
             .into_data()
@@ -604,7 +608,7 @@ mod tests {
             (value, grad)
         };
         let tracked = x.clone().autodiff().require_grad();
-        assert!(crate::model::flex_kernels::applies(&tracked));
+        assert!(crate::model::flex::activations::applies(&tracked));
         let pairs: [(&str, Activation, Activation); 2] = [
             ("gelu", gelu_tanh, gelu_tanh_tensor_ops),
             ("silu", silu, burn::tensor::activation::silu),

@@ -3,8 +3,7 @@
 pub mod convert;
 pub mod double_stream;
 pub mod export;
-pub mod flex_conv;
-pub mod flex_kernels;
+pub mod flex;
 pub mod flux1;
 pub mod flux2;
 pub mod flux_denoiser;

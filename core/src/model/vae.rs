@@ -146,8 +146,8 @@ impl Conv2d {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let weight = self.weight.val();
-        if (self.stride, self.padding) == (1, 1) && super::flex_conv::applies(&x, &weight) {
-            return super::flex_conv::conv3x3(x, weight, self.bias.val());
+        if (self.stride, self.padding) == (1, 1) && super::flex::conv::applies(&x, &weight) {
+            return super::flex::conv::conv3x3(x, weight, self.bias.val());
         }
         let options = ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], 1);
         conv2d(x, weight, Some(self.bias.val()), options)

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor};
 
 use crate::lora::Linears;
-use crate::model::flex_kernels;
+use crate::model::flex::activations;
 use crate::model::flux1::Flux1Transformer;
 use crate::model::flux2::Flux2Transformer;
 use crate::model::layers::Linear;
@@ -126,7 +126,7 @@ impl Transformer {
 /// How many threads a forward of `x` runs on: the cores (at most the batch) for an untracked f32
 /// tensor on Flex in a native build; 1 otherwise (GPU backends, autodiff, the browser).
 fn cpu_chunks(x: &Tensor<4>) -> usize {
-    if cfg!(target_arch = "wasm32") || x.is_autodiff() || !flex_kernels::applies(x) {
+    if cfg!(target_arch = "wasm32") || x.is_autodiff() || !activations::applies(x) {
         return 1;
     }
     // Asked once: on Linux it reads the cgroup quota files, too slow for every forward.

@@ -16,7 +16,7 @@ use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTe
 use burn::tensor::{DType, Tensor};
 use burn_flex::{Flex, FlexTensor};
 
-use super::layers::{GELU_CUBIC, TWO_SQRT_2_OVER_PI};
+use crate::model::layers::{GELU_CUBIC, TWO_SQRT_2_OVER_PI};
 
 #[cfg_attr(
     feature = "native",
@@ -236,7 +236,7 @@ grad_kernel!(silu_grad_f32, silu_derivative);
 /// |r| ≤ ln2/2, e^r by a degree-7 polynomial, 2^n through the exponent bits. Branch-free, so loops
 /// over it vectorise.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n·LN2_HI is exact for |n| < 2^9.
     const LN2_HI: f32 = 0.693_359_4;
