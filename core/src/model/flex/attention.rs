@@ -16,6 +16,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
 use super::activations::exp_f32;
+use super::matmul;
 
 #[cfg_attr(
     feature = "native",
@@ -224,57 +225,6 @@ fn sdpa_backward_f32(
             .for_each(|item| head(&mut ds, item));
     }
     (dq, dk, dv)
-}
-
-/// `dst` `[m, n]` row-major = `scale` · lhs · rhs, single-threaded, where lhs's element (i, p) is
-/// `lhs[i·lhs_rs + p·lhs_cs]` and rhs's element (p, j) is `rhs[p·rhs_rs + j·rhs_cs]` (so a
-/// transposed operand is its row-major storage with the strides swapped).
-fn matmul(
-    dst: &mut [f32],
-    [m, n, k]: [usize; 3],
-    lhs: &[f32],
-    [lhs_rs, lhs_cs]: [usize; 2],
-    rhs: &[f32],
-    [rhs_rs, rhs_cs]: [usize; 2],
-    scale: f32,
-) {
-    if m * n * k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    assert!(dst.len() >= m * n, "matmul: dst");
-    assert!(
-        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
-        "matmul: lhs"
-    );
-    assert!(
-        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
-        "matmul: rhs"
-    );
-    // SAFETY: the asserts above bound every index the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 #[cfg(feature = "native")]

@@ -13,6 +13,8 @@ use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTe
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
+use super::{matmul, matmul_add};
+
 #[backend_extension(Flex)]
 pub trait FlexConvOps: burn::backend::Backend {
     fn flex_conv3x3(
@@ -124,30 +126,30 @@ fn conv3x3_image(
     let mut grid = vec![0.0f32; c_out * n];
     for tap in 0..9 {
         let offset = (tap / 3) * pw + tap % 3;
-        // SAFETY: dst is [c_out, n] row-major; lhs (tap's weights) reads weight[co, ci, tap] at
-        // co·c_in·9 + ci·9 + tap < c_out·c_in·9; rhs reads padded[ci·plane + offset + p] with
-        // offset + p ≤ 2·pw + 2 + h·pw − 1 < plane.
-        unsafe {
-            gemm::gemm(
-                c_out,
-                n,
-                c_in,
-                grid.as_mut_ptr(),
-                1,
-                n as isize,
-                tap > 0,
-                weight.as_ptr().add(tap),
-                9,
-                (c_in * 9) as isize,
-                padded.as_ptr().add(offset),
-                1,
-                plane as isize,
+        // grid (+)= tap's weights [c_out, c_in] (weight[co, ci, tap] at co·c_in·9 + ci·9 + tap)
+        //   · the window [c_in, h·(w+2)] at `offset` of every padded channel
+        let lhs = &weight[tap..];
+        let rhs = &padded[offset..];
+        let strides = ([c_in * 9, 9], [plane, 1]);
+        if tap == 0 {
+            matmul(
+                &mut grid,
+                [c_out, n, c_in],
+                lhs,
+                strides.0,
+                rhs,
+                strides.1,
                 1.0,
+            );
+        } else {
+            matmul_add(
+                &mut grid,
+                [c_out, n, c_in],
+                lhs,
+                strides.0,
+                rhs,
+                strides.1,
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
     }

@@ -5,3 +5,86 @@
 pub mod activations;
 pub mod attention;
 pub mod conv;
+
+/// `dst` `[m, n]` row-major = `scale` · lhs · rhs, single-threaded, where lhs's element (i, p) is
+/// `lhs[i·lhs_rs + p·lhs_cs]` and rhs's element (p, j) is `rhs[p·rhs_rs + j·rhs_cs]` (so a
+/// transposed operand is its row-major storage with the strides swapped).
+fn matmul(
+    dst: &mut [f32],
+    mnk: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [usize; 2],
+    rhs: &[f32],
+    rhs_strides: [usize; 2],
+    scale: f32,
+) {
+    strided_gemm(dst, mnk, lhs, lhs_strides, rhs, rhs_strides, scale, false);
+}
+
+/// [`matmul`] added to what `dst` holds.
+fn matmul_add(
+    dst: &mut [f32],
+    mnk: [usize; 3],
+    lhs: &[f32],
+    lhs_strides: [usize; 2],
+    rhs: &[f32],
+    rhs_strides: [usize; 2],
+    scale: f32,
+) {
+    strided_gemm(dst, mnk, lhs, lhs_strides, rhs, rhs_strides, scale, true);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn strided_gemm(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    lhs: &[f32],
+    [lhs_rs, lhs_cs]: [usize; 2],
+    rhs: &[f32],
+    [rhs_rs, rhs_cs]: [usize; 2],
+    scale: f32,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n, "matmul: dst");
+    if m * n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
+        "matmul: lhs"
+    );
+    assert!(
+        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
+        "matmul: rhs"
+    );
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
