@@ -16,7 +16,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
 use super::activations::exp_f32;
-use super::matmul;
+use super::{Strided, matmul};
 
 #[cfg_attr(
     feature = "native",
@@ -126,10 +126,24 @@ fn sdpa_f32(
             &v[i * s_kv * d_v..][..s_kv * d_v],
         );
         // scores [s_q, s_kv] = scale · q [s_q, d] · kᵀ (k is [s_kv, d])
-        matmul(scores, [s_q, s_kv, d], q, [d, 1], k, [1, d], scale);
+        matmul(
+            scores,
+            [s_q, s_kv, d],
+            Strided(q, [d, 1]),
+            Strided(k, [1, d]),
+            scale,
+            false,
+        );
         softmax_rows(scores, s_kv);
         // out [s_q, d_v] = scores · v [s_kv, d_v]
-        matmul(out, [s_q, d_v, s_kv], scores, [s_kv, 1], v, [d_v, 1], 1.0);
+        matmul(
+            out,
+            [s_q, d_v, s_kv],
+            Strided(scores, [s_kv, 1]),
+            Strided(v, [d_v, 1]),
+            1.0,
+            false,
+        );
     };
     let scratch = || vec![0.0f32; if keep_probs { 0 } else { s_q * s_kv }];
     // With nothing kept, every head gets an empty `kept` slice.
@@ -191,9 +205,23 @@ fn sdpa_backward_f32(
             let p = &probs[i * s_q * s_kv..][..s_q * s_kv];
             let dout = &dout[i * s_q * d_v..][..s_q * d_v];
             // dv [s_kv, d_v] = pᵀ · dout
-            matmul(dv, [s_kv, d_v, s_q], p, [1, s_kv], dout, [d_v, 1], 1.0);
+            matmul(
+                dv,
+                [s_kv, d_v, s_q],
+                Strided(p, [1, s_kv]),
+                Strided(dout, [d_v, 1]),
+                1.0,
+                false,
+            );
             // dp [s_q, s_kv] = dout · vᵀ
-            matmul(ds, [s_q, s_kv, d_v], dout, [d_v, 1], v, [1, d_v], 1.0);
+            matmul(
+                ds,
+                [s_q, s_kv, d_v],
+                Strided(dout, [d_v, 1]),
+                Strided(v, [1, d_v]),
+                1.0,
+                false,
+            );
             // ds = scale · p ⊙ (dp − rowsum(dp ⊙ p)), in place: the softmax's and the scale's backward
             for (dp, p) in ds.chunks_mut(s_kv).zip(p.chunks(s_kv)) {
                 let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
@@ -202,8 +230,22 @@ fn sdpa_backward_f32(
                 }
             }
             // dq [s_q, d] = ds · k; dk [s_kv, d] = dsᵀ · q
-            matmul(dq, [s_q, d, s_kv], ds, [s_kv, 1], k, [d, 1], 1.0);
-            matmul(dk, [s_kv, d, s_q], ds, [1, s_kv], q, [d, 1], 1.0);
+            matmul(
+                dq,
+                [s_q, d, s_kv],
+                Strided(ds, [s_kv, 1]),
+                Strided(k, [d, 1]),
+                1.0,
+                false,
+            );
+            matmul(
+                dk,
+                [s_kv, d, s_q],
+                Strided(ds, [1, s_kv]),
+                Strided(q, [d, 1]),
+                1.0,
+                false,
+            );
         };
     let scratch = || vec![0.0f32; s_q * s_kv];
     #[cfg(feature = "native")]

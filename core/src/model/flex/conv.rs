@@ -13,7 +13,7 @@ use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTe
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
-use super::{matmul, matmul_add};
+use super::{Strided, matmul};
 
 #[backend_extension(Flex)]
 pub trait FlexConvOps: burn::backend::Backend {
@@ -128,30 +128,9 @@ fn conv3x3_image(
         let offset = (tap / 3) * pw + tap % 3;
         // grid (+)= tap's weights [c_out, c_in] (weight[co, ci, tap] at co·c_in·9 + ci·9 + tap)
         //   · the window [c_in, h·(w+2)] at `offset` of every padded channel
-        let lhs = &weight[tap..];
-        let rhs = &padded[offset..];
-        let strides = ([c_in * 9, 9], [plane, 1]);
-        if tap == 0 {
-            matmul(
-                &mut grid,
-                [c_out, n, c_in],
-                lhs,
-                strides.0,
-                rhs,
-                strides.1,
-                1.0,
-            );
-        } else {
-            matmul_add(
-                &mut grid,
-                [c_out, n, c_in],
-                lhs,
-                strides.0,
-                rhs,
-                strides.1,
-                1.0,
-            );
-        }
+        let lhs = Strided(&weight[tap..], [c_in * 9, 9]);
+        let rhs = Strided(&padded[offset..], [plane, 1]);
+        matmul(&mut grid, [c_out, n, c_in], lhs, rhs, 1.0, tap > 0);
     }
     for co in 0..c_out {
         for y in 0..h {

@@ -6,42 +6,17 @@ pub mod activations;
 pub mod attention;
 pub mod conv;
 
-/// `dst` `[m, n]` row-major = `scale` · lhs · rhs, single-threaded, where lhs's element (i, p) is
-/// `lhs[i·lhs_rs + p·lhs_cs]` and rhs's element (p, j) is `rhs[p·rhs_rs + j·rhs_cs]` (so a
-/// transposed operand is its row-major storage with the strides swapped).
+/// A matrix operand read in place: element (i, j) is `data[i·strides[0] + j·strides[1]]`, so a
+/// transposed operand is its row-major storage with the strides swapped.
+struct Strided<'a>(&'a [f32], [usize; 2]);
+
+/// `dst` `[m, n]` row-major = `scale` · lhs `[m, k]` · rhs `[k, n]`, added to what `dst` holds
+/// when `accumulate`; single-threaded (callers parallelise over heads or images).
 fn matmul(
     dst: &mut [f32],
-    mnk: [usize; 3],
-    lhs: &[f32],
-    lhs_strides: [usize; 2],
-    rhs: &[f32],
-    rhs_strides: [usize; 2],
-    scale: f32,
-) {
-    strided_gemm(dst, mnk, lhs, lhs_strides, rhs, rhs_strides, scale, false);
-}
-
-/// [`matmul`] added to what `dst` holds.
-fn matmul_add(
-    dst: &mut [f32],
-    mnk: [usize; 3],
-    lhs: &[f32],
-    lhs_strides: [usize; 2],
-    rhs: &[f32],
-    rhs_strides: [usize; 2],
-    scale: f32,
-) {
-    strided_gemm(dst, mnk, lhs, lhs_strides, rhs, rhs_strides, scale, true);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn strided_gemm(
-    dst: &mut [f32],
     [m, n, k]: [usize; 3],
-    lhs: &[f32],
-    [lhs_rs, lhs_cs]: [usize; 2],
-    rhs: &[f32],
-    [rhs_rs, rhs_cs]: [usize; 2],
+    Strided(lhs, [lhs_rs, lhs_cs]): Strided,
+    Strided(rhs, [rhs_rs, rhs_cs]): Strided,
     scale: f32,
     accumulate: bool,
 ) {
