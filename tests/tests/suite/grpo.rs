@@ -153,6 +153,47 @@ fn the_on_policy_ratio_is_one_on_vulkan() {
     first_ratio_is_one(&vulkan().device, "vulkan");
 }
 
+/// `train.inner_epochs = 2` (Flow-GRPO's `num_inner_epochs`): the first pass is on-policy (one
+/// optimizer step after both micro-batches, so every ratio is 1), the second trains the same
+/// rollouts again after that update, off-policy.
+#[test]
+fn a_second_inner_epoch_trains_the_same_rollouts_off_policy() {
+    let device = ChosenDevice::cpu().device;
+    let run_epoch = |inner: usize| {
+        let run = TempDir::new(&format!("grpo-inner-{inner}"));
+        let mut c = without_eval(config(1));
+        // 4 groups × 2 images in micro-batches of 4: one optimizer step per pass.
+        c.train.grad_accum = 2;
+        c.train.inner_epochs = inner;
+        c.validate().unwrap();
+        let mut t = trainer(c, run.path(), &device);
+        let m = t.epoch(|_| {}).unwrap();
+        (m, adapter_values(&t))
+    };
+    let (one, after_one) = run_epoch(1);
+    let (two, after_two) = run_epoch(2);
+    println!(
+        "inner epochs 1: ratios [{}, {}]; 2: ratios [{}, {}]",
+        one.ratio_min, one.ratio_max, two.ratio_min, two.ratio_max
+    );
+    assert!(one.first_ratio_error < 1e-5 && two.first_ratio_error < 1e-5);
+    assert!(
+        (one.ratio_min - 1.0).abs() < 1e-5 && (one.ratio_max - 1.0).abs() < 1e-5,
+        "one pass is on-policy"
+    );
+    assert!(
+        two.ratio_max - two.ratio_min > 1e-5,
+        "the second pass did not see the first pass's update"
+    );
+    assert!(
+        portaflow_tests::max_abs_diff(&after_one, &after_two) > 0.0,
+        "the second pass did not train"
+    );
+    let mut none = config(1);
+    none.train.inner_epochs = 0;
+    assert!(none.validate().unwrap_err().contains("train.inner_epochs"));
+}
+
 #[test]
 fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
     let run = TempDir::new("grpo-epoch");

@@ -499,6 +499,10 @@ pub struct TrainSection {
     pub grad_clip: f64,
     /// Micro-batches per optimizer step (`gradient_accumulation_steps`).
     pub grad_accum: usize,
+    /// Passes over each epoch's rollouts (`num_inner_epochs`, 1 in every Flow-GRPO config): pass
+    /// k > 1 trains the same samples again in a new order, off-policy by then, so the PPO clip
+    /// bounds how far they pull.
+    pub inner_epochs: usize,
     /// Keep an EMA of the adapter (used for evaluation and the saved adapter).
     pub ema: bool,
     /// EMA decay cap (Flow-GRPO: min((1+n)/(10+n), 0.9)).
@@ -533,6 +537,7 @@ impl Default for TrainSection {
             weight_decay: 1e-4,
             grad_clip: 1.0,
             grad_accum: 2,
+            inner_epochs: 1,
             ema: true,
             ema_decay: 0.9,
             ema_every: 8,
@@ -624,6 +629,7 @@ impl GrpoConfig {
             ("sample.groups_per_epoch", s.groups_per_epoch),
             ("sample.batch_size", s.batch_size),
             ("train.grad_accum", t.grad_accum),
+            ("train.inner_epochs", t.inner_epochs),
             ("train.ema_every", t.ema_every),
             ("run.epochs", r.epochs),
             ("run.save_every", r.save_every),

@@ -216,6 +216,28 @@ struct TrainOutcome {
     final_step_dmd: Option<f64>,
 }
 
+impl TrainOutcome {
+    /// One epoch's outcome from its passes (`train.inner_epochs`): statistics averaged over
+    /// them, the on-policy check from the first, skipped micro-batches summed.
+    fn over_passes(passes: Vec<TrainOutcome>) -> Self {
+        let values = |f: fn(&TrainOutcome) -> Option<f64>| -> Vec<f64> {
+            passes.iter().filter_map(f).collect()
+        };
+        let (rewards, dmd) = (
+            values(|p| p.final_step_reward),
+            values(|p| p.final_step_dmd),
+        );
+        let stats: Vec<StepStats> = passes.iter().map(|p| p.stats).collect();
+        Self {
+            stats: StepStats::mean(&stats),
+            first_ratio_error: passes.first().map_or(0.0, |p| p.first_ratio_error),
+            skipped_micro_batches: passes.iter().map(|p| p.skipped_micro_batches).sum(),
+            final_step_reward: mean_of(&rewards),
+            final_step_dmd: mean_of(&dmd),
+        }
+    }
+}
+
 fn mean_of(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
@@ -950,23 +972,30 @@ impl GrpoTrainer {
         let train_start = Instant::now();
         let fake_score_loss = self.train_fake_score(&data, &schedule)?;
         let prompts: Vec<String> = tasks.iter().map(|t| t.prompt().to_string()).collect();
+        let mut passes = Vec::with_capacity(c.train.inner_epochs);
+        for pass in 0..c.train.inner_epochs {
+            if pass > 0 {
+                kept.shuffle(&mut rng);
+            }
+            passes.push(self.train_on(
+                &data,
+                &prompts,
+                &kept,
+                &advantage,
+                advantage_maps.as_deref(),
+                step_advantages.as_ref(),
+                &schedule,
+                kind,
+                &trained,
+            )?);
+        }
         let TrainOutcome {
             stats,
             first_ratio_error,
             skipped_micro_batches,
             final_step_reward,
             final_step_dmd,
-        } = self.train_on(
-            &data,
-            &prompts,
-            &kept,
-            &advantage,
-            advantage_maps.as_deref(),
-            step_advantages.as_ref(),
-            &schedule,
-            kind,
-            &trained,
-        )?;
+        } = TrainOutcome::over_passes(passes);
         let seconds_train = train_start.elapsed().as_secs_f64();
 
         let n = rewards.len() as f64;
