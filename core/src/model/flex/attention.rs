@@ -353,7 +353,11 @@ fn softmax_rows(scores: &mut [f32], width: usize) {
     {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn wide(scores: &mut [f32], width: usize) {
-            scores.chunks_mut(width).for_each(softmax_row);
+            // `for` loops, not `for_each`: an `Iterator::fold` left out of line would be compiled
+            // without this function's AVX2 (measured: 7% of a sampling profile).
+            for row in scores.chunks_mut(width) {
+                softmax_row(row);
+            }
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features `wide` was compiled for.
@@ -365,9 +369,22 @@ fn softmax_rows(scores: &mut [f32], width: usize) {
 
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
-    // Eight partial sums, so that the reduction vectorises without reassociation.
+    // The maximum and the sum in eight lanes each, so that both vectorise (a single running
+    // `max` or sum is a serial dependency chain the compiler may not reorder).
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(x);
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(chunks.remainder())
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - max);
+    }
     let mut lanes = [0.0f32; 8];
     let mut chunks = row.chunks_exact(8);
     for c in &mut chunks {
@@ -377,7 +394,9 @@ fn softmax_row(row: &mut [f32]) {
     }
     let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
 }
 
 #[cfg(test)]
