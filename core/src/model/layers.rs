@@ -396,8 +396,8 @@ pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, seq, heads * head_dim])
 }
 
-/// Scaled dot-product attention without mask, scale 1/√head_dim: burn's, or on Flex outside
-/// autodiff `flex::attention`.
+/// Scaled dot-product attention without mask, scale 1/√head_dim: burn's, or on Flex
+/// `flex::attention` (one tracked op under autodiff).
 ///
 /// # Shapes
 /// - `q`, `k`, `v`: `[b, heads, seq, head_dim]` → `[b, heads, seq, head_dim]`

@@ -1,4 +1,4 @@
-//! Scaled dot-product attention on Flex for sampling.
+//! Scaled dot-product attention on Flex, for sampling and training.
 //!
 //! Flex's attention for short sequences runs two matmuls per head around a softmax written for
 //! every element type and option (mask, bias, soft-cap, causal), a scalar loop calling libm's

@@ -1,6 +1,6 @@
-//! Hand-written kernels for burn's Flex CPU backend, each where Flex's generic op left most of a
-//! profile on the table, each tested against the tensor-op version and used only where it
-//! applies (f32 on Flex; the others fall back to burn's ops).
+//! Hand-written kernels for burn's Flex CPU backend, each replacing a generic Flex op that a
+//! profile showed to be costly, each tested against burn's version and used only where its
+//! `applies` holds (f32 on Flex; everything else keeps burn's ops).
 
 pub mod activations;
 pub mod attention;
