@@ -274,6 +274,14 @@ fn reconstruction_probe() {
         originals_correct += usize::from(a.correct);
     }
     let n = scenes.len() as f64;
+    for tag in portaflow::world::prompt::TAGS {
+        let of_tag: Vec<_> = scenes.iter().zip(&rebuilt).filter(|((s, _), _)| s.tag == tag).collect();
+        let right = of_tag
+            .iter()
+            .filter(|((spec, _), image)| geneval::evaluate_image(spec, image).correct)
+            .count();
+        println!("  {tag:<14} reconstructions correct {right} / {}", of_tag.len());
+    }
     println!(
         "scenes: {} · PSNR {psnr:.1} dB · GenEval-correct originals {:.1}%, reconstructions {:.1}% · verdict agreement {:.1}%",
         scenes.len(),
