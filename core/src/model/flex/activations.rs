@@ -244,7 +244,12 @@ pub(super) fn exp_f32(x: f32) -> f32 {
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // t = ROUND + n with n = round(x·log2 e) ∈ [−126, 127]: in ROUND's binade the ulp is 1, so
+    // n is also t's bit pattern minus ROUND's, an integer subtraction that vectorises (a float →
+    // int cast is scalarised, since Rust's `as` saturates).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -254,7 +259,7 @@ pub(super) fn exp_f32(x: f32) -> f32 {
     p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
     // [-126, 127] after the clamp: a normal power of two.
-    er * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    er * f32::from_bits(((n_bits + 127) << 23) as u32)
 }
 
 /// `1 / (1 + e^−x)`; for x < −88 it returns about 6e-39 instead of e^x, an absolute error
