@@ -379,8 +379,23 @@ impl GeluFeedForward {
         })
     }
 
+    /// On Flex outside autodiff, without active LoRA side paths, one row-blocked kernel
+    /// (`flex::mlp`, equal to these ops within 1e-5).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.net_2.forward(gelu_tanh(self.net_0_proj.forward(x)))
+        let (up, down) = (&self.net_0_proj, &self.net_2);
+        if let (Some(b1), Some(b2)) = (&up.bias, &down.bias)
+            && !up.lora.iter().chain(&down.lora).any(|a| a.is_active())
+            && super::flex::mlp::applies(&x, &up.weight.val(), &down.weight.val())
+        {
+            return super::flex::mlp::gelu_mlp(
+                x,
+                up.weight.val(),
+                b1.val(),
+                down.weight.val(),
+                b2.val(),
+            );
+        }
+        down.forward(gelu_tanh(up.forward(x)))
     }
 }
 

@@ -275,12 +275,19 @@ fn reconstruction_probe() {
     }
     let n = scenes.len() as f64;
     for tag in portaflow::world::prompt::TAGS {
-        let of_tag: Vec<_> = scenes.iter().zip(&rebuilt).filter(|((s, _), _)| s.tag == tag).collect();
+        let of_tag: Vec<_> = scenes
+            .iter()
+            .zip(&rebuilt)
+            .filter(|((s, _), _)| s.tag == tag)
+            .collect();
         let right = of_tag
             .iter()
             .filter(|((spec, _), image)| geneval::evaluate_image(spec, image).correct)
             .count();
-        println!("  {tag:<14} reconstructions correct {right} / {}", of_tag.len());
+        println!(
+            "  {tag:<14} reconstructions correct {right} / {}",
+            of_tag.len()
+        );
     }
     println!(
         "scenes: {} · PSNR {psnr:.1} dB · GenEval-correct originals {:.1}%, reconstructions {:.1}% · verdict agreement {:.1}%",

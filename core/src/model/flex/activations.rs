@@ -184,7 +184,7 @@ fn zip_in_place(
 /// AVX2 + FMA (chosen at run time) and for the baseline.
 macro_rules! slice_kernel {
     ($name:ident, $scalar:ident) => {
-        fn $name(values: &mut [f32]) {
+        pub(super) fn $name(values: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]

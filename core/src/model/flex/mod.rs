@@ -5,6 +5,7 @@
 pub mod activations;
 pub mod attention;
 pub mod conv;
+pub mod mlp;
 
 /// A matrix operand read in place: element (i, j) is `data[i·strides[0] + j·strides[1]]`, so a
 /// transposed operand is its row-major storage with the strides swapped.
