@@ -18,6 +18,10 @@ use super::{Strided, matmul};
 /// Rows per block: 64 rows of a 512-wide hidden activation are 128 KiB.
 const BLOCK_ROWS: usize = 64;
 
+thread_local! {
+    static HIDDEN: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[backend_extension(Flex)]
 pub trait FlexMlpOps: burn::backend::Backend {
     fn flex_gelu_mlp(
@@ -100,28 +104,22 @@ fn gelu_mlp_f32(x: &[f32], [w1, b1, w2, b2]: [&[f32]; 4], [rows, d, h]: [usize; 
     }
     let block = |x: &[f32], out: &mut [f32]| {
         let r = x.len() / d;
-        // [r, h]
-        let mut hidden: Vec<f32> = b1.iter().copied().cycle().take(r * h).collect();
-        matmul(
-            &mut hidden,
-            [r, h, d],
-            Strided(x, [d, 1]),
-            Strided(w1, [h, 1]),
-            1.0,
-            true,
-        );
-        gelu_tanh_f32(&mut hidden);
-        for row in out.chunks_mut(d) {
-            row.copy_from_slice(b2);
-        }
-        matmul(
-            out,
-            [r, d, h],
-            Strided(&hidden, [h, 1]),
-            Strided(w2, [d, 1]),
-            1.0,
-            true,
-        );
+        // One [r, h] buffer per thread: a fresh 128 KiB allocation per block would be an mmap
+        // (glibc's default threshold) and page faults.
+        HIDDEN.with_borrow_mut(|hidden| {
+            hidden.resize(r * h, 0.0);
+            for row in hidden.chunks_mut(h) {
+                row.copy_from_slice(b1);
+            }
+            let (x, w1) = (Strided(x, [d, 1]), Strided(w1, [h, 1]));
+            matmul(hidden, [r, h, d], x, w1, 1.0, true);
+            gelu_tanh_f32(hidden);
+            for row in out.chunks_mut(d) {
+                row.copy_from_slice(b2);
+            }
+            let (hidden, w2) = (Strided(hidden, [h, 1]), Strided(w2, [d, 1]));
+            matmul(out, [r, d, h], hidden, w2, 1.0, true);
+        });
     };
     #[cfg(feature = "native")]
     {
