@@ -3,17 +3,20 @@
 //! Flex lowers every convolution to a tiled im2col whose gather is a scalar closure; for the
 //! autoencoder's few-channel 3×3 convolutions at full resolution that gather, not the matmul,
 //! took most of a batch-16 decode. Here the zero-padded image is one `[c_in, (h+2)·(w+2)]` matrix
-//! and each of the nine taps is a matmul of that tap's `[c_out, c_in]` weights with a shifted,
-//! contiguous window of it: output pixel `(y, x)` sits at `y·(w+2) + x` of a `(w+2)`-wide grid,
-//! and tap `(ky, kx)` reads the same grid `ky·(w+2) + kx` further on. The grid's two extra
-//! columns per row are dropped at the end. Images run on rayon's threads, each with
-//! single-threaded matmuls. Forward only (decoding); autodiff keeps burn's convolution.
+//! and each of the nine taps is a matmul of a shifted, contiguous window of it with that tap's
+//! weights: output pixel `(y, x)` sits at `y·(w+2) + x` of a `(w+2)`-wide grid, and tap
+//! `(ky, kx)` reads the same grid `ky·(w+2) + kx` further on. The matmuls run transposed
+//! (`[positions, c_in] · [c_in, c_out]`), so their long side is gemm's m, which it reads in place,
+//! and only the small weight block is packed (a batch-16 decode took about 12% less than with the
+//! window as the packed operand). The grid's two extra columns per row are dropped at the end.
+//! Images run on rayon's threads, each with single-threaded matmuls. Forward only (decoding);
+//! autodiff keeps burn's convolution.
 
 use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor};
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 
-use super::{Strided, matmul};
+use super::{Strided, matmul_into};
 
 #[backend_extension(Flex)]
 pub trait FlexConvOps: burn::backend::Backend {
@@ -126,11 +129,21 @@ fn conv3x3_image(
     let mut grid = vec![0.0f32; c_out * n];
     for tap in 0..9 {
         let offset = (tap / 3) * pw + tap % 3;
-        // grid (+)= tap's weights [c_out, c_in] (weight[co, ci, tap] at co·c_in·9 + ci·9 + tap)
-        //   · the window [c_in, h·(w+2)] at `offset` of every padded channel
-        let lhs = Strided(&weight[tap..], [c_in * 9, 9]);
-        let rhs = Strided(&padded[offset..], [plane, 1]);
-        matmul(&mut grid, [c_out, n, c_in], lhs, rhs, 1.0, tap > 0);
+        // gridᵀ [h·(w+2), c_out] (+)= the window at `offset` of every padded channel, read as
+        //   [h·(w+2), c_in], · the tap's weights [c_in, c_out] (weight[co, ci, tap] at
+        //   co·c_in·9 + ci·9 + tap). The long side is the matmul's m, contiguous in the window
+        //   and in `grid`, so gemm packs only the small weight block.
+        let window = Strided(&padded[offset..], [1, plane]);
+        let taps = Strided(&weight[tap..], [9, c_in * 9]);
+        matmul_into(
+            &mut grid,
+            [1, n],
+            [n, c_out, c_in],
+            window,
+            taps,
+            1.0,
+            tap > 0,
+        );
     }
     for co in 0..c_out {
         for y in 0..h {

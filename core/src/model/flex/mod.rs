@@ -16,18 +16,38 @@ struct Strided<'a>(&'a [f32], [usize; 2]);
 fn matmul(
     dst: &mut [f32],
     [m, n, k]: [usize; 3],
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+    accumulate: bool,
+) {
+    matmul_into(dst, [n, 1], [m, n, k], lhs, rhs, scale, accumulate);
+}
+
+/// [`matmul`] into a strided `dst`: element (i, j) at `dst[i·dst_rs + j·dst_cs]`.
+fn matmul_into(
+    dst: &mut [f32],
+    [dst_rs, dst_cs]: [usize; 2],
+    [m, n, k]: [usize; 3],
     Strided(lhs, [lhs_rs, lhs_cs]): Strided,
     Strided(rhs, [rhs_rs, rhs_cs]): Strided,
     scale: f32,
     accumulate: bool,
 ) {
-    assert!(dst.len() >= m * n, "matmul: dst");
     if m * n == 0 {
         return;
     }
+    assert!(
+        (m - 1) * dst_rs + (n - 1) * dst_cs < dst.len(),
+        "matmul: dst"
+    );
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_rs + j * dst_cs] = 0.0;
+                }
+            }
         }
         return;
     }
@@ -46,8 +66,8 @@ fn matmul(
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
