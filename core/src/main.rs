@@ -554,16 +554,21 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
     let mut config = match &resumed {
         Some(stored) => {
             // A resumed run keeps its data, batch and optimiser settings, or it would not
-            // continue exactly; only its length and checkpoint interval may change.
+            // continue exactly; only its length, schedule and checkpoint interval may change.
+            // Rerunning the command that started it passes them again, unchanged.
+            let differs = stored.resume_conflicts(&pretrain::ResumeFlags {
+                batch_size: args.batch_size,
+                learning_rate: args.lr,
+                seed: args.seed,
+                ema_decay: args.ema_decay,
+                sigma_mean: args.sigma_mean,
+                sigma_std: args.sigma_std,
+            });
             anyhow::ensure!(
-                args.batch_size.is_none()
-                    && args.lr.is_none()
-                    && args.seed.is_none()
-                    && args.ema_decay.is_none()
-                    && args.sigma_mean.is_none()
-                    && args.sigma_std.is_none(),
-                "{} is resumed with its stored settings; --batch-size, --lr, --seed, --ema-decay, --sigma-mean and --sigma-std cannot change",
-                args.out.display()
+                differs.is_empty(),
+                "{} is resumed with its stored settings, which cannot change: {}",
+                args.out.display(),
+                differs.join(", ")
             );
             stored.clone()
         }
@@ -624,14 +629,15 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         || args.vae.is_some()
         || args.warm_start.is_some();
     anyhow::ensure!(
-        !new_shape || (resumed.is_none() && args.init.is_none()),
-        "--patch-size, --width, --layers, --vae and --warm-start shape a new model; {} keeps its own",
-        if resumed.is_some() {
-            "a resumed run"
-        } else {
-            "an --init model"
-        }
+        !new_shape || resumed.is_some() || args.init.is_none(),
+        "--patch-size, --width, --layers, --vae and --warm-start shape a new model; an --init model keeps its own"
     );
+    if resumed.is_some() && (new_shape || args.init.is_some() || args.init_step.is_some()) {
+        println!(
+            "{} holds a run: its checkpoint fixes the model, so --init, --init-step and the new-model flags are not used",
+            args.out.display()
+        );
+    }
     let vae = match &args.vae {
         Some(dir) => Some(
             portaflow::model::vae::load_dir(dir, &device)
@@ -658,11 +664,6 @@ fn pretrain(request: DeviceRequest, args: PretrainArgs) -> Result<()> {
         config.steps
     );
     let pipe = if resumed.is_some() {
-        anyhow::ensure!(
-            args.init.is_none(),
-            "{} already holds a run; --init only starts a new one",
-            args.out.display()
-        );
         println!("resuming {}", args.out.display());
         Pipeline::from_dir(&args.out.join("checkpoint"), &device)?
     } else if let Some(init) = &args.init {

@@ -313,6 +313,45 @@ struct RunState {
     config: PretrainConfig,
 }
 
+/// Settings given again when a run resumes (rerunning the command that started it), each of
+/// which must equal the stored one: a resumed run sees the batches, optimiser and noise levels an
+/// uninterrupted one would.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeFlags {
+    pub batch_size: Option<usize>,
+    pub learning_rate: Option<f64>,
+    pub seed: Option<u64>,
+    pub ema_decay: Option<f64>,
+    pub sigma_mean: Option<f64>,
+    pub sigma_std: Option<f64>,
+}
+
+impl PretrainConfig {
+    /// One line per flag in `given` that differs from this stored configuration, naming both
+    /// values (`--lr 0.0002 (the run has 0.0001)`); empty when the run can resume.
+    pub fn resume_conflicts(&self, given: &ResumeFlags) -> Vec<String> {
+        [
+            (
+                "--batch-size",
+                given.batch_size.map(|v| v as f64),
+                self.batch_size as f64,
+            ),
+            ("--lr", given.learning_rate, self.learning_rate),
+            ("--seed", given.seed.map(|v| v as f64), self.seed as f64),
+            ("--ema-decay", given.ema_decay, self.ema_decay),
+            ("--sigma-mean", given.sigma_mean, self.sigma_mean),
+            ("--sigma-std", given.sigma_std, self.sigma_std),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given, kept)| {
+            given
+                .filter(|v| *v != kept)
+                .map(|v| format!("{flag} {v} (the run has {kept})"))
+        })
+        .collect()
+    }
+}
+
 /// The settings of the run in `run_dir`, if it has a checkpoint to resume.
 pub fn resumed_config(run_dir: &Path) -> Result<Option<PretrainConfig>, PipelineError> {
     Ok(crate::train::resumed_run_config(run_dir)?)
@@ -686,4 +725,37 @@ pub fn pretrain_until(
         scheduler: pipeline_parts.2,
     };
     Ok((pipeline, reached))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_accepts_its_own_settings_and_names_changed_ones() {
+        let stored = PretrainConfig {
+            learning_rate: 1e-4,
+            sigma_mean: 0.0,
+            ..PretrainConfig::default()
+        };
+        assert!(stored.resume_conflicts(&ResumeFlags::default()).is_empty());
+        let same = ResumeFlags {
+            batch_size: Some(stored.batch_size),
+            learning_rate: Some(1e-4),
+            seed: Some(stored.seed),
+            ema_decay: Some(stored.ema_decay),
+            sigma_mean: Some(0.0),
+            sigma_std: Some(stored.sigma_std),
+        };
+        assert!(stored.resume_conflicts(&same).is_empty());
+        let changed = ResumeFlags {
+            learning_rate: Some(2e-4),
+            seed: Some(stored.seed + 1),
+            ..same
+        };
+        let conflicts = stored.resume_conflicts(&changed);
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+        assert_eq!(conflicts[0], "--lr 0.0002 (the run has 0.0001)");
+        assert!(conflicts[1].starts_with("--seed "), "{conflicts:?}");
+    }
 }

@@ -353,7 +353,11 @@ fn corner_probe() {
     let vae = pipeline.vae.as_ref().expect("a latent model");
     let (train, test) = prompt_sets::build();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    for spec in train.iter().chain(&test).filter(|s| s.tag == "single_object") {
+    for spec in train
+        .iter()
+        .chain(&test)
+        .filter(|s| s.tag == "single_object")
+    {
         let images: Vec<render::Image> = (0..32)
             .map(|_| render::render(&compose::scene_for(&mut rng, spec).unwrap(), 64))
             .collect();
