@@ -179,6 +179,7 @@ fn sdpa_f32(
 
 /// Gradients of [`sdpa_f32`]'s inputs from its probabilities and the output's gradient `dout`
 /// `[heads, s_q, d_v]`: (dq, dk, dv), each shaped like its input.
+#[cfg_attr(not(feature = "native"), allow(dead_code))] // autodiff only: native builds
 fn sdpa_backward_f32(
     q: &[f32],
     k: &[f32],
