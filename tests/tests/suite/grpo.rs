@@ -198,7 +198,9 @@ fn a_second_inner_epoch_trains_the_same_rollouts_off_policy() {
 fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
     let run = TempDir::new("grpo-epoch");
     let device = ChosenDevice::cpu().device;
-    let mut t = trainer(config(1), run.path(), &device);
+    let mut c = config(1);
+    c.run.snapshot_every = 1;
+    let mut t = trainer(c, run.path(), &device);
     let before = adapter_values(&t);
     let mut events = Vec::new();
     let m = t
@@ -246,7 +248,12 @@ fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
         assert!(dir.join(file).is_file(), "{file} is missing");
     }
     // The saved adapters are plain PEFT folders.
-    for folder in ["checkpoint/adapter", "checkpoint/ema", "adapter_final"] {
+    for folder in [
+        "checkpoint/adapter",
+        "checkpoint/ema",
+        "adapter_final",
+        "snapshots/epoch-1",
+    ] {
         let w = LoraWeights::read(&dir.join(folder)).unwrap();
         assert_eq!(w.configs["transformer"].r, 4, "{folder}");
         assert!(!w.modules.is_empty());

@@ -566,6 +566,9 @@ pub struct RunSection {
     pub grid_every: usize,
     /// Checkpoint every N epochs (and after the last).
     pub save_every: usize,
+    /// Also keep the adapter evaluation uses (the EMA when enabled) every N epochs in
+    /// `snapshots/epoch-N/`, a PEFT folder each (the checkpoint keeps only the latest); 0 never.
+    pub snapshot_every: usize,
 }
 
 impl Default for RunSection {
@@ -579,6 +582,7 @@ impl Default for RunSection {
             eval_prompts: Some(96),
             grid_every: 10,
             save_every: 10,
+            snapshot_every: 0,
         }
     }
 }

@@ -621,6 +621,13 @@ impl GrpoTrainer {
             let path = self.save_checkpoint()?;
             on_event(GrpoEvent::Checkpoint(&path));
         }
+        if c.run.snapshot_every > 0 && done_epochs % c.run.snapshot_every == 0 {
+            let path = self
+                .run_dir
+                .join("snapshots")
+                .join(format!("epoch-{done_epochs}"));
+            self.final_adapter().write_peft(&path, "transformer")?;
+        }
         if self.done() {
             let path = self.run_dir.join("adapter_final");
             self.final_adapter().write_peft(&path, "transformer")?;
