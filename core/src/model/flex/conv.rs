@@ -7,7 +7,7 @@
 //! weights: output pixel `(y, x)` sits at `y·(w+2) + x` of a `(w+2)`-wide grid, and tap
 //! `(ky, kx)` reads the same grid `ky·(w+2) + kx` further on. The matmuls run transposed
 //! (`[positions, c_in] · [c_in, c_out]`), so their long side is gemm's m, which it reads in place,
-//! and only the small weight block is packed (a batch-16 decode took about 12% less than with the
+//! and only the small weight block is packed (a batch-16 decode took about 15% less than with the
 //! window as the packed operand). The grid's two extra columns per row are dropped at the end.
 //! Images run on rayon's threads, each with single-threaded matmuls. Forward only (decoding);
 //! autodiff keeps burn's convolution.
