@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/ensure-vulkan.sh
-# Tests run on lavapipe: small autotune budget, kernels cached in target/ between runs.
+# Tests run on lavapipe with a small autotune budget; cubecl keeps its calibration and autotune
+# results in target/environment/ (burn/persistence), so only the first process pays for them.
 export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
 
 cargo test --workspace "$@"
