@@ -158,7 +158,17 @@ pub fn flux2_forward_on_golden_inputs(
 
 /// A fresh 16×16 pixel-space pipeline (2-layer CLIP, 2-block SD3 MMDiT) on the Shapes vocabulary.
 pub fn tiny_pipeline(seed: u64, device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
-    let (tok, text, transformer) = tiny_configs();
+    tiny_pipeline_of_depth(seed, 2, device)
+}
+
+/// [`tiny_pipeline`] with `blocks` MMDiT blocks.
+pub fn tiny_pipeline_of_depth(
+    seed: u64,
+    blocks: usize,
+    device: &burn::tensor::Device,
+) -> portaflow::pipeline::Pipeline {
+    let (tok, text, mut transformer) = tiny_configs();
+    transformer.num_layers = blocks;
     portaflow::pipeline::Pipeline::fresh(tok, text, transformer, None, seed, device).unwrap()
 }
 

@@ -214,10 +214,10 @@ pub struct WarmStart {
 }
 
 /// A new model's text encoder and transformer take every weight whose path and shape match
-/// `source`'s (a trained Shapes pipeline of the same width and depth); the rest, e.g. a latent
-/// model's patch embedding and output projection, keep their fresh initialisation. A latent
-/// model on an 8×8 token grid so inherits a pixel model's text understanding and token-level
-/// layout instead of learning them again.
+/// `source`'s (a trained Shapes pipeline of the same width); the rest, e.g. a latent model's
+/// patch embedding and output projection, keep their fresh initialisation. A latent model on an
+/// 8×8 token grid so inherits a pixel model's text understanding and token-level layout instead
+/// of learning them again. A deeper model starts as the same function ([`grow_depth`]).
 pub fn warm_start(
     pipeline: Pipeline,
     source: &Pipeline,
@@ -244,7 +244,14 @@ pub fn warm_start(
     source_text.model.visit(&mut collect);
     let text_weights = std::mem::take(&mut collect.found);
     source_transformer.visit(&mut collect);
-    let transformer_weights = collect.found;
+    let mut transformer_weights = collect.found;
+    if let Transformer::Sd3(fresh) = &pipeline.transformer {
+        grow_depth(
+            &mut transformer_weights,
+            source_transformer.transformer_blocks.len(),
+            fresh,
+        );
+    }
     let Pipeline {
         text: TextStack::Clip(Encoder { tokenizer, model }),
         transformer: Transformer::Sd3(transformer),
@@ -288,6 +295,48 @@ pub fn warm_start(
         },
         report,
     ))
+}
+
+/// A deeper model of the same width keeps the source's blocks and adds identity blocks: source
+/// blocks `0..n-1` stay where they are, the source's last block (SD3's `context_pre_only` one)
+/// becomes the new last block, and each added block between them gets an all-zero AdaLN-Zero
+/// modulation (`norm1`, `norm1_context`), so its gates are 0 and it passes both streams through
+/// unchanged until training opens them. The model computes what the source computed at step 0.
+fn grow_depth(
+    weights: &mut std::collections::HashMap<String, TensorData>,
+    source_blocks: usize,
+    fresh: &crate::model::sd3::Sd3Transformer,
+) {
+    let blocks = fresh.transformer_blocks.len();
+    if blocks <= source_blocks || source_blocks == 0 {
+        return;
+    }
+    let (last, new_last) = (
+        format!("transformer_blocks.{}.", source_blocks - 1),
+        format!("transformer_blocks.{}.", blocks - 1),
+    );
+    let moved: Vec<String> = weights
+        .keys()
+        .filter(|k| k.starts_with(&last))
+        .cloned()
+        .collect();
+    for key in moved {
+        let data = weights.remove(&key).expect("listed above");
+        weights.insert(key.replacen(&last, &new_last, 1), data);
+    }
+    let mut shapes = ByPath::default();
+    fresh.visit(&mut shapes);
+    for k in source_blocks - 1..blocks - 1 {
+        for (key, data) in &shapes.found {
+            let modulation = ["norm1.", "norm1_context."]
+                .iter()
+                .any(|m| key.starts_with(&format!("transformer_blocks.{k}.{m}")));
+            if modulation {
+                let zeros = vec![0f32; data.shape().iter().product()];
+                weights.insert(key.clone(), TensorData::new(zeros, data.shape().clone()));
+            }
+        }
+    }
 }
 
 /// EMA decay warm-up after `n` steps of this run (n ≥ 1).

@@ -430,6 +430,77 @@ fn a_latent_model_warm_starts_from_a_pixel_model() {
     );
 }
 
+/// Growing depth keeps what the model computes: a 2-block model warm-started into 4 blocks keeps
+/// its first block, moves its last (`context_pre_only`) block to the end, and the two added
+/// blocks start as the identity (all-zero AdaLN-Zero modulation), so sampling gives the same
+/// latents before any training.
+#[test]
+fn a_deeper_model_warm_starts_as_the_same_function() {
+    let cpu = ChosenDevice::cpu().device;
+    let ad = cpu.clone().autodiff();
+    let source = portaflow_tests::tiny_pretrained_pipeline(&cpu);
+    let (grown, report) = portaflow::train::pretrain::warm_start(
+        portaflow_tests::tiny_pipeline_of_depth(9, 4, &ad),
+        &source,
+    )
+    .unwrap();
+    let blocks = |p: &Pipeline| match &p.transformer {
+        Transformer::Sd3(t) => t.transformer_blocks.len(),
+        _ => unreachable!(),
+    };
+    assert_eq!((blocks(&source), blocks(&grown)), (2, 4));
+    let Transformer::Sd3(t) = &grown.transformer else {
+        unreachable!()
+    };
+    for block in &t.transformer_blocks[1..3] {
+        for linear in [&block.norm1, &block.norm1_context] {
+            let w: Vec<f32> = linear.weight.val().into_data().try_to_vec().unwrap();
+            assert!(
+                w.iter().all(|&v| v == 0.0),
+                "an added block starts gated shut"
+            );
+        }
+        let w: Vec<f32> = block
+            .attn
+            .to_q
+            .weight
+            .val()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(
+            w.iter().any(|&v| v != 0.0),
+            "its other weights keep their fresh init"
+        );
+    }
+    // every tensor of the last three blocks' modulation is fresh or zeroed, the rest copied
+    assert!(
+        report
+            .kept
+            .iter()
+            .all(|k| k.contains("transformer_blocks.1.") || k.contains("transformer_blocks.2.")),
+        "kept: {:?}",
+        report.kept
+    );
+    let options = GenerateOptions::euler(3, 2.0, vec![4, 5]);
+    let prompts = vec![
+        "a photo of a red circle".to_string(),
+        "two squares".to_string(),
+    ];
+    let sample = |p: &Pipeline| -> Vec<f32> {
+        p.generate_latents(&prompts, &options, &ad, |_| {}, None)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap()
+    };
+    let (a, b) = (sample(&source), sample(&grown));
+    let moved = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(moved > 0.1, "the source draws something ({moved})");
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff < 1e-5, "max |Δ| {diff}");
+}
+
 /// The README's main command works out of the box: the bundled model loads from the repository,
 /// draws 64×64 images for a prompt, and the same seed gives the same image.
 #[test]
