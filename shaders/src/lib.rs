@@ -9,9 +9,11 @@
 //! Every kernel keeps an equality test against the plain burn-tensor implementation of the same
 //! formula (`tests/tests/kernels.rs`).
 
+mod joint_attention;
 mod norm_modulate;
 mod sde_step;
 
+pub use joint_attention::{AttentionOptions, MAX_HEAD_DIM, joint_attention};
 pub use norm_modulate::norm_modulate;
 pub use sde_step::{SdeStepOutput, flow_sde_step};
 
@@ -87,4 +89,8 @@ impl KernelTemplate {
 }
 
 /// Every hand-written kernel in the crate.
-pub const KERNELS: &[KernelTemplate] = &[sde_step::TEMPLATE, norm_modulate::TEMPLATE];
+pub const KERNELS: &[KernelTemplate] = &[
+    sde_step::TEMPLATE,
+    norm_modulate::TEMPLATE,
+    joint_attention::TEMPLATE,
+];

@@ -231,6 +231,15 @@ pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
     x * scale.add_scalar(1.0).unsqueeze_dim(1) + shift.unsqueeze_dim(1)
 }
 
+/// Whether the hand-written kernels (`portaflow_shaders`) take `x`: it lives on a wgpu device
+/// and tracks no gradient (they have no backward).
+pub fn kernels_apply<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(
+        x.device().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(_)
+    ) && !x.is_autodiff()
+}
+
 /// `modulate(layer_norm(x), shift, scale)`, the AdaLN input of every MMDiT / FLUX block: one
 /// fused kernel (`portaflow_shaders::norm_modulate`) on a wgpu device outside autodiff, the
 /// tensor ops elsewhere.
@@ -238,11 +247,7 @@ pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
 /// # Shapes
 /// - `x`: `[b, seq, dim]`; `shift`, `scale`: `[b, dim]`
 pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
-    let on_wgpu = matches!(
-        x.device().as_dispatch(),
-        burn::backend::DispatchDevice::Cube(_)
-    );
-    if on_wgpu && !x.is_autodiff() {
+    if kernels_apply(&x) {
         // Falls back on what the kernel declines (e.g. half precision).
         if let Ok(out) =
             portaflow_shaders::norm_modulate(x.clone(), shift.clone(), scale.clone(), NORM_EPS)
@@ -251,6 +256,45 @@ pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor
         }
     }
     modulate(layer_norm(x), shift, scale)
+}
+
+/// Joint attention on projections that are not split into heads: `q`, `k`, `v` `[b, n, d]`,
+/// rows `< first` normed with `norms.0`'s (q, k) weights and the rest with `norms.1`'s, then
+/// RoPE (`cos`, `sin` `[n, head_dim]`), attention and merged heads `[b, n, d]`. One fused kernel
+/// (`portaflow_shaders::joint_attention`) on a wgpu device outside autodiff; `None` where it
+/// does not apply (the caller keeps its tensor ops), e.g. under autodiff, on the CPU, or when
+/// the norms of the two segments disagree in presence or ε.
+pub fn fused_joint_attention(
+    q: &Tensor<3>,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    heads: usize,
+    first: usize,
+    norms: [(&Option<RmsNorm>, &Option<RmsNorm>); 2],
+    rope: Option<(Tensor<2>, Tensor<2>)>,
+) -> Option<Tensor<3>> {
+    if !kernels_apply(q) {
+        return None;
+    }
+    let all = [norms[0].0, norms[0].1, norms[1].0, norms[1].1];
+    let (weights, eps) = match all {
+        [Some(a), Some(b), Some(c), Some(d)] => {
+            if [b, c, d].iter().any(|n| n.eps != a.eps) {
+                return None;
+            }
+            let rows = [a, b, c, d].map(|n| n.weight.val().unsqueeze_dim::<2>(0));
+            (Some(Tensor::cat(rows.to_vec(), 0)), Some(a.eps as f32)) // [4, head_dim]
+        }
+        [None, None, None, None] => (None, None),
+        _ => return None,
+    };
+    let options = portaflow_shaders::AttentionOptions {
+        heads,
+        first,
+        norm_eps: eps,
+        rope: rope.is_some(),
+    };
+    portaflow_shaders::joint_attention(q.clone(), k.clone(), v.clone(), weights, rope, options).ok()
 }
 
 /// `x · gate` with a per-sample gate. `x`: `[b, seq, dim]`, `gate`: `[b, dim]`.

@@ -205,3 +205,156 @@ fn fused_norm_modulate_equals_layer_norm_then_modulate() {
     .to_string();
     assert!(err.contains("wgpu"), "{err}");
 }
+
+/// The plain-tensor attention the fused kernel replaces: heads split, RMS-normed q and k (each
+/// segment with its own weights), RoPE, attention, heads merged.
+#[allow(clippy::too_many_arguments)]
+fn plain_joint_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    first: usize,
+    norms: Option<(&Tensor<2>, f64)>,
+    rope: Option<(&Tensor<2>, &Tensor<2>)>,
+) -> Tensor<3> {
+    use portaflow::model::layers::{apply_rope, merge_heads, sdpa, split_heads};
+    let [_, n, _] = q.dims();
+    // [b, heads, n, head_dim]
+    let (mut q, mut k, v) = (
+        split_heads(q, heads),
+        split_heads(k, heads),
+        split_heads(v, heads),
+    );
+    if let Some((w, eps)) = norms {
+        let norm = |x: Tensor<4>, a: usize, b: usize| {
+            let rms = |x: Tensor<4>, row: usize| {
+                let weight: Tensor<4> = w.clone().narrow(0, row, 1).unsqueeze(); // [1, 1, 1, hd]
+                let scale = x.clone().square().mean_dim(3).add_scalar(eps).sqrt();
+                x / scale * weight
+            };
+            let head = rms(x.clone().narrow(2, 0, first), a);
+            if first == n {
+                return head;
+            }
+            Tensor::cat(vec![head, rms(x.narrow(2, first, n - first), b)], 2)
+        };
+        q = norm(q, 0, 2);
+        k = norm(k, 1, 3);
+    }
+    if let Some((cos, sin)) = rope {
+        let (cos, sin): (Tensor<4>, Tensor<4>) = (cos.clone().unsqueeze(), sin.clone().unsqueeze());
+        q = apply_rope(q, &cos, &sin);
+        k = apply_rope(k, &cos, &sin);
+    }
+    merge_heads(sdpa(q, k, v))
+}
+
+#[test]
+fn fused_joint_attention_equals_split_norm_rope_attention_merge() {
+    use portaflow_shaders::{AttentionOptions, joint_attention};
+    let gpu = vulkan();
+    let cpu = ChosenDevice::cpu();
+    let normal = Distribution::Normal(0.0, 1.0);
+    // (b, n, first, heads, head_dim, norm, rope): the bundled SD3 model's 64 image + 16 text
+    // tokens; a short odd sequence; a sequence longer than a tile and a workgroup with FLUX-like
+    // RoPE and no norm; one token.
+    for (b, n, first, heads, head_dim, norm, rope) in [
+        (2, 80, 64, 4, 32, true, false),
+        (1, 7, 3, 2, 16, true, true),
+        (2, 150, 100, 2, 64, false, true),
+        (1, 1, 1, 1, 2, false, false),
+    ] {
+        let width = heads * head_dim;
+        let input =
+            || Tensor::<3>::random([b, n, width], Distribution::Normal(0.5, 2.0), &cpu.device);
+        let (q, k, v) = (input(), input(), input());
+        let weights = Tensor::<2>::random([4, head_dim], normal, &cpu.device);
+        let angles = Tensor::<2>::random(
+            [n, head_dim / 2],
+            Distribution::Uniform(-3.0, 3.0),
+            &cpu.device,
+        )
+        .unsqueeze_dim::<3>(2)
+        .repeat_dim(2, 2)
+        .reshape([n, head_dim]); // each angle twice: interleaved pairs
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let want: Vec<f32> = plain_joint_attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            heads,
+            first,
+            norm.then_some((&weights, 1e-6)),
+            rope.then_some((&cos, &sin)),
+        )
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+        let g3 = |t: &Tensor<3>| Tensor::<3>::from_data(t.to_data(), &gpu.device);
+        let g2 = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &gpu.device);
+        let got: Vec<f32> = joint_attention(
+            g3(&q),
+            g3(&k),
+            g3(&v),
+            norm.then(|| g2(&weights)),
+            rope.then(|| (g2(&cos), g2(&sin))),
+            AttentionOptions {
+                heads,
+                first,
+                norm_eps: norm.then_some(1e-6),
+                rope,
+            },
+        )
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+        let err = max_abs_diff(&want, &got);
+        assert!(
+            err < 1e-4,
+            "b {b}, n {n}, first {first}, heads {heads}, head_dim {head_dim}: max difference {err}"
+        );
+    }
+    // Bad input is named.
+    let options = AttentionOptions {
+        heads: 2,
+        first: 3,
+        norm_eps: Some(1e-6),
+        rope: false,
+    };
+    let x = || Tensor::<3>::zeros([1, 5, 8], &gpu.device);
+    let err = joint_attention(
+        x(),
+        x(),
+        x(),
+        Some(Tensor::<2>::zeros([4, 3], &gpu.device)),
+        None,
+        options,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("`norms`") && err.contains("[4, 3]"), "{err}");
+    let err = joint_attention(x(), x(), x(), None, None, options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("norm"), "{err}");
+    let on_cpu = || Tensor::<3>::zeros([1, 5, 8], &cpu.device);
+    let err = joint_attention(
+        on_cpu(),
+        on_cpu(),
+        on_cpu(),
+        None,
+        None,
+        AttentionOptions {
+            norm_eps: None,
+            ..options
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("wgpu"), "{err}");
+}

@@ -176,6 +176,60 @@ impl JointAttention {
         [q, k, v]
     }
 
+    /// [`Self::forward`] through the fused attention kernel (wgpu, no autodiff), or `None`.
+    fn fused(
+        &self,
+        x: &Tensor<3>,
+        context: Option<&Tensor<3>>,
+        heads: usize,
+    ) -> Option<(Tensor<3>, Option<Tensor<3>>)> {
+        if !crate::model::layers::kernels_apply(x) {
+            return None;
+        }
+        let n_img = x.dims()[1];
+        let joint = match (
+            context,
+            &self.add_q_proj,
+            &self.add_k_proj,
+            &self.add_v_proj,
+        ) {
+            (Some(c), Some(aq), Some(ak), Some(av)) => Some((c, aq, ak, av)),
+            _ => None,
+        };
+        let (q, k, v) = (
+            self.to_q.forward(x.clone()),
+            self.to_k.forward(x.clone()),
+            self.to_v.forward(x.clone()),
+        );
+        let image_norms = (&self.norm_q, &self.norm_k);
+        let (q, k, v, text_norms) = match joint {
+            // [b, n_img + n_txt, d]: image first (SD3's order)
+            Some((c, aq, ak, av)) => (
+                Tensor::cat(vec![q, aq.forward(c.clone())], 1),
+                Tensor::cat(vec![k, ak.forward(c.clone())], 1),
+                Tensor::cat(vec![v, av.forward(c.clone())], 1),
+                (&self.norm_added_q, &self.norm_added_k),
+            ),
+            None => (q, k, v, image_norms),
+        };
+        let out = crate::model::layers::fused_joint_attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            n_img,
+            [image_norms, text_norms],
+            None,
+        )?; // [b, n_img + n_txt, d]
+        let n_txt = out.dims()[1] - n_img;
+        let image = self.to_out_0.forward(out.clone().narrow(1, 0, n_img));
+        let text = match (&self.to_add_out, n_txt) {
+            (Some(proj), n) if n > 0 => Some(proj.forward(out.narrow(1, n_img, n))),
+            _ => None,
+        };
+        Some((image, text))
+    }
+
     /// Returns the image output and, if there is a text stream with an output projection, the
     /// text output.
     ///
@@ -188,6 +242,9 @@ impl JointAttention {
         heads: usize,
     ) -> (Tensor<3>, Option<Tensor<3>>) {
         let n_img = x.dims()[1];
+        if let Some(out) = self.fused(&x, context.as_ref(), heads) {
+            return out;
+        }
         let [mut q, mut k, mut v] = Self::qkv(
             &self.to_q,
             &self.to_k,

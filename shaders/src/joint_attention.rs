@@ -1,0 +1,289 @@
+//! Attention with qk-norm and RoPE fused in, reading the projections without a head split
+//! (`wgsl/joint_attention.wgsl`). On a joint MMDiT / FLUX sequence it replaces the head-split
+//! copies, four RMS norms, the RoPE arithmetic, the attention and the head merge with one
+//! launch. The plain-tensor twin is `split_heads` → `RmsNorm` → `apply_rope` → `sdpa` →
+//! `merge_heads` in `portaflow::model::layers`.
+
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::{Dispatch, DispatchDevice, backend_extension, tensor::FloatTensor};
+use burn::tensor::{DType, Tensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
+use cubecl::prelude::{CubeCount, CubeDim, KernelId};
+use cubecl::server::KernelArguments;
+
+use crate::{KernelError, KernelTemplate};
+
+const KERNEL: &str = "joint_attention";
+const WORKGROUP_SIZE: u32 = 64;
+/// The most workgroups one dispatch dimension takes (WebGPU's default limit).
+const MAX_GROUPS_PER_DIM: usize = 65_535;
+/// Floats of workgroup memory for one tile of keys and values (WebGPU's default limit is
+/// 16 KiB).
+const TILE_FLOATS: usize = 4096;
+/// The widest head the kernel takes (its query and accumulator live in registers).
+pub const MAX_HEAD_DIM: usize = 256;
+
+pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
+    file: "joint_attention.wgsl",
+    source: include_str!("../wgsl/joint_attention.wgsl"),
+    example_values: &[("workgroup_size", "64"), ("head_dim", "32"), ("tile", "64")],
+};
+
+/// The kernel for one head width: the tile holds as many keys as fit in [`TILE_FLOATS`].
+struct JointAttentionSource {
+    head_dim: usize,
+}
+
+impl JointAttentionSource {
+    fn tile(&self) -> usize {
+        (TILE_FLOATS / (2 * self.head_dim)).max(1)
+    }
+}
+
+impl KernelSource for JointAttentionSource {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(TEMPLATE.source)
+            .register("workgroup_size", WORKGROUP_SIZE.to_string())
+            .register("head_dim", self.head_dim.to_string())
+            .register("tile", self.tile().to_string())
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((WORKGROUP_SIZE, self.head_dim))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+/// What the attention applies besides softmax(q·kᵀ/√d)·v.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionOptions {
+    /// Heads in the projections' last dimension (`heads · head_dim`).
+    pub heads: usize,
+    /// Rows below this use the first segment's norm weights, the rest the second's.
+    pub first: usize,
+    /// RMS norm ε (`None`: no qk-norm; `norms` is then not read).
+    pub norm_eps: Option<f32>,
+    /// Whether `rope` holds tables to rotate q and k by.
+    pub rope: bool,
+}
+
+/// Output spec for the lazy Fusion backend: like `q`.
+fn attention_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _norms: &TensorSpec,
+    _rope: &TensorSpec,
+    _params: &[u32; 5],
+    _eps: &f32,
+) -> TensorSpec {
+    q.clone()
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait JointAttentionOps: burn::backend::Backend {
+    /// `params`: n, first, heads, flags, head_dim.
+    #[fusion(meta = attention_meta)]
+    fn fused_joint_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        norms: FloatTensor<Self>,
+        rope: FloatTensor<Self>,
+        params: [u32; 5],
+        eps: f32,
+    ) -> FloatTensor<Self>;
+}
+
+impl JointAttentionOps for CubeBackend {
+    fn fused_joint_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        norms: FloatTensor<Self>,
+        rope: FloatTensor<Self>,
+        params: [u32; 5],
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        let [n, first, heads, flags, head_dim] = params.map(|p| p as usize);
+        let (q, k, v, norms, rope) = (
+            into_contiguous(q),
+            into_contiguous(k),
+            into_contiguous(v),
+            into_contiguous(norms),
+            into_contiguous(rope),
+        );
+        // q: [b, n, heads·head_dim]
+        let shape = q.meta.shape().clone();
+        let b = shape[0];
+        let client = q.client.clone();
+        let out = empty_device_dtype(client.clone(), q.device.clone(), shape, DType::F32);
+
+        let blocks = n.div_ceil(WORKGROUP_SIZE as usize);
+        let units = b * heads * blocks;
+        let bits = |v: usize| f32::from_bits(v as u32);
+        let values = [
+            bits(n),
+            bits(first),
+            bits(heads),
+            bits(flags),
+            eps,
+            bits(blocks),
+            bits(b),
+        ];
+        let values: Vec<u8> = values.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let values = client.create_from_slice(&values);
+
+        let arguments = KernelArguments::new().with_buffers(vec![
+            q.handle.clone().binding(),
+            k.handle.clone().binding(),
+            v.handle.clone().binding(),
+            norms.handle.clone().binding(),
+            rope.handle.clone().binding(),
+            values.binding(),
+            out.handle.clone().binding(),
+        ]);
+        let groups_x = units.min(MAX_GROUPS_PER_DIM);
+        let groups_y = units.div_ceil(groups_x);
+        let kernel = SourceKernel::new(
+            JointAttentionSource { head_dim },
+            CubeDim::new_1d(WORKGROUP_SIZE),
+        );
+        client.launch(
+            Box::new(kernel),
+            CubeCount::Static(groups_x as u32, groups_y as u32, 1),
+            arguments,
+        );
+        out
+    }
+}
+
+/// Multi-head attention on a wgpu device with the qk-norm and RoPE fused in. No gradient flows
+/// through the result (inference only).
+///
+/// # Shapes
+/// - `q`, `k`, `v`: `[b, n, heads·head_dim]` (projections, heads not split)
+/// - `norms`: `[4, head_dim]`: q and k RMS weights of rows `< first`, then of the rest
+///   (read only with `norm_eps`)
+/// - `rope`: `(cos, sin)`, each `[n, head_dim]` (interleaved pairs), with `options.rope`
+/// - returns: `[b, n, heads·head_dim]` (heads merged)
+pub fn joint_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    norms: Option<Tensor<2>>,
+    rope: Option<(Tensor<2>, Tensor<2>)>,
+    options: AttentionOptions,
+) -> Result<Tensor<3>, KernelError> {
+    let device = q.device();
+    if !matches!(device.as_dispatch(), DispatchDevice::Cube(_)) {
+        return Err(KernelError::NotCubeDevice {
+            kernel: KERNEL,
+            device: format!("{device:?}"),
+        });
+    }
+    let [b, n, width] = q.dims();
+    let heads = options.heads;
+    let invalid = |message: String| KernelError::Invalid {
+        kernel: KERNEL,
+        message,
+    };
+    if heads == 0 || width % heads != 0 {
+        return Err(invalid(format!(
+            "width {width} is not a multiple of {heads} heads"
+        )));
+    }
+    let head_dim = width / heads;
+    if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+        return Err(invalid(format!(
+            "head_dim {head_dim} must be even and at most {MAX_HEAD_DIM}"
+        )));
+    }
+    if b * n == 0 || b * n * width > u32::MAX as usize {
+        return Err(invalid(format!(
+            "needs a non-empty [b, n, width] tensor, found {:?}",
+            q.dims()
+        )));
+    }
+    if options.norm_eps.is_some() != norms.is_some() {
+        return Err(invalid(
+            "norm weights go with a norm ε and only with one".into(),
+        ));
+    }
+    if options.rope != rope.is_some() {
+        return Err(invalid(
+            "RoPE tables go with `rope: true` and only with it".into(),
+        ));
+    }
+    let mut inputs: Vec<(&'static str, DType, Vec<usize>, Vec<usize>)> = vec![
+        ("q", q.dtype(), q.dims().to_vec(), vec![b, n, width]),
+        ("k", k.dtype(), k.dims().to_vec(), vec![b, n, width]),
+        ("v", v.dtype(), v.dims().to_vec(), vec![b, n, width]),
+    ];
+    if let Some(w) = &norms {
+        inputs.push(("norms", w.dtype(), w.dims().to_vec(), vec![4, head_dim]));
+    }
+    if let Some((cos, sin)) = &rope {
+        inputs.push(("cos", cos.dtype(), cos.dims().to_vec(), vec![n, head_dim]));
+        inputs.push(("sin", sin.dtype(), sin.dims().to_vec(), vec![n, head_dim]));
+    }
+    for (input, dtype, found, expected) in inputs {
+        if dtype != DType::F32 {
+            return Err(KernelError::DType {
+                kernel: KERNEL,
+                found: format!("{dtype:?} for `{input}`"),
+            });
+        }
+        if found != expected {
+            return Err(KernelError::Shape {
+                kernel: KERNEL,
+                input,
+                expected,
+                found,
+            });
+        }
+    }
+    // Bindings must exist even when unread.
+    let placeholder = || Tensor::<2>::zeros([1, 2], &device);
+    let norms = norms.unwrap_or_else(placeholder);
+    let rope = match rope {
+        Some((cos, sin)) => Tensor::cat(vec![cos, sin], 0), // [2n, head_dim]
+        None => placeholder(),
+    };
+    let flags = usize::from(options.norm_eps.is_some()) | (usize::from(options.rope) << 1);
+    let params = [n, options.first.min(n), heads, flags, head_dim].map(|p| p as u32);
+    let [q, k, v] = [q, k, v].map(|t| t.without_autodiff().into_dispatch());
+    let [norms, rope] = [norms, rope].map(|t| t.without_autodiff().into_dispatch());
+    let out = <Dispatch as JointAttentionOps>::fused_joint_attention(
+        q,
+        k,
+        v,
+        norms,
+        rope,
+        params,
+        options.norm_eps.unwrap_or(0.0),
+    );
+    Ok(Tensor::from_dispatch(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fills_every_placeholder() {
+        for head_dim in [32, 64, 128] {
+            let source = JointAttentionSource { head_dim };
+            let text = source.source().complete();
+            assert!(!text.contains("{{"), "unfilled placeholder in:\n{text}");
+            assert!(text.contains(&format!("const D: u32 = {head_dim}u;")));
+            assert!(2 * source.tile() * head_dim <= TILE_FLOATS);
+        }
+    }
+}
