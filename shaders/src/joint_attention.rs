@@ -20,35 +20,68 @@ const KERNEL: &str = "joint_attention";
 const WORKGROUP_SIZE: u32 = 64;
 /// The most workgroups one dispatch dimension takes (WebGPU's default limit).
 const MAX_GROUPS_PER_DIM: usize = 65_535;
-/// Floats of workgroup memory for one tile of keys and values (WebGPU's default limit is
-/// 16 KiB).
-const TILE_FLOATS: usize = 4096;
-/// The widest head the kernel takes (its query and accumulator live in registers).
+/// Floats of workgroup memory for one tile's keys, values and scores (WebGPU's default limit
+/// for all workgroup memory is 16 KiB = 4096 floats; the key norms take a little more).
+const TILE_FLOATS: usize = 3840;
+/// The widest head the kernel takes (its query and output live in registers).
 pub const MAX_HEAD_DIM: usize = 256;
 
 pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     file: "joint_attention.wgsl",
     source: include_str!("../wgsl/joint_attention.wgsl"),
-    example_values: &[("workgroup_size", "64"), ("head_dim", "32"), ("tile", "64")],
+    example: || JointAttentionSource { head_dim: 32 }.source().complete(),
 };
 
-/// The kernel for one head width: the tile holds as many keys as fit in [`TILE_FLOATS`].
+/// The kernel for one head width: the tile holds as many keys as fit in [`TILE_FLOATS`], and
+/// the per-vec4 lines of the query and output registers are written out.
 struct JointAttentionSource {
     head_dim: usize,
 }
 
 impl JointAttentionSource {
+    /// Keys per tile: each takes a key and a value row and a score per lane.
     fn tile(&self) -> usize {
-        (TILE_FLOATS / (2 * self.head_dim)).max(1)
+        (TILE_FLOATS / (2 * self.head_dim + WORKGROUP_SIZE as usize)).max(1)
     }
+
+    /// `line` once per vec4 of a head (`{c}` → its index), joined by `separator`.
+    fn per_vec4(&self, line: &str, separator: &str) -> String {
+        (0..self.head_dim / 4)
+            .map(|c| line.replace("{c}", &c.to_string()))
+            .collect::<Vec<_>>()
+            .join(separator)
+    }
+}
+
+/// Whether the kernel takes heads of `head_dim`.
+fn head_dim_fits(head_dim: usize) -> bool {
+    head_dim % 4 == 0 && (4..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
 impl KernelSource for JointAttentionSource {
     fn source(&self) -> SourceTemplate {
+        let lines = |line: &str| self.per_vec4(&format!("    {line}"), "\n");
         SourceTemplate::new(TEMPLATE.source)
             .register("workgroup_size", WORKGROUP_SIZE.to_string())
             .register("head_dim", self.head_dim.to_string())
             .register("tile", self.tile().to_string())
+            .register("load_query", lines("var qr{c} = q4(at + 4u * {c}u);"))
+            .register("query_squares", self.per_vec4("dot(qr{c}, qr{c})", " + "))
+            .register(
+                "finish_query",
+                lines("qr{c} = finish(qr{c}, {c}u, qs, qw, query, n, use_norm, use_rope);"),
+            )
+            .register("zero_output", lines("var acc{c} = vec4<f32>(0.0);"))
+            .register("score", self.per_vec4("dot(qr{c}, keys[kb + {c}u])", " + "))
+            .register("rescale", lines("    acc{c} *= fade;"))
+            .register(
+                "accumulate",
+                lines("        acc{c} += p * values[kb + {c}u];"),
+            )
+            .register(
+                "store_output",
+                lines("    store4(to + 4u * {c}u, acc{c} * inv);"),
+            )
     }
 
     fn id(&self) -> KernelId {
@@ -125,6 +158,7 @@ impl JointAttentionOps for CubeBackend {
         let client = q.client.clone();
         let out = empty_device_dtype(client.clone(), q.device.clone(), shape, DType::F32);
 
+        let source = JointAttentionSource { head_dim };
         let blocks = n.div_ceil(WORKGROUP_SIZE as usize);
         let units = b * heads * blocks;
         let bits = |v: usize| f32::from_bits(v as u32);
@@ -151,10 +185,7 @@ impl JointAttentionOps for CubeBackend {
         ]);
         let groups_x = units.min(MAX_GROUPS_PER_DIM);
         let groups_y = units.div_ceil(groups_x);
-        let kernel = SourceKernel::new(
-            JointAttentionSource { head_dim },
-            CubeDim::new_1d(WORKGROUP_SIZE),
-        );
+        let kernel = SourceKernel::new(source, CubeDim::new_1d(WORKGROUP_SIZE));
         client.launch(
             Box::new(kernel),
             CubeCount::Static(groups_x as u32, groups_y as u32, 1),
@@ -200,9 +231,9 @@ pub fn joint_attention(
         )));
     }
     let head_dim = width / heads;
-    if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+    if !head_dim_fits(head_dim) {
         return Err(invalid(format!(
-            "head_dim {head_dim} must be even and at most {MAX_HEAD_DIM}"
+            "head_dim {head_dim} must be a multiple of 4, at most {MAX_HEAD_DIM}"
         )));
     }
     if b * n == 0 || b * n * width > u32::MAX as usize {
@@ -278,12 +309,17 @@ mod tests {
 
     #[test]
     fn template_fills_every_placeholder() {
-        for head_dim in [32, 64, 128] {
+        for head_dim in [4, 32, 48, 64, 128, 256] {
+            assert!(head_dim_fits(head_dim));
             let source = JointAttentionSource { head_dim };
             let text = source.source().complete();
             assert!(!text.contains("{{"), "unfilled placeholder in:\n{text}");
             assert!(text.contains(&format!("const D: u32 = {head_dim}u;")));
-            assert!(2 * source.tile() * head_dim <= TILE_FLOATS);
+            assert!(source.tile() * (2 * head_dim + WORKGROUP_SIZE as usize) <= TILE_FLOATS);
+            assert!(text.contains(&format!("acc{} * inv", head_dim / 4 - 1)));
+        }
+        for head_dim in [2, 6, 260, 512] {
+            assert!(!head_dim_fits(head_dim), "{head_dim}");
         }
     }
 }

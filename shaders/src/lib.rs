@@ -73,8 +73,8 @@ pub struct KernelTemplate {
     pub file: &'static str,
     /// The template text as compiled into the binary.
     pub source: &'static str,
-    /// `(placeholder, value)` pairs used to instantiate it for validation.
-    pub example_values: &'static [(&'static str, &'static str)],
+    /// The template instantiated with example values, for validation.
+    pub example: fn() -> String,
 }
 
 impl KernelTemplate {

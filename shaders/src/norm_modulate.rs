@@ -23,7 +23,7 @@ const MAX_GROUPS_PER_DIM: usize = 65_535;
 pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     file: "norm_modulate.wgsl",
     source: include_str!("../wgsl/norm_modulate.wgsl"),
-    example_values: &[("workgroup_size", "64")],
+    example: || TEMPLATE.instantiate(&[("workgroup_size", "64")]),
 };
 
 wgsl_kernel_source!(NormModulateSource, TEMPLATE, WORKGROUP_SIZE);

@@ -21,7 +21,7 @@ const WORKGROUP_SIZE: u32 = 256;
 pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     file: "flow_sde_step.wgsl",
     source: include_str!("../wgsl/flow_sde_step.wgsl"),
-    example_values: &[("workgroup_size", "256")],
+    example: || TEMPLATE.instantiate(&[("workgroup_size", "256")]),
 };
 
 wgsl_kernel_source!(SdeStepSource, TEMPLATE, WORKGROUP_SIZE);

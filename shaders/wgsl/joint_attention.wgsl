@@ -13,9 +13,14 @@
 // is set. The plain-tensor twin is `split_heads` → `RmsNorm` → `apply_rope` → `sdpa` →
 // `merge_heads` in `portaflow::model::layers`.
 //
-// One workgroup per (sample, head, block of WORKGROUP_SIZE query rows); one lane per query row.
-// Template values: {{ workgroup_size }}, {{ head_dim }} (even), {{ tile }} (keys per tile;
-// 2·tile·head_dim floats of workgroup memory).
+// One workgroup per (sample, head, block of WORKGROUP_SIZE query rows), one lane per query row.
+// A lane keeps its query and its output in D/4 vec4 registers each (`qr0`, `qr1`, …, `acc0`, `acc1`,
+// …: the template writes one line per vec4, since private arrays are slow on CPU drivers), and
+// runs an online softmax over key tiles that all lanes read at the same index, keeping its
+// scores of the current tile in workgroup memory.
+// Template values: workgroup_size, head_dim (a multiple of 4), tile (keys per tile), and the
+// per-vec4 blocks load_query, query_squares, finish_query, zero_output, score, rescale,
+// accumulate and store_output (`JointAttentionSource` in `src/joint_attention.rs` writes them).
 // Every binding is read_write: cubecl may pack several tensors into one buffer.
 
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
@@ -32,16 +37,70 @@
 
 const WORKGROUP_SIZE: u32 = {{ workgroup_size }}u;
 const D: u32 = {{ head_dim }}u;
+// Head dim in vec4s.
+const D4: u32 = D / 4u;
 const TILE: u32 = {{ tile }}u;
 
-var<workgroup> keys: array<f32, TILE * D>;
-var<workgroup> values: array<f32, TILE * D>;
+var<workgroup> keys: array<vec4<f32>, TILE * D4>;
+var<workgroup> values: array<vec4<f32>, TILE * D4>;
+// Per key of the tile: its norm factor.
+var<workgroup> key_scale: array<f32, TILE>;
+// Each lane's scores of the tile: [TILE, WORKGROUP_SIZE].
+var<workgroup> scores: array<f32, TILE * WORKGROUP_SIZE>;
 var<workgroup> shared_n: u32;
 var<workgroup> shared_units: u32;
 
 // The RMS norm's factor for a row whose squares sum to `sum_sq`.
 fn rms_scale(sum_sq: f32, eps: f32) -> f32 {
     return 1.0 / sqrt(sum_sq / f32(D) + eps);
+}
+
+// Four consecutive values of a buffer (WGSL cannot pass storage pointers to functions).
+fn q4(at: u32) -> vec4<f32> {
+    return vec4<f32>(q[at], q[at + 1u], q[at + 2u], q[at + 3u]);
+}
+
+fn k4(at: u32) -> vec4<f32> {
+    return vec4<f32>(k[at], k[at + 1u], k[at + 2u], k[at + 3u]);
+}
+
+fn v4(at: u32) -> vec4<f32> {
+    return vec4<f32>(v[at], v[at + 1u], v[at + 2u], v[at + 3u]);
+}
+
+fn norms4(at: u32) -> vec4<f32> {
+    return vec4<f32>(norms[at], norms[at + 1u], norms[at + 2u], norms[at + 3u]);
+}
+
+fn rope4(at: u32) -> vec4<f32> {
+    return vec4<f32>(rope[at], rope[at + 1u], rope[at + 2u], rope[at + 3u]);
+}
+
+fn store4(at: u32, x: vec4<f32>) {
+    out[at] = x.x;
+    out[at + 1u] = x.y;
+    out[at + 2u] = x.z;
+    out[at + 3u] = x.w;
+}
+
+// Chunk `c` of a row of `token` (two RoPE pairs) rotated by the angles of the token's table row.
+fn rotate(x: vec4<f32>, token: u32, n: u32, c: u32) -> vec4<f32> {
+    let cos = rope4(token * D + 4u * c);
+    let sin = rope4((n + token) * D + 4u * c);
+    return x * cos + vec4<f32>(-x.y, x.x, -x.w, x.z) * sin;
+}
+
+// Chunk `c` of a query or key scaled by `s`, then weighted by norm row `weights` (when `norm`)
+// and rotated as `token` (when `rotary`).
+fn finish(x: vec4<f32>, c: u32, s: f32, weights: u32, token: u32, n: u32, norm: bool, rotary: bool) -> vec4<f32> {
+    var y = x * s;
+    if (norm) {
+        y *= norms4(weights * D + 4u * c);
+    }
+    if (rotary) {
+        y = rotate(y, token, n, c);
+    }
+    return y;
 }
 
 @compute @workgroup_size({{ workgroup_size }}, 1, 1)
@@ -74,110 +133,76 @@ fn main(
     let head = (unit / blocks) % heads;
     let sample = unit / (blocks * heads);
     let width = heads * D;
+    let sample_base = sample * n * width + head * D;
     let row = block * WORKGROUP_SIZE + lane;
     let live = id < units && row < n;
     let query = min(row, n - 1u);
-    let sample_base = sample * n * width + head * D;
 
     // This lane's query, normalised, rotated and scaled by 1/√D.
-    var qr: array<f32, D>;
-    var sum_sq = 0.0;
-    for (var d = 0u; d < D; d++) {
-        qr[d] = q[sample_base + query * width + d];
-        sum_sq += qr[d] * qr[d];
-    }
-    if (use_norm) {
-        let s = rms_scale(sum_sq, eps);
-        let w = select(2u, 0u, query < first) * D;
-        for (var d = 0u; d < D; d++) {
-            qr[d] = qr[d] * s * norms[w + d];
-        }
-    }
-    if (use_rope) {
-        for (var d = 0u; d < D; d += 2u) {
-            let c0 = rope[query * D + d];
-            let c1 = rope[query * D + d + 1u];
-            let s0 = rope[(n + query) * D + d];
-            let s1 = rope[(n + query) * D + d + 1u];
-            let even = qr[d];
-            let odd = qr[d + 1u];
-            qr[d] = even * c0 - odd * s0;
-            qr[d + 1u] = odd * c1 + even * s1;
-        }
-    }
-    let scale = 1.0 / sqrt(f32(D));
-    for (var d = 0u; d < D; d++) {
-        qr[d] *= scale;
-    }
+    let at = sample_base + query * width;
+{{ load_query }}
+    let qs = select(1.0, rms_scale({{ query_squares }}, eps), use_norm) / sqrt(f32(D));
+    let qw = select(2u, 0u, query < first);
+{{ finish_query }}
 
     var best = -3.0e38;
     var total = 0.0;
-    var acc: array<f32, D>;
-    for (var d = 0u; d < D; d++) {
-        acc[d] = 0.0;
-    }
+{{ zero_output }}
 
     for (var start = 0u; start < n; start += TILE) {
         // The tile's keys and values, zero past the end.
-        for (var i = lane; i < TILE * D; i += WORKGROUP_SIZE) {
-            let key = start + i / D;
-            let at = sample_base + min(key, n - 1u) * width + i % D;
+        for (var i = lane; i < TILE * D4; i += WORKGROUP_SIZE) {
+            let key = start + i / D4;
+            let src = sample_base + min(key, n - 1u) * width + 4u * (i % D4);
             let inside = key < n;
-            keys[i] = select(0.0, k[at], inside);
-            values[i] = select(0.0, v[at], inside);
+            keys[i] = select(vec4<f32>(0.0), k4(src), inside);
+            values[i] = select(vec4<f32>(0.0), v4(src), inside);
         }
         workgroupBarrier();
-        // Each key normalised and rotated once, by one lane.
+        // Each key normalised and rotated once.
         for (var j = lane; j < TILE; j += WORKGROUP_SIZE) {
-            let key = min(start + j, n - 1u);
-            let base = j * D;
-            if (use_norm) {
-                var ss = 0.0;
-                for (var d = 0u; d < D; d++) {
-                    ss += keys[base + d] * keys[base + d];
-                }
-                let s = rms_scale(ss, eps);
-                let w = select(3u, 1u, key < first) * D;
-                for (var d = 0u; d < D; d++) {
-                    keys[base + d] = keys[base + d] * s * norms[w + d];
-                }
+            var ss = 0.0;
+            for (var i = 0u; i < D4; i++) {
+                ss += dot(keys[j * D4 + i], keys[j * D4 + i]);
             }
-            if (use_rope) {
-                for (var d = 0u; d < D; d += 2u) {
-                    let c0 = rope[key * D + d];
-                    let c1 = rope[key * D + d + 1u];
-                    let s0 = rope[(n + key) * D + d];
-                    let s1 = rope[(n + key) * D + d + 1u];
-                    let even = keys[base + d];
-                    let odd = keys[base + d + 1u];
-                    keys[base + d] = even * c0 - odd * s0;
-                    keys[base + d + 1u] = odd * c1 + even * s1;
-                }
+            key_scale[j] = select(1.0, rms_scale(ss, eps), use_norm);
+        }
+        workgroupBarrier();
+        if (use_norm || use_rope) {
+            for (var i = lane; i < TILE * D4; i += WORKGROUP_SIZE) {
+                let j = i / D4;
+                let key = min(start + j, n - 1u);
+                let kw = select(3u, 1u, key < first);
+                keys[i] = finish(keys[i], i % D4, key_scale[j], kw, key, n, use_norm, use_rope);
             }
         }
         workgroupBarrier();
+        // Two passes over the tile: the scores and their max, then one exp per key and one
+        // rescale of the running sums per tile.
         let count = min(TILE, n - start);
+        var next = best;
         for (var j = 0u; j < count; j++) {
-            var score = 0.0;
-            for (var d = 0u; d < D; d++) {
-                score += qr[d] * keys[j * D + d];
-            }
-            let next = max(best, score);
-            let fade = exp(best - next);
-            let p = exp(score - next);
-            total = total * fade + p;
-            for (var d = 0u; d < D; d++) {
-                acc[d] = acc[d] * fade + p * values[j * D + d];
-            }
-            best = next;
+            let kb = j * D4;
+            let score = {{ score }};
+            scores[j * WORKGROUP_SIZE + lane] = score;
+            next = max(next, score);
         }
+        let fade = exp(best - next);
+        total *= fade;
+{{ rescale }}
+        for (var j = 0u; j < count; j++) {
+            let kb = j * D4;
+            let p = exp(scores[j * WORKGROUP_SIZE + lane] - next);
+            total += p;
+{{ accumulate }}
+        }
+        best = next;
         workgroupBarrier();
     }
 
     if (live) {
         let inv = 1.0 / total;
-        for (var d = 0u; d < D; d++) {
-            out[sample_base + row * width + d] = acc[d] * inv;
-        }
+        let to = sample_base + row * width;
+{{ store_output }}
     }
 }

@@ -263,7 +263,7 @@ fn fused_joint_attention_equals_split_norm_rope_attention_merge() {
         (2, 80, 64, 4, 32, true, false),
         (1, 7, 3, 2, 16, true, true),
         (2, 150, 100, 2, 64, false, true),
-        (1, 1, 1, 1, 2, false, false),
+        (1, 1, 1, 1, 4, false, false),
     ] {
         let width = heads * head_dim;
         let input =
@@ -357,4 +357,72 @@ fn fused_joint_attention_equals_split_norm_rope_attention_merge() {
     .unwrap()
     .to_string();
     assert!(err.contains("wgpu"), "{err}");
+}
+
+/// Times the fused attention against the tensor ops it replaces on the Vulkan adapter, at the
+/// bundled model's size (`cargo test --workspace --test suite kernels::joint_attention_timing --
+/// --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn joint_attention_timing() {
+    use portaflow_shaders::{AttentionOptions, joint_attention};
+    let gpu = vulkan();
+    // The bundled model's size (64 image + 16 text tokens, 4 heads of 32), then 4× the tokens.
+    for (b, n, first, heads, head_dim) in [
+        (2, 80, 64, 4, 32),
+        (2, 160, 128, 4, 32),
+        (2, 320, 256, 4, 32),
+    ] {
+        let width = heads * head_dim;
+        let input =
+            || Tensor::<3>::random([b, n, width], Distribution::Normal(0.0, 1.0), &gpu.device);
+        let (q, k, v) = (input(), input(), input());
+        let weights =
+            Tensor::<2>::random([4, head_dim], Distribution::Normal(1.0, 0.1), &gpu.device);
+        let options = AttentionOptions {
+            heads,
+            first,
+            norm_eps: Some(1e-6),
+            rope: false,
+        };
+        let time = |name: &str, f: &dyn Fn() -> Tensor<3>| {
+            for _ in 0..3 {
+                let _ = f().into_data();
+            }
+            let start = std::time::Instant::now();
+            let runs = 20;
+            for _ in 0..runs {
+                let _ = f().into_data();
+            }
+            println!(
+                "b {b}, n {n}: {name}: {:.2} ms per call",
+                start.elapsed().as_secs_f64() * 1e3 / runs as f64
+            );
+        };
+        time("fused", &|| {
+            joint_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(weights.clone()),
+                None,
+                options,
+            )
+            .unwrap()
+        });
+        time("tensor ops", &|| {
+            plain_joint_attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                heads,
+                first,
+                Some((&weights, 1e-6)),
+                None,
+            )
+        });
+        time("a copy of q (one launch and the read-back)", &|| {
+            q.clone() * 1.0
+        });
+    }
 }
