@@ -258,12 +258,35 @@ pub fn norm_modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor
     modulate(layer_norm(x), shift, scale)
 }
 
+/// Whether [`fused_joint_attention`] runs at all. Off by default: on lavapipe it measured 7–10%
+/// slower end to end than burn's tensor ops (BENCHMARKS.md, "Fused joint attention"); on a GPU
+/// driver it is unmeasured. `PORTAFLOW_FUSED_ATTENTION=1` turns it on for a process.
+fn fused_attention_switch() -> &'static std::sync::atomic::AtomicBool {
+    static SWITCH: std::sync::OnceLock<std::sync::atomic::AtomicBool> = std::sync::OnceLock::new();
+    SWITCH.get_or_init(|| {
+        let on = std::env::var("PORTAFLOW_FUSED_ATTENTION").is_ok_and(|v| v == "1");
+        std::sync::atomic::AtomicBool::new(on)
+    })
+}
+
+/// Whether [`fused_joint_attention`] would run on `x` (switched on, wgpu, no autodiff): callers
+/// check before computing its inputs.
+pub fn fused_attention_applies<const D: usize>(x: &Tensor<D>) -> bool {
+    fused_attention_switch().load(std::sync::atomic::Ordering::Relaxed) && kernels_apply(x)
+}
+
+/// Turns the fused joint attention on or off for the whole process.
+pub fn set_fused_attention(on: bool) {
+    fused_attention_switch().store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Joint attention on projections that are not split into heads: `q`, `k`, `v` `[b, n, d]`,
 /// rows `< first` normed with `norms.0`'s (q, k) weights and the rest with `norms.1`'s, then
 /// RoPE (`cos`, `sin` `[n, head_dim]`), attention and merged heads `[b, n, d]`. One fused kernel
-/// (`portaflow_shaders::joint_attention`) on a wgpu device outside autodiff; `None` where it
-/// does not apply (the caller keeps its tensor ops), e.g. under autodiff, on the CPU, or when
-/// the norms of the two segments disagree in presence or ε.
+/// (`portaflow_shaders::joint_attention`) on a wgpu device outside autodiff when switched on
+/// ([`set_fused_attention`]); `None` where it does not apply (the caller keeps its tensor ops),
+/// e.g. switched off, under autodiff, on the CPU, or when the norms of the two segments disagree
+/// in presence or ε.
 pub fn fused_joint_attention(
     q: &Tensor<3>,
     k: &Tensor<3>,
@@ -273,7 +296,7 @@ pub fn fused_joint_attention(
     norms: [(&Option<RmsNorm>, &Option<RmsNorm>); 2],
     rope: Option<(Tensor<2>, Tensor<2>)>,
 ) -> Option<Tensor<3>> {
-    if !kernels_apply(q) {
+    if !fused_attention_applies(q) {
         return None;
     }
     let all = [norms[0].0, norms[0].1, norms[1].0, norms[1].1];

@@ -66,6 +66,20 @@ fn sd35_tiny_matches_diffusers_on_vulkan() {
     check_sd3("sd35_tiny", &vulkan().device);
 }
 
+/// The same through the fused joint-attention kernel (off by default). Switching it on is
+/// process-wide, so other Vulkan tests running meanwhile may take it too; they agree within their
+/// tolerances either way.
+#[test]
+fn sd35_tiny_matches_diffusers_on_vulkan_through_the_fused_attention() {
+    use portaflow::model::layers::{fused_attention_applies, set_fused_attention};
+    let device = vulkan().device;
+    set_fused_attention(true);
+    let probe = burn::tensor::Tensor::<3>::zeros([1, 1, 4], &device);
+    assert!(fused_attention_applies(&probe), "the kernel path is taken");
+    check_sd3("sd35_tiny", &device);
+    set_fused_attention(false);
+}
+
 #[test]
 fn real_size_parameter_counts_match_diffusers() {
     let text = std::fs::read_to_string(golden("param_counts.json")).unwrap();

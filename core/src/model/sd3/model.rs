@@ -183,7 +183,7 @@ impl JointAttention {
         context: Option<&Tensor<3>>,
         heads: usize,
     ) -> Option<(Tensor<3>, Option<Tensor<3>>)> {
-        if !crate::model::layers::kernels_apply(x) {
+        if !crate::model::layers::fused_attention_applies(x) {
             return None;
         }
         let n_img = x.dims()[1];
