@@ -10,16 +10,13 @@ use burn::tensor::{DType, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use burn_cubecl::template::{KernelSource, SourceKernel, SourceTemplate};
-use cubecl::prelude::{CubeCount, CubeDim, KernelId};
-use cubecl::server::KernelArguments;
+use burn_cubecl::template::{KernelSource, SourceTemplate};
+use cubecl::prelude::KernelId;
 
-use crate::{KernelError, KernelTemplate};
+use crate::{KernelError, KernelTemplate, bits};
 
 const KERNEL: &str = "joint_attention";
 const WORKGROUP_SIZE: u32 = 64;
-/// The most workgroups one dispatch dimension takes (WebGPU's default limit).
-const MAX_GROUPS_PER_DIM: usize = 65_535;
 /// Floats of workgroup memory for one tile's keys, values and scores (WebGPU's default limit
 /// for all workgroup memory is 16 KiB = 4096 floats; the key norms take a little more).
 const TILE_FLOATS: usize = 3840;
@@ -161,35 +158,28 @@ impl JointAttentionOps for CubeBackend {
         let source = JointAttentionSource { head_dim };
         let blocks = n.div_ceil(WORKGROUP_SIZE as usize);
         let units = b * heads * blocks;
-        let bits = |v: usize| f32::from_bits(v as u32);
-        let values = [
-            bits(n),
-            bits(first),
-            bits(heads),
-            bits(flags),
-            eps,
-            bits(blocks),
-            bits(b),
-        ];
-        let values: Vec<u8> = values.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let values = client.create_from_slice(&values);
-
-        let arguments = KernelArguments::new().with_buffers(vec![
-            q.handle.clone().binding(),
-            k.handle.clone().binding(),
-            v.handle.clone().binding(),
-            norms.handle.clone().binding(),
-            rope.handle.clone().binding(),
-            values.binding(),
-            out.handle.clone().binding(),
-        ]);
-        let groups_x = units.min(MAX_GROUPS_PER_DIM);
-        let groups_y = units.div_ceil(groups_x);
-        let kernel = SourceKernel::new(source, CubeDim::new_1d(WORKGROUP_SIZE));
-        client.launch(
-            Box::new(kernel),
-            CubeCount::Static(groups_x as u32, groups_y as u32, 1),
-            arguments,
+        crate::launch(
+            &client,
+            source,
+            WORKGROUP_SIZE,
+            units,
+            vec![
+                q.handle.clone().binding(),
+                k.handle.clone().binding(),
+                v.handle.clone().binding(),
+                norms.handle.clone().binding(),
+                rope.handle.clone().binding(),
+            ],
+            &[
+                bits(n),
+                bits(first),
+                bits(heads),
+                bits(flags),
+                eps,
+                bits(blocks),
+                bits(b),
+            ],
+            vec![out.handle.clone().binding()],
         );
         out
     }

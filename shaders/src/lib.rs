@@ -43,6 +43,45 @@ pub enum KernelError {
     },
 }
 
+/// The most workgroups one dispatch dimension takes (WebGPU's default limit).
+const MAX_GROUPS_PER_DIM: usize = 65_535;
+
+/// Launches a hand-written kernel with bindings `inputs`, then `params` (one f32 buffer; integer
+/// values bit-cast into it), then `outputs`, over `groups` workgroups of `workgroup_size` lanes.
+/// Beyond 65535 the groups wrap into y: the kernel numbers its workgroup
+/// `workgroup.x + workgroup.y * num_workgroups.x`, and the surplus of the last row must write
+/// nothing.
+pub(crate) fn launch(
+    client: &cubecl::client::Client,
+    kernel: impl burn_cubecl::template::KernelSource + 'static,
+    workgroup_size: u32,
+    groups: usize,
+    inputs: Vec<cubecl::server::BufferBinding>,
+    params: &[f32],
+    outputs: Vec<cubecl::server::BufferBinding>,
+) {
+    let bytes: Vec<u8> = params.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let params = client.create_from_slice(&bytes);
+    let mut buffers = inputs;
+    buffers.push(params.binding());
+    buffers.extend(outputs);
+    let groups_x = groups.clamp(1, MAX_GROUPS_PER_DIM);
+    let groups_y = groups.div_ceil(groups_x).max(1);
+    client.launch(
+        Box::new(burn_cubecl::template::SourceKernel::new(
+            kernel,
+            cubecl::prelude::CubeDim::new_1d(workgroup_size),
+        )),
+        cubecl::prelude::CubeCount::Static(groups_x as u32, groups_y as u32, 1),
+        cubecl::server::KernelArguments::new().with_buffers(buffers),
+    );
+}
+
+/// An integer kernel parameter, bit-cast into the f32 parameter buffer.
+pub(crate) fn bits(value: usize) -> f32 {
+    f32::from_bits(value as u32)
+}
+
 /// A kernel source for burn's template mechanism: `$source` (a unit struct) fills the
 /// `workgroup_size` of `$template` with `$workgroup_size`.
 macro_rules! wgsl_kernel_source {

@@ -9,16 +9,11 @@ use burn::tensor::{DType, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use burn_cubecl::template::SourceKernel;
-use cubecl::prelude::{CubeCount, CubeDim};
-use cubecl::server::KernelArguments;
 
-use crate::{KernelError, KernelTemplate, wgsl_kernel_source};
+use crate::{KernelError, KernelTemplate, bits, wgsl_kernel_source};
 
 const KERNEL: &str = "norm_modulate";
 const WORKGROUP_SIZE: u32 = 64;
-/// The most workgroups one dispatch dimension takes (WebGPU's default limit).
-const MAX_GROUPS_PER_DIM: usize = 65_535;
 
 pub(crate) const TEMPLATE: KernelTemplate = KernelTemplate {
     file: "norm_modulate.wgsl",
@@ -68,29 +63,18 @@ impl NormModulateOps for CubeBackend {
         let client = x.client.clone();
         let out = empty_device_dtype(client.clone(), x.device.clone(), shape, DType::F32);
 
-        let params = [
-            f32::from_bits(width as u32),
-            f32::from_bits(tokens as u32),
-            eps,
-            f32::from_bits(rows as u32),
-        ];
-        let params: Vec<u8> = params.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let params = client.create_from_slice(&params);
-
-        let arguments = KernelArguments::new().with_buffers(vec![
-            x.handle.clone().binding(),
-            shift.handle.clone().binding(),
-            scale.handle.clone().binding(),
-            params.binding(),
-            out.handle.clone().binding(),
-        ]);
-        let groups_x = rows.min(MAX_GROUPS_PER_DIM);
-        let groups_y = rows.div_ceil(groups_x);
-        let kernel = SourceKernel::new(NormModulateSource, CubeDim::new_1d(WORKGROUP_SIZE));
-        client.launch(
-            Box::new(kernel),
-            CubeCount::Static(groups_x as u32, groups_y as u32, 1),
-            arguments,
+        crate::launch(
+            &client,
+            NormModulateSource,
+            WORKGROUP_SIZE,
+            rows,
+            vec![
+                x.handle.clone().binding(),
+                shift.handle.clone().binding(),
+                scale.handle.clone().binding(),
+            ],
+            &[bits(width), bits(tokens), eps, bits(rows)],
+            vec![out.handle.clone().binding()],
         );
         out
     }

@@ -9,11 +9,8 @@ use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
-use burn_cubecl::template::SourceKernel;
-use cubecl::prelude::{CubeCount, CubeDim};
-use cubecl::server::KernelArguments;
 
-use crate::{KernelError, KernelTemplate, wgsl_kernel_source};
+use crate::{KernelError, KernelTemplate, bits, wgsl_kernel_source};
 
 const KERNEL: &str = "flow_sde_step";
 const WORKGROUP_SIZE: u32 = 256;
@@ -79,30 +76,22 @@ impl SdeStepOps for CubeBackend {
         let mean = empty_device_dtype(client.clone(), device.clone(), shape, DType::F32);
         let log_prob = empty_device_dtype(client.clone(), device, Shape::new([batch]), DType::F32);
 
-        let params = [
-            sigma,
-            sigma_next,
-            sigma_max,
-            noise_level,
-            f32::from_bits(per_sample as u32),
-        ];
-        let params: Vec<u8> = params.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let params = client.create_from_slice(&params);
-
-        let arguments = KernelArguments::new().with_buffers(vec![
-            x.handle.clone().binding(),
-            v.handle.clone().binding(),
-            noise.handle.clone().binding(),
-            params.binding(),
-            x_next.handle.clone().binding(),
-            mean.handle.clone().binding(),
-            log_prob.handle.clone().binding(),
-        ]);
-        let kernel = SourceKernel::new(SdeStepSource, CubeDim::new_1d(WORKGROUP_SIZE));
-        client.launch(
-            Box::new(kernel),
-            CubeCount::Static(batch as u32, 1, 1),
-            arguments,
+        crate::launch(
+            &client,
+            SdeStepSource,
+            WORKGROUP_SIZE,
+            batch,
+            vec![
+                x.handle.clone().binding(),
+                v.handle.clone().binding(),
+                noise.handle.clone().binding(),
+            ],
+            &[sigma, sigma_next, sigma_max, noise_level, bits(per_sample)],
+            vec![
+                x_next.handle.clone().binding(),
+                mean.handle.clone().binding(),
+                log_prob.handle.clone().binding(),
+            ],
         );
 
         (x_next, mean, log_prob)
