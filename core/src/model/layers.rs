@@ -280,44 +280,47 @@ pub fn set_fused_attention(on: bool) {
     fused_attention_switch().store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The fused attention's qk-norm input for two segments' (q, k) norms: `Some(None)` without
+/// norms, `Some(Some((weights [4, head_dim], ε)))` with all four, `None` when the segments
+/// disagree in presence or ε (the kernel takes one ε). Callers check it before computing the
+/// projections.
+pub fn fused_attention_norms(
+    norms: [(&Option<RmsNorm>, &Option<RmsNorm>); 2],
+) -> Option<Option<(Tensor<2>, f64)>> {
+    match [norms[0].0, norms[0].1, norms[1].0, norms[1].1] {
+        [Some(a), Some(b), Some(c), Some(d)] => {
+            if [b, c, d].iter().any(|n| n.eps != a.eps) {
+                return None;
+            }
+            let rows = [a, b, c, d].map(|n| n.weight.val().unsqueeze_dim::<2>(0));
+            Some(Some((Tensor::cat(rows.to_vec(), 0), a.eps))) // [4, head_dim]
+        }
+        [None, None, None, None] => Some(None),
+        _ => None,
+    }
+}
+
 /// Joint attention on projections that are not split into heads: `q`, `k`, `v` `[b, n, d]`,
-/// rows `< first` normed with `norms.0`'s (q, k) weights and the rest with `norms.1`'s, then
-/// RoPE (`cos`, `sin` `[n, head_dim]`), attention and merged heads `[b, n, d]`. One fused kernel
-/// (`portaflow_shaders::joint_attention`) on a wgpu device outside autodiff when switched on
-/// ([`set_fused_attention`]); `None` where it does not apply (the caller keeps its tensor ops),
-/// e.g. switched off, under autodiff, on the CPU, or when the norms of the two segments disagree
-/// in presence or ε.
+/// rows `< first` normed with the first two rows of `norms` (from [`fused_attention_norms`]) and
+/// the rest with the last two, attention, merged heads `[b, n, d]`, in one kernel
+/// (`portaflow_shaders::joint_attention`). Only where [`fused_attention_applies`]; `None` if the
+/// kernel declines its input (the caller keeps its tensor ops).
 pub fn fused_joint_attention(
     q: &Tensor<3>,
     k: &Tensor<3>,
     v: &Tensor<3>,
     heads: usize,
     first: usize,
-    norms: [(&Option<RmsNorm>, &Option<RmsNorm>); 2],
-    rope: Option<(Tensor<2>, Tensor<2>)>,
+    norms: Option<(Tensor<2>, f64)>,
 ) -> Option<Tensor<3>> {
-    if !fused_attention_applies(q) {
-        return None;
-    }
-    let all = [norms[0].0, norms[0].1, norms[1].0, norms[1].1];
-    let (weights, eps) = match all {
-        [Some(a), Some(b), Some(c), Some(d)] => {
-            if [b, c, d].iter().any(|n| n.eps != a.eps) {
-                return None;
-            }
-            let rows = [a, b, c, d].map(|n| n.weight.val().unsqueeze_dim::<2>(0));
-            (Some(Tensor::cat(rows.to_vec(), 0)), Some(a.eps as f32)) // [4, head_dim]
-        }
-        [None, None, None, None] => (None, None),
-        _ => return None,
-    };
     let options = portaflow_shaders::AttentionOptions {
         heads,
         first,
-        norm_eps: eps,
-        rope: rope.is_some(),
+        norm_eps: norms.as_ref().map(|(_, eps)| *eps as f32),
+        rope: false,
     };
-    portaflow_shaders::joint_attention(q.clone(), k.clone(), v.clone(), weights, rope, options).ok()
+    let weights = norms.map(|(w, _)| w);
+    portaflow_shaders::joint_attention(q.clone(), k.clone(), v.clone(), weights, None, options).ok()
 }
 
 /// `x · gate` with a per-sample gate. `x`: `[b, seq, dim]`, `gate`: `[b, dim]`.

@@ -473,7 +473,7 @@ fn a_deeper_model_warm_starts_as_the_same_function() {
             "its other weights keep their fresh init"
         );
     }
-    // every tensor of the last three blocks' modulation is fresh or zeroed, the rest copied
+    // only the added blocks (1 and 2) keep fresh tensors; everything else is copied or zeroed
     assert!(
         report
             .kept

@@ -196,31 +196,28 @@ impl JointAttention {
             (Some(c), Some(aq), Some(ak), Some(av)) => Some((c, aq, ak, av)),
             _ => None,
         };
+        let image_norms = (&self.norm_q, &self.norm_k);
+        let text_norms = match joint {
+            Some(_) => (&self.norm_added_q, &self.norm_added_k),
+            None => image_norms,
+        };
+        let norms = crate::model::layers::fused_attention_norms([image_norms, text_norms])?;
         let (q, k, v) = (
             self.to_q.forward(x.clone()),
             self.to_k.forward(x.clone()),
             self.to_v.forward(x.clone()),
         );
-        let image_norms = (&self.norm_q, &self.norm_k);
-        let (q, k, v, text_norms) = match joint {
+        let (q, k, v) = match joint {
             // [b, n_img + n_txt, d]: image first (SD3's order)
             Some((c, aq, ak, av)) => (
                 Tensor::cat(vec![q, aq.forward(c.clone())], 1),
                 Tensor::cat(vec![k, ak.forward(c.clone())], 1),
                 Tensor::cat(vec![v, av.forward(c.clone())], 1),
-                (&self.norm_added_q, &self.norm_added_k),
             ),
-            None => (q, k, v, image_norms),
+            None => (q, k, v),
         };
-        let out = crate::model::layers::fused_joint_attention(
-            &q,
-            &k,
-            &v,
-            heads,
-            n_img,
-            [image_norms, text_norms],
-            None,
-        )?; // [b, n_img + n_txt, d]
+        // [b, n_img + n_txt, d]
+        let out = crate::model::layers::fused_joint_attention(&q, &k, &v, heads, n_img, norms)?;
         let n_txt = out.dims()[1] - n_img;
         let image = self.to_out_0.forward(out.clone().narrow(1, 0, n_img));
         let text = match (&self.to_add_out, n_txt) {
