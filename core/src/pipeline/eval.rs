@@ -125,6 +125,9 @@ pub fn evaluate_folder(dir: &Path) -> Result<Report, PipelineError> {
             })
             .collect();
         pngs.sort();
+        if pngs.is_empty() {
+            return Err(folder_err(&samples, "no <k>.png images".into()));
+        }
         for (sample, path) in pngs {
             let image = load_png(&path).map_err(|e| folder_err(&path, e.to_string()))?;
             records.push(score(index, sample, &spec, &image));
@@ -172,4 +175,96 @@ pub fn table(report: &Report) -> String {
         report.artifact_rate()
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn foreign_renders() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/golden/foreign_renders")
+    }
+
+    /// Scenes of the test prompts drawn by Pillow (`tools/golden/make_foreign_renders.py`: its own
+    /// palettes, backgrounds, proportions, anti-aliasing, 64 to 256 px), half of them broken on
+    /// purpose: the verdicts must follow how each image was drawn, not our renderer's look.
+    #[test]
+    fn foreign_renders_score_as_drawn() {
+        let truth: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(foreign_renders().join("truth.json")).unwrap(),
+        )
+        .unwrap();
+        let correct: Vec<usize> = serde_json::from_value(truth["correct_samples"].clone()).unwrap();
+        let styles: Vec<String> = serde_json::from_value(truth["styles"].clone()).unwrap();
+        let prompts = parse_jsonl(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("..")
+                    .join(truth["prompts"].as_str().unwrap()),
+            )
+            .unwrap(),
+            "test prompts",
+        )
+        .unwrap();
+        let (mut agree, mut total) = (0, 0);
+        for style in &styles {
+            let report = evaluate_folder(&foreign_renders().join(style)).unwrap();
+            assert_eq!(
+                report.images.len(),
+                prompts.len() * 2 * correct.len(),
+                "{style}"
+            );
+            let wrong: Vec<String> = report
+                .images
+                .iter()
+                .filter(|i| i.strict_correct != correct.contains(&i.sample))
+                .map(|i| format!("{}/{} ({})", i.index, i.sample, i.tag))
+                .collect();
+            println!(
+                "{style}: {} of {} verdicts as drawn; disagreeing: {wrong:?}",
+                report.images.len() - wrong.len(),
+                report.images.len()
+            );
+            agree += report.images.len() - wrong.len();
+            total += report.images.len();
+        }
+        assert!(
+            agree as f64 >= 0.995 * total as f64,
+            "{agree} of {total} verdicts as drawn"
+        );
+    }
+
+    #[test]
+    fn a_broken_folder_is_named_in_the_error() {
+        let dir =
+            std::env::temp_dir().join(format!("portaflow-eval-folder-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = |dir: &Path| evaluate_folder(dir).unwrap_err().to_string();
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(
+            err(&dir).contains("no numbered prompt folders"),
+            "{}",
+            err(&dir)
+        );
+
+        let prompt = dir.join("00000");
+        std::fs::create_dir_all(prompt.join("samples")).unwrap();
+        assert!(err(&dir).contains("metadata.jsonl"), "{}", err(&dir));
+        std::fs::write(
+            prompt.join("metadata.jsonl"),
+            r#"{"tag":"colors","include":[{"class":"circle","count":1,"color":"teal"}],"prompt":"a photo of a teal circle"}"#,
+        )
+        .unwrap();
+        assert!(err(&dir).contains("teal"), "{}", err(&dir));
+        let source = foreign_renders().join("pil_aliased_64/00000");
+        std::fs::copy(source.join("metadata.jsonl"), prompt.join("metadata.jsonl")).unwrap();
+        assert!(err(&dir).contains("no <k>.png images"), "{}", err(&dir));
+        let png = std::fs::read(source.join("samples/00000.png")).unwrap();
+        std::fs::write(prompt.join("samples/00000.png"), &png[..png.len() / 2]).unwrap();
+        assert!(err(&dir).contains("00000.png"), "{}", err(&dir));
+        std::fs::write(prompt.join("samples/00000.png"), &png).unwrap();
+        assert_eq!(evaluate_folder(&dir).unwrap().images.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
