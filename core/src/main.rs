@@ -468,7 +468,7 @@ fn generate(request: DeviceRequest, args: GenerateArgs) -> Result<()> {
         configure(&mut pipe.text)?;
         (pipe, None)
     };
-    cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device)?;
+    cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device, true)?;
     let sampling = Sampling::resolve(&args.model)?;
     let kind = sampler_kind(&sampling.sampler)?;
     let first_seed = args.seed.unwrap_or_else(rand::random);
@@ -847,7 +847,7 @@ fn eval(request: DeviceRequest, args: EvalArgs) -> Result<()> {
         let dir = args.model.dir();
         let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
             .with_context(|| format!("loading the model from {}", dir.display()))?;
-        cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device)?;
+        cli::lora::apply(&mut pipe, &args.model.loras, &chosen.device, true)?;
         let sampling = Sampling::resolve(&args.model)?;
         let options = eval::EvalOptions {
             images_per_prompt: args.images_per_prompt,

@@ -37,6 +37,13 @@ pub struct BenchArgs {
     /// Untimed repetitions first (kernel compilation, autotune, allocator warm-up).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// LoRA adapters to sample with, `PATH[:WEIGHT]`, merged into the weights as `generate`
+    /// does; repeat to stack.
+    #[arg(long = "lora")]
+    loras: Vec<String>,
+    /// Keep the adapters' side paths instead of merging them (to measure what merging saves).
+    #[arg(long)]
+    lora_side_path: bool,
     /// Also time Flow-GRPO iterations of this config (e.g. configs/grpo-shapes.toml).
     #[arg(long)]
     grpo: Option<PathBuf>,
@@ -114,8 +121,9 @@ pub fn run(request: DeviceRequest, args: BenchArgs) -> Result<()> {
     }
     let chosen = device::select(request)?;
     let model = args.model.clone().unwrap_or_else(pipeline::bundled_dir);
-    let pipe = Pipeline::from_dir(&model, &chosen.device)
+    let mut pipe = Pipeline::from_dir(&model, &chosen.device)
         .with_context(|| format!("loading {}", model.display()))?;
+    super::lora::apply(&mut pipe, &args.loras, &chosen.device, !args.lora_side_path)?;
     let flops = TransformerFlops::of(&pipe)?;
     println!("bench on {chosen}: {}", model.display());
     println!(

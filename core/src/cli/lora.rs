@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use burn::tensor::Device;
 
 use portaflow::device::{self, DeviceRequest};
-use portaflow::lora::{self, Format, LoraWeights};
+use portaflow::lora::{Format, LoraWeights};
 use portaflow::pipeline::{self, Pipeline};
 
 #[derive(clap::Subcommand)]
@@ -72,13 +72,7 @@ pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
             let dir = model.unwrap_or_else(pipeline::bundled_dir);
             let mut pipe = Pipeline::from_dir(&dir, &chosen.device)
                 .with_context(|| format!("loading the model from {}", dir.display()))?;
-            let names = apply(&mut pipe, &loras, &chosen.device)?;
-            for name in &names {
-                lora::merge(&mut pipe.transformer, name).ok();
-                for (_, encoder) in pipe.text.components_mut() {
-                    lora::merge(&mut *encoder, name).ok();
-                }
-            }
+            let names = apply(&mut pipe, &loras, &chosen.device, true)?;
             pipe.save_dir(&out)?;
             println!(
                 "merged {} adapter(s) into {} → {}",
@@ -108,8 +102,14 @@ fn split_spec(spec: &str) -> Result<(PathBuf, Option<f64>)> {
     Ok((PathBuf::from(spec), None))
 }
 
-/// Reads and attaches `--lora` adapters in order, named `lora0`, `lora1`, …
-pub fn apply(pipe: &mut Pipeline, specs: &[String], device: &Device) -> Result<Vec<String>> {
+/// Reads and attaches `--lora` adapters in order, named `lora0`, `lora1`, …; with `merge`, folds
+/// them into the base weights (sampling with fixed adapters needs no side path).
+pub fn apply(
+    pipe: &mut Pipeline,
+    specs: &[String],
+    device: &Device,
+    merge: bool,
+) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let (path, weight) = parse_spec(spec)?;
@@ -130,6 +130,11 @@ pub fn apply(pipe: &mut Pipeline, specs: &[String], device: &Device) -> Result<V
             weights.format
         );
         names.push(name);
+    }
+    if merge {
+        for name in &names {
+            pipe.merge_lora(name)?;
+        }
     }
     Ok(names)
 }

@@ -519,6 +519,26 @@ impl Pipeline {
         Ok(count)
     }
 
+    /// Folds adapter `name` into the base weights of every component that has it (diffusers'
+    /// `fuse_lora`): the same function without the side path's two matmuls per linear, for
+    /// sampling with fixed adapters. Returns how many linears.
+    pub fn merge_lora(&mut self, name: &str) -> Result<usize, LoraError> {
+        let has = |model: &dyn lora::Linears| lora::adapters(model).iter().any(|(n, _)| n == name);
+        let mut count = 0;
+        if has(&self.transformer) {
+            count += lora::merge(&mut self.transformer, name)?;
+        }
+        for (_, encoder) in self.text.components_mut() {
+            if has(&*encoder) {
+                count += lora::merge(&mut *encoder, name)?;
+            }
+        }
+        if count == 0 {
+            return Err(LoraError::Unknown(name.to_string()));
+        }
+        Ok(count)
+    }
+
     /// Detaches adapter `name` from every component; returns how many linears had it.
     pub fn remove_lora(&mut self, name: &str) -> usize {
         let mut count = lora::remove(&mut self.transformer, name);

@@ -534,6 +534,52 @@ fn the_bundled_model_generates_from_the_repository() {
     assert!(light > 64 * 64 / 2, "only {light} background pixels");
 }
 
+/// `generate --lora` folds the adapter into the weights: the bundled 4-step student draws the
+/// same images merged as through its side path (8-bit pixels within one level), and merging an
+/// adapter twice or one that is not attached is refused.
+#[test]
+fn a_merged_student_draws_what_its_side_path_draws() {
+    let device = ChosenDevice::cpu().device;
+    let student = portaflow::lora::LoraWeights::read(
+        &portaflow::pipeline::bundled_dir().join("../shapes-4nfe"),
+    )
+    .unwrap();
+    let mut pipe = Pipeline::from_dir(&portaflow::pipeline::bundled_dir(), &device).unwrap();
+    let mut opts = options();
+    opts.kind = StepKind::Euler;
+    opts.guidance_scale = 1.0;
+    opts.sigmas = Some(vec![1.0, 0.75, 0.5, 0.25]);
+    opts.seeds = vec![3, 4];
+    let prompts = vec![
+        "a photo of two red circles".to_string(),
+        "a photo of a blue square left of a green triangle".to_string(),
+    ];
+    let base = pipe
+        .generate(&prompts, &opts, &device, |_| {}, None)
+        .unwrap();
+    let linears = pipe.add_lora(&student, "student", 1.0, &device).unwrap();
+    let side = pipe
+        .generate(&prompts, &opts, &device, |_| {}, None)
+        .unwrap();
+    assert_eq!(pipe.merge_lora("student").unwrap(), linears);
+    let merged = pipe
+        .generate(&prompts, &opts, &device, |_| {}, None)
+        .unwrap();
+    assert!(
+        max_abs_diff(&pixels(&side), &pixels(&base)) > 50.0,
+        "the student must change the images"
+    );
+    let diff = max_abs_diff(&pixels(&side), &pixels(&merged));
+    assert!(diff <= 1.0, "merged images differ by {diff} levels");
+    assert!(pipe.merge_lora("nobody").is_err());
+    // Merging again leaves the weights as they are.
+    pipe.merge_lora("student").unwrap();
+    let again = pipe
+        .generate(&prompts, &opts, &device, |_| {}, None)
+        .unwrap();
+    assert_eq!(pixels(&again), pixels(&merged));
+}
+
 /// Diagnostic, not a check: how well a Shapes model denoises held-in training scenes at each
 /// noise level, against predicting the batch's mean image. A model whose error at σ = 0.9 equals
 /// its error at σ = 1 ignores its input there and cannot lay out a scene.
