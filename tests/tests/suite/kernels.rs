@@ -426,3 +426,77 @@ fn joint_attention_timing() {
         });
     }
 }
+
+/// Achieved throughput on the Vulkan adapter: burn's matmul at a few sizes (the adapter's
+/// practical f32 peak) and our kernels at the bundled model's sizes. Each figure is the time of a
+/// chain of 31 dependent calls minus a chain of 11, over 20, so the read-back and fixed costs drop
+/// out. (Element-wise ops are not measured this way: burn's fusion merges a chain of them into
+/// one kernel.) `cargo test --workspace --test suite
+/// kernels::adapter_roofline -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn adapter_roofline() {
+    use portaflow_shaders::{AttentionOptions, joint_attention, norm_modulate};
+    let gpu = vulkan();
+    println!("adapter: {gpu}");
+    let random = |shape: Vec<usize>, mean: f64| {
+        Tensor::<3>::random(shape, Distribution::Normal(mean, 1.0), &gpu.device)
+    };
+    // Seconds per call of `step`, applied `n` times in a chain.
+    let per_call = |start: Tensor<3>, step: &dyn Fn(Tensor<3>) -> Tensor<3>| {
+        let chain = |n: usize| {
+            let _ = step(start.clone()).into_data();
+            let t = std::time::Instant::now();
+            let mut x = start.clone();
+            for _ in 0..n {
+                x = step(x);
+            }
+            let _ = x.into_data();
+            t.elapsed().as_secs_f64()
+        };
+        let (short, long) = (chain(11).min(chain(11)), chain(31).min(chain(31)));
+        ((long - short) / 20.0).max(1e-9)
+    };
+    for n in [128, 256, 512, 1024] {
+        let b = random(vec![1, n, n], 0.0) / (n as f64).sqrt();
+        let s = per_call(random(vec![1, n, n], 0.0), &|x| x.matmul(b.clone()));
+        println!(
+            "matmul {n}³: {:.2} ms, {:.2} GFLOP/s",
+            s * 1e3,
+            2.0 * (n * n * n) as f64 / s / 1e9
+        );
+    }
+    // The bundled model: CFG batch 2, 64 image + 16 text tokens, width 128, 4 heads of 32.
+    let (b, tokens, width) = (2, 64, 128);
+    let shift = Tensor::<2>::random([b, width], Distribution::Normal(0.0, 1.0), &gpu.device);
+    let scale = shift.clone() * 0.1;
+    let s = per_call(random(vec![b, tokens, width], 0.0), &|x| {
+        norm_modulate(x, shift.clone(), scale.clone(), 1e-6).unwrap()
+    });
+    println!(
+        "norm_modulate [{b}, {tokens}, {width}]: {:.3} ms, {:.3} GB/s",
+        s * 1e3,
+        8.0 * (b * tokens * width) as f64 / s / 1e9
+    );
+    let norms = Tensor::<2>::random([4, 32], Distribution::Normal(1.0, 0.1), &gpu.device);
+    for n in [80, 320] {
+        let (k, v) = (
+            random(vec![b, n, width], 0.0),
+            random(vec![b, n, width], 0.0),
+        );
+        let options = AttentionOptions {
+            heads: 4,
+            first: n * 4 / 5,
+            norm_eps: Some(1e-6),
+            rope: false,
+        };
+        let s = per_call(random(vec![b, n, width], 0.0), &|q| {
+            joint_attention(q, k.clone(), v.clone(), Some(norms.clone()), None, options).unwrap()
+        });
+        println!(
+            "joint_attention b {b}, n {n}: {:.2} ms, {:.2} GFLOP/s",
+            s * 1e3,
+            4.0 * (b * n * n * width) as f64 / s / 1e9
+        );
+    }
+}
