@@ -93,16 +93,18 @@ def section(folder: Path, command: str, before: str, after: str) -> str:
         "",
         "### One Flow-GRPO iteration of `configs/grpo-shapes.toml` (32 images, 10 steps, window of 3)",
         "",
-        "| iteration | PyTorch 2 thr: total / rollout / train (s) | PyTorch 1 thr | ours Flex | Flex / PyTorch 2 thr | Flex / PyTorch 1 thr |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| iteration | PyTorch 2 thr: total / rollout / train (s) | PyTorch 1 thr | ours Flex | Flex / PyTorch 2 thr | Flex / PyTorch 1 thr | ours Vulkan (lavapipe) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     g2 = t2["grpo"]["iterations"]
     g1 = t1["grpo"]["iterations"]
+    gv = vk.get("grpo", [])
     for k, ours in enumerate(flex["grpo"]):
         fmt = lambda r: f"{r['seconds']:.2f} / {r['seconds_rollout']:.2f} / {r['seconds_train']:.2f}"
         lines.append(
             f"| {k} | {fmt(g2[k])} | {fmt(g1[k])} | {fmt(ours)} | "
-            f"{ratio(ours['seconds'], g2[k]['seconds'])} | {ratio(ours['seconds'], g1[k]['seconds'])} |"
+            f"{ratio(ours['seconds'], g2[k]['seconds'])} | {ratio(ours['seconds'], g1[k]['seconds'])} | "
+            f"{fmt(gv[k]) if k < len(gv) else '—'} |"
         )
     lines += [
         "",
@@ -110,7 +112,8 @@ def section(folder: Path, command: str, before: str, after: str) -> str:
         "first copy). Ours includes the reward (the Shapes detector, overlapped with sampling); "
         "PyTorch's uses random rewards. Peak memory of a GRPO iteration: PyTorch "
         f"{t2.get('peak_rss_mib', 0):.0f} MiB, ours Flex "
-        f"{max(r['peak_memory_mib'] or 0 for r in flex['grpo']):.0f} MiB.",
+        f"{max(r['peak_memory_mib'] or 0 for r in flex['grpo']):.0f} MiB. Vulkan runs "
+        f"{vk['runs']} timed calls per sampling row (lavapipe is slow).",
         "",
         "### Scaling (ours, Flex): one transformer forward of a fresh model, 6 blocks, patch 8",
         "",
