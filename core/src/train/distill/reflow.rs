@@ -94,6 +94,11 @@ pub struct ReflowConfig {
     /// tilt a deterministic student: one that reproduces the teacher's map on the kept noises
     /// reproduces it on every noise, wrong images included. Re-coupling changes the map.
     pub recouple_min_correct: usize,
+    /// Draw couplings tag by tag: every GenEval tag among the drawable couplings gets the same
+    /// share of the updates (within a tag, `keep` / `correct_weight` apply as usual). The
+    /// training prompts are two-thirds `color_attr`, so without it the kept couplings are mostly
+    /// colour scenes and counting or two objects are a tenth of the updates or less.
+    pub balance_tags: bool,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -126,6 +131,7 @@ impl Default for ReflowConfig {
             keep: Keep::Correct,
             correct_weight: 1.0,
             recouple_min_correct: 0,
+            balance_tags: false,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -338,17 +344,38 @@ impl Couplings {
             .collect()
     }
 
-    /// Cumulative sampling weights under `keep` / `correct_weight`: a coupling counts as
-    /// correct when its target's image was correct.
-    fn cumulative_weights(&self, config: &ReflowConfig, targets: &[usize]) -> Vec<f64> {
-        let mut total = 0.0;
-        targets
+    /// Cumulative sampling weights under `keep` / `correct_weight` (and `balance_tags`, which
+    /// needs the training prompts for the tags): a coupling counts as correct when its target's
+    /// image was correct.
+    fn cumulative_weights(
+        &self,
+        config: &ReflowConfig,
+        targets: &[usize],
+        train: &[PromptSpec],
+    ) -> Vec<f64> {
+        let weights: Vec<f64> = targets
             .iter()
-            .map(|&t| {
-                total += match (config.keep, self.index.correct[t]) {
-                    (_, true) => config.correct_weight,
-                    (Keep::All, false) => 1.0,
-                    (Keep::Correct, false) => 0.0,
+            .map(|&t| match (config.keep, self.index.correct[t]) {
+                (_, true) => config.correct_weight,
+                (Keep::All, false) => 1.0,
+                (Keep::Correct, false) => 0.0,
+            })
+            .collect();
+        let tag = |i: usize| train[self.index.prompts[i]].tag.as_str();
+        let mut per_tag = std::collections::HashMap::<&str, f64>::new();
+        if config.balance_tags {
+            for (i, w) in weights.iter().enumerate() {
+                *per_tag.entry(tag(i)).or_default() += w;
+            }
+        }
+        let mut total = 0.0;
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                total += match per_tag.get(tag(i)) {
+                    Some(&sum) if sum > 0.0 => w / sum,
+                    _ => w,
                 };
                 total
             })
@@ -545,7 +572,7 @@ impl ReflowTrainer {
             c
         };
         let targets = couplings.targets(config.recouple_min_correct);
-        let cumulative = couplings.cumulative_weights(&config, &targets);
+        let cumulative = couplings.cumulative_weights(&config, &targets, &train);
         if cumulative.last().is_none_or(|&w| w <= 0.0) {
             return Err(run_error(
                 config.couplings_from.first().unwrap_or(&couplings_dir),
@@ -867,6 +894,18 @@ mod tests {
         }
     }
 
+    /// Training prompts with these tags (only the tag matters to the sampling weights).
+    fn prompts(tags: &[&str]) -> Vec<PromptSpec> {
+        tags.iter()
+            .map(|tag| PromptSpec {
+                tag: tag.to_string(),
+                include: vec![],
+                exclude: vec![],
+                prompt: format!("a {tag} prompt"),
+            })
+            .collect()
+    }
+
     #[test]
     fn couplings_are_weighted_by_the_teachers_verdict() {
         let c = couplings(vec![true, false, true, false]);
@@ -875,13 +914,23 @@ mod tests {
             correct_weight: 3.0,
             ..Default::default()
         };
+        let train = prompts(&["colors"]);
         let own = c.targets(0);
         assert_eq!(own, [0, 1, 2, 3]);
-        assert_eq!(c.cumulative_weights(&config, &own), [3.0, 3.0, 6.0, 6.0]);
+        assert_eq!(
+            c.cumulative_weights(&config, &own, &train),
+            [3.0, 3.0, 6.0, 6.0]
+        );
         config.keep = Keep::All;
-        assert_eq!(c.cumulative_weights(&config, &own), [3.0, 4.0, 7.0, 8.0]);
+        assert_eq!(
+            c.cumulative_weights(&config, &own, &train),
+            [3.0, 4.0, 7.0, 8.0]
+        );
         config.correct_weight = 1.0;
-        assert_eq!(c.cumulative_weights(&config, &own), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            c.cumulative_weights(&config, &own, &train),
+            [1.0, 2.0, 3.0, 4.0]
+        );
     }
 
     /// A wrong coupling learns the nearest correct x₀ of its own prompt, and only when that
@@ -900,8 +949,60 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            c.cumulative_weights(&config, &c.targets(2)),
+            c.cumulative_weights(&config, &c.targets(2), &prompts(&["counting", "colors"])),
             [1.0, 2.0, 3.0, 3.0, 4.0, 4.0]
+        );
+    }
+
+    /// With `balance_tags` every tag that has a drawable coupling gets the same total weight,
+    /// split within the tag by the verdict weights; a tag with none stays at zero.
+    #[test]
+    fn balanced_couplings_give_every_tag_the_same_share() {
+        // Prompts 0 and 1 are colors (five couplings), prompt 2 counting (two), prompt 3
+        // two_object (one, wrong).
+        let mut c = couplings(vec![true, true, false, true, false, true, false, false]);
+        c.index.prompts = vec![0, 0, 0, 1, 1, 2, 2, 3];
+        let train = prompts(&["colors", "colors", "counting", "two_object"]);
+        let mut config = ReflowConfig {
+            keep: Keep::Correct,
+            balance_tags: true,
+            ..Default::default()
+        };
+        let own = c.targets(0);
+        let steps = |cumulative: Vec<f64>| -> Vec<f64> {
+            let mut last = 0.0;
+            cumulative
+                .into_iter()
+                .map(|w| {
+                    let step = w - last;
+                    last = w;
+                    (step * 1e9).round() / 1e9
+                })
+                .collect()
+        };
+        let third = 1.0 / 3.0;
+        let third = (third * 1e9_f64).round() / 1e9;
+        assert_eq!(
+            steps(c.cumulative_weights(&config, &own, &train)),
+            [third, third, 0.0, third, 0.0, 1.0, 0.0, 0.0]
+        );
+        // keep = "all", correct × 2: colors 2 + 2 + 1 + 2 + 1 = 8, counting 2 + 1 = 3,
+        // two_object 1.
+        config.keep = Keep::All;
+        config.correct_weight = 2.0;
+        let round = |v: f64| (v * 1e9).round() / 1e9;
+        assert_eq!(
+            steps(c.cumulative_weights(&config, &own, &train)),
+            [
+                0.25,
+                0.25,
+                0.125,
+                0.25,
+                0.125,
+                round(2.0 / 3.0),
+                round(1.0 / 3.0),
+                1.0
+            ]
         );
     }
 }
