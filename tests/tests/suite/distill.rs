@@ -325,6 +325,81 @@ mod reflow {
         assert!(e.steps == 2 && (0.0..=1.0).contains(&e.accuracy), "{e:?}");
     }
 
+    /// The student's 2-step Euler latents from `seed` for prompt 0 of the first `n` prompts.
+    fn student_sample(t: &ReflowTrainer, seed: u64) -> Vec<f32> {
+        let device = ChosenDevice::cpu().device;
+        let mut pipe = tiny_pretrained_pipeline(&device);
+        let adapter = t.student();
+        lora::attach(
+            &mut pipe.transformer,
+            STUDENT,
+            adapter.component("transformer"),
+            1.0,
+            &device,
+        )
+        .unwrap();
+        let mut options = portaflow::pipeline::GenerateOptions::euler(2, 1.0, vec![seed]);
+        options.sigmas = Some(vec![1.0, 0.5]);
+        let (train, _) = prompts(1);
+        pipe.generate_latents(&[train[0].prompt.clone()], &options, &device, |_| {}, None)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    }
+
+    /// `student_states`: the second σ is trained where the student's own first step lands (so
+    /// its loss differs from the straight line's from the first update), and the trained
+    /// student's own two steps end on the teacher's x₀.
+    #[test]
+    fn trained_at_its_own_states_the_student_lands_on_the_teachers_image() {
+        let first_losses = |student_states: bool| {
+            let run = TempDir::new("reflow-own-first");
+            let mut c = config(1);
+            c.student_states = student_states;
+            let mut t = trainer(c, 1, run.path()).unwrap();
+            t.iterate().unwrap().loss_by_sigma
+        };
+        let (line, own) = (first_losses(false), first_losses(true));
+        assert!(
+            (line[0] - own[0]).abs() < 1e-9,
+            "σ = 1 is the same: {line:?} {own:?}"
+        );
+        assert!(
+            (line[1] - own[1]).abs() > 1e-4 * line[1],
+            "σ = 0.5 must be trained at the student's own state: {line:?} {own:?}"
+        );
+
+        let run = TempDir::new("reflow-own");
+        let mut c = config(60);
+        c.student_states = true;
+        c.save_every = 60;
+        let mut t = trainer(c, 1, run.path()).unwrap();
+        let seed = t.couplings().seeds[0];
+        let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
+        let x0: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let distance = |x: &[f32]| -> f64 {
+            let sq: f64 = x
+                .iter()
+                .zip(&x0)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            (sq / x0.len() as f64).sqrt()
+        };
+        let before = distance(&student_sample(&t, seed));
+        while !t.done() {
+            t.iterate().unwrap();
+        }
+        let after = distance(&student_sample(&t, seed));
+        assert!(
+            after < 0.5 * before,
+            "the student's own 2 steps end {after:.4} from the teacher's x₀ (untrained {before:.4})"
+        );
+    }
+
     #[test]
     fn bad_settings_and_damaged_couplings_are_named() {
         let mut c = config(1);

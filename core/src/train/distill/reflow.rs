@@ -99,6 +99,12 @@ pub struct ReflowConfig {
     /// training prompts are two-thirds `color_attr`, so without it the kept couplings are mostly
     /// colour scenes and counting or two objects are a tenth of the updates or less.
     pub balance_tags: bool,
+    /// Train each σ after the first at the state the student's own Euler steps reach from the
+    /// coupling's noise (no gradient through them) instead of the straight line, with the
+    /// velocity that carries that state straight to the teacher's x₀: (x̃_σ − x₀)/σ. Sampling
+    /// then meets the states it was trained on (the straight line is where a perfect student
+    /// would be; a real one drifts off it step by step).
+    pub student_states: bool,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -132,6 +138,7 @@ impl Default for ReflowConfig {
             correct_weight: 1.0,
             recouple_min_correct: 0,
             balance_tags: false,
+            student_states: false,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -701,13 +708,18 @@ impl ReflowTrainer {
             // [n, c, h, w]
             let x0 = Tensor::<4>::from_data(TensorData::new(x0, [n, ch, h, w]), &self.device);
             let z = NoiseSource::new(seeds).initial(shape, &self.device);
-            let x_sigma = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
-            let cond = self
-                .teacher
-                .encode(&prompts, &self.plain_device)?
-                .autodiff();
+            let plain_cond = self.teacher.encode(&prompts, &self.plain_device)?;
+            let (x_sigma, target) = if c.student_states && g > 0 {
+                let x = self.student_state(z.inner(), &c.sigmas[..=g], &plain_cond);
+                let x = x.autodiff();
+                (x.clone(), (x - x0).div_scalar(sigma))
+            } else {
+                let x = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
+                (x, z - x0)
+            };
+            let cond = plain_cond.autodiff();
             let v = denoiser.velocity(x_sigma, sigma, &cond);
-            let loss = (v - (z - x0)).powi_scalar(2).mean();
+            let loss = (v - target).powi_scalar(2).mean();
             losses.push(loss.clone().into_scalar::<f32>() as f64);
             let share = loss.mul_scalar(n as f64 / c.batch_size as f64);
             total = Some(match total {
@@ -749,6 +761,25 @@ impl ReflowTrainer {
             self.write_student()?;
         }
         Ok(metrics)
+    }
+
+    /// Where the student's own Euler steps take `z` (`[n, c, h, w]`, plain device) from
+    /// `sigmas[0]` to the last of `sigmas`, without gradients.
+    fn student_state(
+        &self,
+        z: Tensor<4>,
+        sigmas: &[f64],
+        cond: &crate::sample::pipeline::Conditioning,
+    ) -> Tensor<4> {
+        let student = self.student.valid();
+        let denoiser = PipelineDenoiser {
+            transformer: &student,
+            prediction: self.teacher.index.prediction,
+        };
+        sigmas.windows(2).fold(z, |x, step| {
+            let v = denoiser.velocity(x.clone(), step[0], cond);
+            x + v.mul_scalar(step[1] - step[0])
+        })
     }
 
     /// The student adapter as a PEFT folder's contents.
