@@ -325,7 +325,7 @@ mod reflow {
         assert!(e.steps == 2 && (0.0..=1.0).contains(&e.accuracy), "{e:?}");
     }
 
-    /// The student's 2-step Euler latents from `seed` for prompt 0 of the first `n` prompts.
+    /// The student's 2-step Euler latents (σ 1, 0.5, no CFG) from `seed` for the first training prompt.
     fn student_sample(t: &ReflowTrainer, seed: u64) -> Vec<f32> {
         let device = ChosenDevice::cpu().device;
         let mut pipe = tiny_pretrained_pipeline(&device);

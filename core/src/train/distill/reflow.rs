@@ -36,7 +36,7 @@ use crate::lora::{self, LoraWeights};
 use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
-use crate::sample::pipeline::{Denoiser, NoiseSource};
+use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource};
 use crate::sample::step::StepKind;
 use crate::train::grpo::clip_global_norm;
 use crate::train::grpo::config::ModelSection;
@@ -685,6 +685,8 @@ impl ReflowTrainer {
             transformer: &self.student,
             prediction: self.teacher.index.prediction,
         };
+        // The student without autodiff, for its own Euler steps (`student_states`).
+        let plain_student = c.student_states.then(|| self.student.valid());
         let groups = c.sigmas.len();
         let mut losses = Vec::with_capacity(groups);
         let mut total: Option<Tensor<1>> = None;
@@ -709,13 +711,19 @@ impl ReflowTrainer {
             let x0 = Tensor::<4>::from_data(TensorData::new(x0, [n, ch, h, w]), &self.device);
             let z = NoiseSource::new(seeds).initial(shape, &self.device);
             let plain_cond = self.teacher.encode(&prompts, &self.plain_device)?;
-            let (x_sigma, target) = if c.student_states && g > 0 {
-                let x = self.student_state(z.inner(), &c.sigmas[..=g], &plain_cond);
-                let x = x.autodiff();
-                (x.clone(), (x - x0).div_scalar(sigma))
-            } else {
-                let x = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
-                (x, z - x0)
+            let (x_sigma, target) = match &plain_student {
+                Some(student) if g > 0 => {
+                    let plain = PipelineDenoiser {
+                        transformer: student,
+                        prediction: self.teacher.index.prediction,
+                    };
+                    let x = euler_to(&plain, z.inner(), &c.sigmas[..=g], &plain_cond).autodiff();
+                    (x.clone(), (x - x0).div_scalar(sigma))
+                }
+                _ => {
+                    let x = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
+                    (x, z - x0)
+                }
             };
             let cond = plain_cond.autodiff();
             let v = denoiser.velocity(x_sigma, sigma, &cond);
@@ -761,25 +769,6 @@ impl ReflowTrainer {
             self.write_student()?;
         }
         Ok(metrics)
-    }
-
-    /// Where the student's own Euler steps take `z` (`[n, c, h, w]`, plain device) from
-    /// `sigmas[0]` to the last of `sigmas`, without gradients.
-    fn student_state(
-        &self,
-        z: Tensor<4>,
-        sigmas: &[f64],
-        cond: &crate::sample::pipeline::Conditioning,
-    ) -> Tensor<4> {
-        let student = self.student.valid();
-        let denoiser = PipelineDenoiser {
-            transformer: &student,
-            prediction: self.teacher.index.prediction,
-        };
-        sigmas.windows(2).fold(z, |x, step| {
-            let v = denoiser.velocity(x.clone(), step[0], cond);
-            x + v.mul_scalar(step[1] - step[0])
-        })
     }
 
     /// The student adapter as a PEFT folder's contents.
@@ -840,6 +829,20 @@ impl ReflowTrainer {
 }
 
 /// A path or a list of paths.
+/// Where Euler steps of `denoiser` take `x` (`[n, c, h, w]`) from `sigmas[0]` to the last of
+/// `sigmas`.
+fn euler_to(
+    denoiser: &impl Denoiser,
+    x: Tensor<4>,
+    sigmas: &[f64],
+    cond: &Conditioning,
+) -> Tensor<4> {
+    sigmas.windows(2).fold(x, |x, step| {
+        let v = denoiser.velocity(x.clone(), step[0], cond);
+        x + v.mul_scalar(step[1] - step[0])
+    })
+}
+
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -1000,6 +1003,7 @@ mod tests {
             ..Default::default()
         };
         let own = c.targets(0);
+        let round = |v: f64| (v * 1e9).round() / 1e9;
         let steps = |cumulative: Vec<f64>| -> Vec<f64> {
             let mut last = 0.0;
             cumulative
@@ -1007,12 +1011,11 @@ mod tests {
                 .map(|w| {
                     let step = w - last;
                     last = w;
-                    (step * 1e9).round() / 1e9
+                    round(step)
                 })
                 .collect()
         };
-        let third = 1.0 / 3.0;
-        let third = (third * 1e9_f64).round() / 1e9;
+        let third = round(1.0 / 3.0);
         assert_eq!(
             steps(c.cumulative_weights(&config, &own, &train)),
             [third, third, 0.0, third, 0.0, 1.0, 0.0, 0.0]
@@ -1021,7 +1024,6 @@ mod tests {
         // two_object 1.
         config.keep = Keep::All;
         config.correct_weight = 2.0;
-        let round = |v: f64| (v * 1e9).round() / 1e9;
         assert_eq!(
             steps(c.cumulative_weights(&config, &own, &train)),
             [
