@@ -277,6 +277,11 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
         trainer.config.keep,
         trainer.config.correct_weight
     );
+    let c = &trainer.config;
+    println!(
+        "student: balance_tags {}, student_states {}, ema_decay {}",
+        c.balance_tags, c.student_states, c.ema_decay
+    );
     if trainer.config.recouple_min_correct > 0 {
         println!(
             "re-coupled: {} wrong couplings learn the nearest correct image of their prompt (prompts with at least {} correct)",

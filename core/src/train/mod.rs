@@ -1,7 +1,8 @@
 //! Training: the Shapes autoencoder, rectified-flow pretraining of the bundled model and
-//! Flow-GRPO on LoRA adapters.
+//! Flow-GRPO on LoRA adapters; reflow and RTDMD students.
 
 pub mod distill;
+pub mod ema;
 pub mod grpo;
 pub mod pretrain;
 pub mod vae;

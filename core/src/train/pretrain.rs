@@ -339,11 +339,6 @@ fn grow_depth(
     }
 }
 
-/// EMA decay warm-up after `n` steps of this run (n ≥ 1).
-fn ema_decay(cap: f64, n: usize) -> f64 {
-    ((1 + n) as f64 / (10 + n) as f64).min(cap)
-}
-
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PretrainMetrics {
@@ -676,7 +671,8 @@ pub fn pretrain_until(
                 let lr = learning_rate(config, first_step, step);
                 network = optimizer.step(lr, network, grads);
                 if use_average {
-                    let decay = ema_decay(config.ema_decay, step + 1 - first_step);
+                    let decay =
+                        crate::train::ema::Ema::decay(step + 1 - first_step, config.ema_decay);
                     average = update_average(average, &network, decay);
                 }
                 loss_sum += loss_value;

@@ -400,6 +400,71 @@ mod reflow {
         );
     }
 
+    /// The adapter as a flat vector in `order`'s module order.
+    fn flat(weights: &LoraWeights, order: &[(String, lora::LoraModule)]) -> Vec<f32> {
+        let stored = weights.component("transformer");
+        order
+            .iter()
+            .flat_map(|(path, _)| {
+                let (_, m) = stored.iter().find(|(p, _)| p == path).expect("module");
+                m.a.iter().chain(&m.b).copied().collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// With `ema_decay` the saved student is the average of the adapter's path with the
+    /// warm-up decay min((1 + n)/(10 + n), cap), recomputed here from the raw adapters; a
+    /// resumed run writes the same average.
+    #[test]
+    fn with_ema_the_saved_student_is_the_average_and_a_resume_keeps_it() {
+        let mut c = config(3);
+        c.ema_decay = 0.28;
+        let run = TempDir::new("reflow-ema");
+        let mut t = trainer(c.clone(), 4, run.path()).unwrap();
+        let order = lora::extract(t.student_transformer(), STUDENT).unwrap();
+        let mut average = student_values(&t);
+        while !t.done() {
+            t.iterate().unwrap();
+            let n = t.iteration as f64;
+            let decay = ((1.0 + n) / (10.0 + n)).min(0.28) as f32;
+            for (e, x) in average.iter_mut().zip(student_values(&t)) {
+                *e += (1.0 - decay) * (x - *e);
+            }
+        }
+        let raw = student_values(&t);
+        let saved = flat(
+            &LoraWeights::read(&run.path().join("student_final")).unwrap(),
+            &order,
+        );
+        let off_average = portaflow_tests::max_abs_diff(&saved, &average);
+        assert!(
+            off_average < 1e-6,
+            "saved student vs the average: {off_average}"
+        );
+        let off_raw = portaflow_tests::max_abs_diff(&saved, &raw);
+        assert!(
+            off_raw > 1e-4,
+            "the saved student is the raw adapter ({off_raw})"
+        );
+
+        let split = TempDir::new("reflow-ema-resume");
+        let mut two = c.clone();
+        two.iterations = 2;
+        let mut first = trainer(two, 4, split.path()).unwrap();
+        while !first.done() {
+            first.iterate().unwrap();
+        }
+        drop(first);
+        let mut resumed = trainer(c, 4, split.path()).unwrap();
+        resumed.iterate().unwrap();
+        let again = flat(
+            &LoraWeights::read(&split.path().join("student_final")).unwrap(),
+            &order,
+        );
+        let diff = portaflow_tests::max_abs_diff(&again, &saved);
+        assert!(diff < 1e-6, "the resumed run's average differs by {diff}");
+    }
+
     #[test]
     fn bad_settings_and_damaged_couplings_are_named() {
         let mut c = config(1);
@@ -414,6 +479,9 @@ mod reflow {
         let mut c = config(1);
         c.teacher_guidance = 0.5;
         assert!(c.validate().unwrap_err().contains("teacher_guidance"));
+        let mut c = config(1);
+        c.ema_decay = 1.0;
+        assert!(c.validate().unwrap_err().contains("ema_decay"));
         let mut c = config(1);
         c.model.merge_adapters = vec!["runs/x".into()];
         assert!(c.validate().unwrap_err().contains("merge_adapters"));

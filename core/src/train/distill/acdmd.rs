@@ -686,6 +686,7 @@ impl AcDmdTrainer {
                 (&self.fake_optimizer, "fake_score_optimizer.bin"),
             ],
             self.iteration,
+            |_| Ok(()),
         )
     }
 }

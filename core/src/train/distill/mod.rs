@@ -44,13 +44,15 @@ fn run_error(path: &Path, message: impl std::fmt::Display) -> DistillError {
 }
 
 /// Writes `run_dir/checkpoint/` atomically (through `checkpoint.tmp`): each `(model, adapter
-/// name, folder)` as a PEFT folder, each `(optimizer, file)`, and `state.json` with `iteration`.
+/// name, folder)` as a PEFT folder, each `(optimizer, file)`, what `extra` writes into the
+/// folder, and `state.json` with `iteration`.
 fn write_checkpoint(
     run_dir: &Path,
     lora_config: &lora::LoraConfig,
     adapters: &[(&Transformer, &str, &str)],
     optimizers: &[(&ModuleOptimizer, &str)],
     iteration: usize,
+    extra: impl FnOnce(&Path) -> Result<(), DistillError>,
 ) -> Result<PathBuf, DistillError> {
     let final_dir = run_dir.join("checkpoint");
     let tmp = run_dir.join("checkpoint.tmp");
@@ -64,6 +66,7 @@ fn write_checkpoint(
         let path = tmp.join(file);
         optimizer.save(&path).map_err(|e| run_error(&path, e))?;
     }
+    extra(&tmp)?;
     let state_path = tmp.join("state.json");
     let state = serde_json::to_string_pretty(&RunState { iteration }).expect("json");
     std::fs::write(&state_path, state).map_err(|e| run_error(&state_path, e))?;

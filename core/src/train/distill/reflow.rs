@@ -15,7 +15,8 @@
 //!    noises the teacher's map is learned on; `recouple_min_correct` changes the map itself.
 //!
 //! A run directory holds `config.toml`, `couplings/` (`index.json` + `x0.f32`), `metrics.jsonl`,
-//! `eval.jsonl`, `checkpoint/` (adapter, optimizer, iteration; resumes exactly),
+//! `eval.jsonl`, `checkpoint/` (adapter, its average with `ema_decay`, optimizer, iteration;
+//! resumes exactly),
 //! `snapshots/iter-N/` (with `snapshot_every`) and `student_final/` (a PEFT folder).
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ use crate::pipeline::{
 };
 use crate::sample::pipeline::{Conditioning, Denoiser, NoiseSource};
 use crate::sample::step::StepKind;
+use crate::train::ema::Ema;
 use crate::train::grpo::clip_global_norm;
 use crate::train::grpo::config::ModelSection;
 use crate::world::geneval::evaluate_image;
@@ -45,6 +47,8 @@ use crate::world::prompt::PromptSpec;
 
 /// The adapter that becomes the student.
 pub const STUDENT: &str = "student";
+/// The checkpoint folder of the student's average.
+const EMA: &str = "ema";
 
 /// Which teacher couplings the student learns from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +109,11 @@ pub struct ReflowConfig {
     /// then meets the states it was trained on (the straight line is where a perfect student
     /// would be; a real one drifts off it step by step).
     pub student_states: bool,
+    /// Keep an exponential moving average of the student adapter (0: off) with Flow-GRPO's
+    /// warm-up decay min((1 + n)/(10 + n), `ema_decay`) after update n; snapshots, the final
+    /// student and evaluations then use the average. Late iterations of a run wander within a
+    /// few points of held-out accuracy; the average sits in the middle of where they wander.
+    pub ema_decay: f64,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -139,6 +148,7 @@ impl Default for ReflowConfig {
             recouple_min_correct: 0,
             balance_tags: false,
             student_states: false,
+            ema_decay: 0.0,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -180,6 +190,12 @@ impl ReflowConfig {
             ("correct_weight", self.correct_weight),
             ("model.lora_alpha", self.model.lora_alpha),
         ])?;
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(format!(
+                "ema_decay must be in [0, 1) (0: no average), got {}",
+                self.ema_decay
+            ));
+        }
         if !(self.teacher_guidance.is_finite() && self.teacher_guidance >= 1.0) {
             return Err(format!(
                 "teacher_guidance must be ≥ 1 (1: no CFG), got {}",
@@ -501,6 +517,8 @@ pub struct ReflowTrainer {
     /// Text side and scheduler; its transformer is the teacher (the plain base).
     teacher: Pipeline,
     optimizer: ModuleOptimizer,
+    /// The average of the student adapter (`ema_decay` > 0).
+    ema: Option<Ema>,
     couplings: Couplings,
     /// Per coupling, whose x₀ it learns (see [`ReflowConfig::recouple_min_correct`]).
     targets: Vec<usize>,
@@ -615,10 +633,19 @@ impl ReflowTrainer {
         } else {
             lora::init_adapter(&mut student, STUDENT, &config.lora(), config.seed, device)?;
         }
+        let ema = if config.ema_decay == 0.0 {
+            None
+        } else if iteration > 0 {
+            let current = lora::extract(&student, STUDENT)?;
+            Some(Ema::read(&checkpoint.join(EMA), &current)?)
+        } else {
+            Some(Ema::new(lora::extract(&student, STUDENT)?))
+        };
         Ok(Self {
             student: lora::train_only(student, STUDENT),
             teacher,
             optimizer,
+            ema,
             couplings,
             targets,
             cumulative,
@@ -749,6 +776,10 @@ impl ReflowTrainer {
             .optimizer
             .step(c.learning_rate, self.student.clone(), grads);
         self.iteration += 1;
+        if let Some(ema) = &mut self.ema {
+            let current = lora::extract(&self.student, STUDENT)?;
+            ema.step(&current, self.iteration, c.ema_decay, 1);
+        }
         let metrics = ReflowMetrics {
             iteration: self.iteration,
             loss: value,
@@ -771,10 +802,30 @@ impl ReflowTrainer {
         Ok(metrics)
     }
 
-    /// The student adapter as a PEFT folder's contents.
+    /// The student adapter as a PEFT folder's contents: its average with `ema_decay`.
     pub fn student(&self) -> LoraWeights {
-        let modules = lora::extract(&self.student, STUDENT).expect("the student adapter");
+        let modules = match &self.ema {
+            Some(ema) => ema.modules.clone(),
+            None => lora::extract(&self.student, STUDENT).expect("the student adapter"),
+        };
         LoraWeights::from_component("transformer", modules, Some(self.config.lora()))
+    }
+
+    /// The student that samples and is saved (base + [`Self::student`]), without autodiff.
+    fn sampling_student(&self) -> Result<Transformer, DistillError> {
+        let mut student = self.student.valid();
+        if self.ema.is_some() {
+            lora::remove(&mut student, STUDENT);
+            let adapter = self.student();
+            lora::attach(
+                &mut student,
+                STUDENT,
+                adapter.component("transformer"),
+                1.0,
+                &self.plain_device,
+            )?;
+        }
+        Ok(student)
     }
 
     /// Writes the student as it is now to `student_final/` (a PEFT folder).
@@ -799,10 +850,11 @@ impl ReflowTrainer {
 
     /// Held-out accuracy of the student at its own Euler steps, no CFG; appended to `eval.jsonl`.
     pub fn evaluate(&mut self) -> Result<StudentEval, DistillError> {
+        let student = self.sampling_student()?;
         let c = &self.config;
         let eval = evaluate_student(
             &mut self.teacher,
-            self.student.valid(),
+            student,
             &self.test,
             c.eval_prompts,
             c.eval_images_per_prompt,
@@ -816,14 +868,20 @@ impl ReflowTrainer {
         Ok(eval)
     }
 
-    /// Writes `checkpoint/` atomically: the adapter (PEFT), the optimizer, the iteration.
+    /// Writes `checkpoint/` atomically: the adapter (PEFT), its average, the optimizer, the
+    /// iteration.
     pub fn save_checkpoint(&self) -> Result<PathBuf, DistillError> {
+        let lora = self.config.lora();
         write_checkpoint(
             &self.run_dir,
-            &self.config.lora(),
+            &lora,
             &[(&self.student, STUDENT, STUDENT)],
             &[(&self.optimizer, "optimizer.bin")],
             self.iteration,
+            |tmp| match &self.ema {
+                Some(ema) => Ok(ema.write(&tmp.join(EMA), &lora)?),
+                None => Ok(()),
+            },
         )
     }
 }

@@ -16,7 +16,6 @@
 pub mod advantage;
 pub mod config;
 mod draft;
-mod ema;
 mod final_dmd;
 pub mod loss;
 
@@ -45,11 +44,11 @@ use crate::sample::schedule::{self, Schedule};
 use crate::sample::select::TrainingClock;
 use crate::sample::step::{self, StepKind};
 use crate::train::distill::objectives::opd_kl_reward;
+use crate::train::ema::Ema;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 use advantage::{combine, keep_informative};
 use config::{GrpoConfig, KlType, RewardKind};
-use ema::Ema;
 use loss::{
     StepStats, clipped_surrogate, clipped_surrogate_of_log_ratio, ratio_norm_log_ratio,
     spatial_clipped_surrogate, v_space_kl, x_space_kl,

@@ -1,6 +1,6 @@
 //! EMA of the adapter (`flow_grpo/ema.py::EMAModuleWrapper`): after optimizer step n (counted
 //! from 1), when `n % every == 0`, θ_ema += (1 − d)(θ − θ_ema) with d = min((1 + n)/(10 + n), cap).
-//! Flow-GRPO evaluates and saves with the EMA weights.
+//! Flow-GRPO evaluates and saves with the EMA weights; so do reflow students with `ema_decay`.
 
 use std::path::Path;
 
