@@ -282,6 +282,13 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
         "student: balance_tags {}, student_states {}, ema_decay {}",
         c.balance_tags, c.student_states, c.ema_decay
     );
+    if !trainer.config.rescue_from.is_empty() {
+        println!(
+            "rescued: {} wrong couplings learn a correct image of the same noise from {}",
+            trainer.rescued(),
+            trainer.config.rescue_from.len()
+        );
+    }
     if trainer.config.recouple_min_correct > 0 {
         println!(
             "re-coupled: {} wrong couplings learn the nearest correct image of their prompt (prompts with at least {} correct)",

@@ -89,6 +89,13 @@ pub struct ReflowConfig {
     /// twice, so draws with different `seed` or `pairs_per_prompt` add up. One path or a list.
     #[serde(deserialize_with = "one_or_many")]
     pub couplings_from: Vec<PathBuf>,
+    /// Rescue wrong couplings from these `couplings/` folders, in order: draws of the same
+    /// noise seeds by the same model on the same prompts with other teacher settings (another
+    /// CFG scale). A coupling whose image was wrong learns the first of them whose image from
+    /// the same noise was correct, and counts as correct. This tilts the map itself toward the
+    /// reward while staying on the teacher's own images of that noise. One path or a list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub rescue_from: Vec<PathBuf>,
     pub keep: Keep,
     /// With `keep = "all"`: how much more often a coupling whose image was correct is drawn.
     pub correct_weight: f64,
@@ -143,6 +150,7 @@ impl Default for ReflowConfig {
             teacher_guidance: 4.5,
             pairs_per_prompt: 16,
             couplings_from: vec![],
+            rescue_from: vec![],
             keep: Keep::Correct,
             correct_weight: 1.0,
             recouple_min_correct: 0,
@@ -405,6 +413,57 @@ impl Couplings {
             .collect()
     }
 
+    /// Replaces each wrong coupling's x₀ by `other`'s for the same noise seed and prompt when
+    /// `other`'s image was correct; returns how many were replaced. `other` must come from
+    /// the same model, prompts and step count (its CFG may differ) and share noise seeds.
+    fn rescue_with(&mut self, other: &Couplings) -> Result<usize, String> {
+        let (mine, theirs) = (&self.index.draw, &other.index.draw);
+        let same_model = |d: &DrawSettings| {
+            (
+                d.model.clone(),
+                d.train_prompts.clone(),
+                d.teacher_steps,
+                d.prompt_count,
+            )
+        };
+        if same_model(mine) != same_model(theirs) || self.index.shape != other.index.shape {
+            return Err(format!(
+                "rescue couplings must come from the same model, prompts and steps (their CFG may differ): drawn with {theirs:?} and latents {:?}, this run's with {mine:?} and {:?}",
+                other.index.shape, self.index.shape
+            ));
+        }
+        let at: std::collections::HashMap<u64, usize> = other
+            .index
+            .seeds
+            .iter()
+            .enumerate()
+            .map(|(j, &seed)| (seed, j))
+            .collect();
+        if !self.index.seeds.iter().any(|s| at.contains_key(s)) {
+            return Err(format!(
+                "no noise seed in common with this run's couplings (drawn with seed {}, these with {}): rescues must redraw the same noises",
+                mine.seed, theirs.seed
+            ));
+        }
+        let per = self.index.shape.iter().product::<usize>();
+        let mut replaced = 0;
+        for i in 0..self.len() {
+            let Some(&j) = at.get(&self.index.seeds[i]) else {
+                continue;
+            };
+            if self.index.correct[i]
+                || !other.index.correct[j]
+                || other.index.prompts[j] != self.index.prompts[i]
+            {
+                continue;
+            }
+            self.x0[i * per..(i + 1) * per].copy_from_slice(&other.x0[j * per..(j + 1) * per]);
+            self.index.correct[i] = true;
+            replaced += 1;
+        }
+        Ok(replaced)
+    }
+
     /// The couplings of several stored draws by the run's teacher, pooled in order.
     fn pool(dirs: &[PathBuf], settings: &DrawSettings) -> Result<Self, DistillError> {
         let mut pooled: Option<Self> = None;
@@ -520,6 +579,8 @@ pub struct ReflowTrainer {
     /// The average of the student adapter (`ema_decay` > 0).
     ema: Option<Ema>,
     couplings: Couplings,
+    /// How many wrong couplings `rescue_from` replaced by a correct image of the same noise.
+    rescued: usize,
     /// Per coupling, whose x₀ it learns (see [`ReflowConfig::recouple_min_correct`]).
     targets: Vec<usize>,
     /// Cumulative sampling weights of the couplings.
@@ -596,6 +657,16 @@ impl ReflowTrainer {
             c.write(&couplings_dir)?;
             c
         };
+        let mut couplings = couplings;
+        let mut rescued = 0;
+        for dir in &config.rescue_from {
+            if !dir.join("index.json").is_file() {
+                return Err(run_error(dir, "no couplings here (index.json missing)"));
+            }
+            rescued += couplings
+                .rescue_with(&Couplings::read(dir)?)
+                .map_err(|e| run_error(dir, e))?;
+        }
         let targets = couplings.targets(config.recouple_min_correct);
         let cumulative = couplings.cumulative_weights(&config, &targets, &train);
         if cumulative.last().is_none_or(|&w| w <= 0.0) {
@@ -647,6 +718,7 @@ impl ReflowTrainer {
             optimizer,
             ema,
             couplings,
+            rescued,
             targets,
             cumulative,
             train,
@@ -671,6 +743,12 @@ impl ReflowTrainer {
     /// What the couplings hold.
     pub fn couplings(&self) -> &CouplingIndex {
         &self.couplings.index
+    }
+
+    /// How many wrong couplings were replaced by a correct image of the same noise
+    /// (`rescue_from`).
+    pub fn rescued(&self) -> usize {
+        self.rescued
     }
 
     /// How many wrong couplings learn a correct image's x₀ (`recouple_min_correct`).
@@ -1044,6 +1122,33 @@ mod tests {
             c.cumulative_weights(&config, &c.targets(2), &prompts(&["counting", "colors"])),
             [1.0, 2.0, 3.0, 3.0, 4.0, 4.0]
         );
+    }
+
+    /// A wrong coupling takes the other draw's image of the same noise when that one was
+    /// correct; correct couplings and wrong-in-both ones stay as they are.
+    #[test]
+    fn a_wrong_coupling_is_rescued_by_a_correct_image_of_the_same_noise() {
+        let mut c = couplings(vec![true, false, false, false]);
+        c.x0 = vec![1.0, 2.0, 3.0, 4.0];
+        let mut other = couplings(vec![false, true, false, true]);
+        other.index.draw.teacher_guidance = 7.0;
+        other.x0 = vec![10.0, 20.0, 30.0, 40.0];
+        // The other draw's order differs: seeds 3, 2, 1, 0.
+        other.index.seeds.reverse();
+        other.x0.reverse();
+        other.index.correct.reverse();
+        assert_eq!(c.rescue_with(&other), Ok(2));
+        assert_eq!(c.index.correct, [true, true, false, true]);
+        assert_eq!(c.x0, [1.0, 20.0, 3.0, 40.0]);
+
+        let mut steps = couplings(vec![true]);
+        steps.index.draw.teacher_steps = 40;
+        let e = c.rescue_with(&steps).unwrap_err();
+        assert!(e.contains("same model, prompts and steps"), "{e}");
+        let mut unrelated = couplings(vec![true]);
+        unrelated.index.seeds = vec![99];
+        let e = c.rescue_with(&unrelated).unwrap_err();
+        assert!(e.contains("no noise seed in common"), "{e}");
     }
 
     /// With `balance_tags` every tag that has a drawable coupling gets the same total weight,
