@@ -580,5 +580,8 @@ mod reflow {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/reflow-shapes.toml");
         let c = ReflowConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.keep, Keep::Correct);
+        // The bundled student's recipe (assets/models/shapes-4nfe/README.md).
+        assert!(c.student_states && c.ema_decay > 0.0 && c.pairs_per_prompt == 48);
+        c.validate().unwrap();
     }
 }
