@@ -309,6 +309,18 @@ pub fn set_enabled(model: &mut (impl Linears + ?Sized), enabled: bool) {
     model.for_each_linear_mut(&mut |l| l.lora.iter_mut().for_each(|a| a.enabled = enabled));
 }
 
+/// Puts `weights` (a PEFT component, e.g. an adapter's average) in the place of adapter `name`:
+/// [`remove`] then [`attach`] at weight 1.
+pub fn replace(
+    model: &mut (impl Linears + ?Sized),
+    name: &str,
+    weights: &LoraWeights,
+    device: &Device,
+) -> Result<usize, LoraError> {
+    remove(model, name);
+    attach(model, name, weights.component("transformer"), 1.0, device)
+}
+
 /// Detaches an adapter (unmerging it first if it was merged). Returns how many linears had it.
 pub fn remove(model: &mut (impl Linears + ?Sized), name: &str) -> usize {
     let mut count = 0;

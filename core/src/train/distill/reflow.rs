@@ -893,15 +893,7 @@ impl ReflowTrainer {
     fn sampling_student(&self) -> Result<Transformer, DistillError> {
         let mut student = self.student.valid();
         if self.ema.is_some() {
-            lora::remove(&mut student, STUDENT);
-            let adapter = self.student();
-            lora::attach(
-                &mut student,
-                STUDENT,
-                adapter.component("transformer"),
-                1.0,
-                &self.plain_device,
-            )?;
+            lora::replace(&mut student, STUDENT, &self.student(), &self.plain_device)?;
         }
         Ok(student)
     }

@@ -1564,13 +1564,10 @@ impl GrpoTrainer {
         let start = Instant::now();
         let c = &self.config;
         let mut snapshot = self.policy.valid();
-        lora::remove(&mut snapshot, POLICY);
-        let adapter = self.final_adapter();
-        lora::attach(
+        lora::replace(
             &mut snapshot,
             POLICY,
-            adapter.component("transformer"),
-            1.0,
+            &self.final_adapter(),
             &self.plain_device,
         )?;
         self.plain.transformer = snapshot;
