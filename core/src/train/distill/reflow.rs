@@ -639,7 +639,7 @@ impl ReflowTrainer {
             scheduler: pipeline.scheduler,
         };
         let settings = DrawSettings::of(&config, train.len());
-        let couplings = if !config.couplings_from.is_empty() {
+        let mut couplings = if !config.couplings_from.is_empty() {
             Couplings::pool(&config.couplings_from, &settings)?
         } else if couplings_dir.join("index.json").is_file() {
             let c = Couplings::read(&couplings_dir)?;
@@ -658,7 +658,6 @@ impl ReflowTrainer {
             c.write(&couplings_dir)?;
             c
         };
-        let mut couplings = couplings;
         let mut rescued = 0;
         for dir in &config.rescue_from {
             if !dir.join("index.json").is_file() {
@@ -890,7 +889,7 @@ impl ReflowTrainer {
         LoraWeights::from_component("transformer", modules, Some(self.config.lora()))
     }
 
-    /// The student that samples and is saved (base + [`Self::student`]), without autodiff.
+    /// The student evaluations sample (base + [`Self::student`]), without autodiff.
     fn sampling_student(&self) -> Result<Transformer, DistillError> {
         let mut student = self.student.valid();
         if self.ema.is_some() {
