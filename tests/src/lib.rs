@@ -244,10 +244,28 @@ fn tiny_configs() -> (
 /// [`tiny_pipeline`] after two pretraining steps, which move its output layer off zero (a fresh
 /// one predicts nothing), on the autodiff version of `device`.
 pub fn tiny_pretrained_pipeline(device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
+    let ad = device.clone().autodiff();
+    pretrained_briefly(tiny_pipeline(3, &ad), &ad)
+}
+
+/// [`tiny_latent_pipeline`] after the same two pretraining steps as
+/// [`tiny_pretrained_pipeline`], on the autodiff device.
+pub fn tiny_pretrained_latent_pipeline(
+    device: &burn::tensor::Device,
+) -> portaflow::pipeline::Pipeline {
+    let ad = device.clone().autodiff();
+    pretrained_briefly(tiny_latent_pipeline(3, &ad), &ad)
+}
+
+/// `network` after two pretraining steps of 4 Shapes scenes (lr 3e-3), reloaded from its
+/// checkpoint on `ad`.
+fn pretrained_briefly(
+    network: portaflow::pipeline::Pipeline,
+    ad: &burn::tensor::Device,
+) -> portaflow::pipeline::Pipeline {
     use portaflow::train::pretrain::{PretrainConfig, pretrain};
     let dir = TempDir::new("tiny-pretrained");
     let (train, _) = portaflow::world::prompt_sets::build();
-    let ad = device.clone().autodiff();
     let short = PretrainConfig {
         steps: 2,
         batch_size: 4,
@@ -257,17 +275,8 @@ pub fn tiny_pretrained_pipeline(device: &burn::tensor::Device) -> portaflow::pip
         log_every: 1,
         ..Default::default()
     };
-    pretrain(
-        tiny_pipeline(3, &ad),
-        &short,
-        0,
-        &train,
-        dir.path(),
-        &ad,
-        |_| {},
-    )
-    .unwrap();
-    portaflow::pipeline::Pipeline::from_dir(&dir.path().join("checkpoint"), &ad).unwrap()
+    pretrain(network, &short, 0, &train, dir.path(), ad, |_| {}).unwrap();
+    portaflow::pipeline::Pipeline::from_dir(&dir.path().join("checkpoint"), ad).unwrap()
 }
 
 pub fn golden_output(fixture: &str) -> Vec<f32> {

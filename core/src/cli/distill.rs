@@ -279,8 +279,8 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
     );
     let c = &trainer.config;
     println!(
-        "student: balance_tags {}, student_states {}, ema_decay {}",
-        c.balance_tags, c.student_states, c.ema_decay
+        "student: balance_tags {}, student_states {}, ema_decay {}, pixel_loss_weight {}",
+        c.balance_tags, c.student_states, c.ema_decay, c.pixel_loss_weight
     );
     if !trainer.config.rescue_from.is_empty() {
         println!(
@@ -304,8 +304,11 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
     }
     drive(&mut trainer, start, |m: &ReflowMetrics| {
         let by_sigma: Vec<String> = m.loss_by_sigma.iter().map(|l| format!("{l:.4}")).collect();
+        let pixel = m
+            .pixel_loss
+            .map_or(String::new(), |p| format!(", pixels at the last σ {p:.4}"));
         format!(
-            "loss {:.4} (per σ {})  |∇| {:.3}  {:.1} s  peak {:.0} MiB",
+            "loss {:.4} (velocity per σ {}{pixel})  |∇| {:.3}  {:.1} s  peak {:.0} MiB",
             m.loss,
             by_sigma.join(" "),
             m.grad_norm,

@@ -5,7 +5,7 @@ use portaflow::device::ChosenDevice;
 use portaflow::lora::{self, LoraWeights};
 use portaflow::train::distill::acdmd::{AcDmdConfig, AcDmdTrainer, GENERATOR};
 use portaflow::world::prompt_sets;
-use portaflow_tests::{TempDir, tiny_pretrained_pipeline};
+use portaflow_tests::{TempDir, tiny_pretrained_latent_pipeline, tiny_pretrained_pipeline};
 
 fn config(iterations: usize) -> AcDmdConfig {
     let mut c = AcDmdConfig::default();
@@ -400,6 +400,88 @@ mod reflow {
         );
     }
 
+    /// `pixel_loss_weight`: the last σ's loss gains w × mean((D(x̂₀) − D(x₀))²), recomputed here
+    /// from the base (a fresh adapter is the base) and its decoder; the velocity terms are the
+    /// same as without it, and the term's gradient reaches the adapter.
+    #[test]
+    fn the_pixel_term_is_the_decoded_distance_of_the_last_steps_image() {
+        use burn::tensor::{Tensor, TensorData};
+        use portaflow::pipeline::PipelineDenoiser;
+        use portaflow::sample::pipeline::{Denoiser, NoiseSource};
+
+        // A latent pipeline (a fresh Shapes autoencoder), pretrained briefly, on the autodiff device.
+        let plain = ChosenDevice::cpu().device;
+        let device = plain.clone().autodiff();
+        let weight = 2.0;
+        let first_update = |w: f64| {
+            let run = TempDir::new("reflow-pixel");
+            let mut c = config(2);
+            c.pixel_loss_weight = w;
+            let (train, test) = prompts(1);
+            let mut t = ReflowTrainer::new(
+                c,
+                tiny_pretrained_latent_pipeline(&plain),
+                train,
+                test,
+                run.path(),
+                &device,
+                |_, _| {},
+            )
+            .unwrap();
+            let m = t.iterate().unwrap();
+            // Adam's first step is ±lr wherever the gradient is non-zero; the second shows magnitudes.
+            t.iterate().unwrap();
+            let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
+            let x0: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (m, student_values(&t), t.couplings().clone(), x0)
+        };
+        let (off, off_student, _, _) = first_update(0.0);
+        let (on, on_student, index, x0) = first_update(weight);
+        assert_eq!(off.pixel_loss, None);
+        assert_eq!(
+            off.loss_by_sigma, on.loss_by_sigma,
+            "velocity terms unchanged"
+        );
+        let pixel = on.pixel_loss.expect("logged with a weight");
+
+        // The one coupling at σ = 0.5 (the last of [1, 0.5]) on the straight line, the base's x̂₀.
+        // Nothing here is differentiated.
+        let pipe = tiny_pretrained_latent_pipeline(&plain);
+        let [c, h, w] = index.shape;
+        // [1, c, h, w]
+        let x0 = Tensor::<4>::from_data(TensorData::new(x0, [1, c, h, w]), &device);
+        let z = NoiseSource::new(vec![index.seeds[0]]).initial(index.shape, &device);
+        let x = x0.clone().mul_scalar(0.5) + z.mul_scalar(0.5);
+        let (train, _) = prompts(1);
+        let cond = pipe.encode(&[train[0].prompt.clone()], &device).unwrap();
+        let denoiser = PipelineDenoiser {
+            transformer: &pipe.transformer,
+            prediction: pipe.index.prediction,
+        };
+        let x0_hat = x.clone() - denoiser.velocity(x, 0.5, &cond).mul_scalar(0.5);
+        let vae = pipe.vae.as_ref().expect("an autoencoder");
+        let expected = (vae.decode(x0_hat) - vae.decode(x0))
+            .powi_scalar(2)
+            .mean()
+            .into_scalar::<f32>() as f64;
+        assert!(
+            (pixel - expected).abs() <= 1e-4 * expected && expected > 0.0,
+            "logged {pixel}, recomputed {expected}"
+        );
+        // Two σ's with an equal share of the batch: loss = (l₁ + l₀.₅ + w·pixel) / 2.
+        let total = (on.loss_by_sigma[0] + on.loss_by_sigma[1] + weight * pixel) / 2.0;
+        assert!(
+            (on.loss - total).abs() <= 1e-5 * total,
+            "loss {} against {total}",
+            on.loss
+        );
+        let moved = portaflow_tests::max_abs_diff(&on_student, &off_student);
+        assert!(moved > 1e-6, "the pixel term did not reach the adapter");
+    }
+
     /// The adapter as a flat vector in `order`'s module order.
     fn flat(weights: &LoraWeights, order: &[(String, lora::LoraModule)]) -> Vec<f32> {
         let stored = weights.component("transformer");
@@ -482,6 +564,9 @@ mod reflow {
         let mut c = config(1);
         c.ema_decay = 1.0;
         assert!(c.validate().unwrap_err().contains("ema_decay"));
+        let mut c = config(1);
+        c.pixel_loss_weight = -1.0;
+        assert!(c.validate().unwrap_err().contains("pixel_loss_weight"));
         let mut c = config(1);
         c.model.merge_adapters = vec!["runs/x".into()];
         assert!(c.validate().unwrap_err().contains("merge_adapters"));

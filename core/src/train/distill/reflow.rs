@@ -34,6 +34,7 @@ use super::{
     snapshot_dir, truncate_log, write_checkpoint,
 };
 use crate::lora::{self, LoraWeights};
+use crate::model::vae::Vae;
 use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
@@ -122,6 +123,14 @@ pub struct ReflowConfig {
     /// few points of held-out accuracy; the average smooths that walk (measured: it sat at the
     /// top of the raw adapter's range, README "The bundled 4-step student").
     pub ema_decay: f64,
+    /// Weight of a decoded-image term on the student's last step, the one that draws the image
+    /// (0: off): at the last σ, x̂₀ = x_σ − σ·v̂ goes through the autoencoder's decoder and
+    /// w·mean((D(x̂₀) − D(x₀))²) is added to that σ's loss, with D(x₀) the teacher's image
+    /// (decoder output, ≈[−1, 1]). InstaFlow distils its one-step output with a perceptual loss
+    /// for the same reason: a latent L2 weighs every latent direction alike, the ones the decoder
+    /// barely draws and the ones that make a shape's edges. Without an autoencoder, D is the
+    /// identity. Each update decodes a quarter of the batch more (4 σ's).
+    pub pixel_loss_weight: f64,
     /// The student's σ list (0 is appended by the sampler): its Euler steps.
     pub sigmas: Vec<f64>,
     pub learning_rate: f64,
@@ -158,6 +167,7 @@ impl Default for ReflowConfig {
             balance_tags: false,
             student_states: false,
             ema_decay: 0.0,
+            pixel_loss_weight: 0.0,
             sigmas: vec![1.0, 0.75, 0.5, 0.25],
             learning_rate: 1e-4,
             grad_clip: 1.0,
@@ -199,6 +209,12 @@ impl ReflowConfig {
             ("correct_weight", self.correct_weight),
             ("model.lora_alpha", self.model.lora_alpha),
         ])?;
+        if !(self.pixel_loss_weight.is_finite() && self.pixel_loss_weight >= 0.0) {
+            return Err(format!(
+                "pixel_loss_weight must be ≥ 0 (0: off), got {}",
+                self.pixel_loss_weight
+            ));
+        }
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(format!(
                 "ema_decay must be in [0, 1) (0: no average), got {}",
@@ -561,9 +577,14 @@ impl Couplings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReflowMetrics {
     pub iteration: usize,
-    /// ‖v̂ − (z − x₀)‖², mean over the batch, and per σ of the student's list.
+    /// The objective, mean over the batch: ‖v̂ − (z − x₀)‖² plus `pixel_loss_weight` × the
+    /// decoded-image term.
     pub loss: f64,
+    /// The velocity regression per σ of the student's list.
     pub loss_by_sigma: Vec<f64>,
+    /// mean((D(x̂₀) − D(x₀))²) at the last σ, unweighted (with `pixel_loss_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_loss: Option<f64>,
     pub grad_norm: f64,
     pub seconds: f64,
     pub peak_memory_mib: Option<f64>,
@@ -576,6 +597,9 @@ pub struct ReflowTrainer {
     student: Transformer,
     /// Text side and scheduler; its transformer is the teacher (the plain base).
     teacher: Pipeline,
+    /// The frozen autoencoder on the autodiff device (`pixel_loss_weight` > 0 with a VAE):
+    /// gradients flow through it to x̂₀, never into it.
+    decoder: Option<Vae>,
     optimizer: ModuleOptimizer,
     /// The average of the student adapter (`ema_decay` > 0).
     ema: Option<Ema>,
@@ -631,6 +655,9 @@ impl ReflowTrainer {
         std::fs::write(&config_path, config.to_toml()).map_err(|e| run_error(&config_path, e))?;
 
         let plain_device = device.clone().inner();
+        let decoder = (config.pixel_loss_weight > 0.0)
+            .then(|| pipeline.vae.clone().map(Module::no_grad))
+            .flatten();
         let teacher = Pipeline {
             text: pipeline.text.valid(),
             transformer: pipeline.transformer.valid(),
@@ -715,6 +742,7 @@ impl ReflowTrainer {
         Ok(Self {
             student: lora::train_only(student, STUDENT),
             teacher,
+            decoder,
             optimizer,
             ema,
             couplings,
@@ -794,6 +822,7 @@ impl ReflowTrainer {
         let plain_student = c.student_states.then(|| self.student.valid());
         let groups = c.sigmas.len();
         let mut losses = Vec::with_capacity(groups);
+        let mut pixel_loss = None;
         let mut total: Option<Tensor<1>> = None;
         for (g, &sigma) in c.sigmas.iter().enumerate() {
             let n = (g + 1) * c.batch_size / groups - g * c.batch_size / groups;
@@ -823,17 +852,29 @@ impl ReflowTrainer {
                         prediction: self.teacher.index.prediction,
                     };
                     let x = euler_to(&plain, z.inner(), &c.sigmas[..=g], &plain_cond).autodiff();
-                    (x.clone(), (x - x0).div_scalar(sigma))
+                    (x.clone(), (x - x0.clone()).div_scalar(sigma))
                 }
                 _ => {
                     let x = x0.clone().mul_scalar(1.0 - sigma) + z.clone().mul_scalar(sigma);
-                    (x, z - x0)
+                    (x, z - x0.clone())
                 }
             };
             let cond = plain_cond.autodiff();
-            let v = denoiser.velocity(x_sigma, sigma, &cond);
-            let loss = (v - target).powi_scalar(2).mean();
+            let v = denoiser.velocity(x_sigma.clone(), sigma, &cond);
+            let mut loss = (v.clone() - target).powi_scalar(2).mean();
             losses.push(loss.clone().into_scalar::<f32>() as f64);
+            if c.pixel_loss_weight > 0.0 && g + 1 == groups {
+                let decode = |x: Tensor<4>| match &self.decoder {
+                    Some(vae) => vae.decode(x),
+                    None => x,
+                };
+                // x_σ = x₀ + σ·v for a flow, so the student's x̂₀ = x_σ − σ·v̂: [n, c, h, w]
+                let x0_hat = x_sigma - v.mul_scalar(sigma);
+                let drawn = decode(x0); // no graph: neither x₀ nor the decoder is tracked
+                let pixel = (decode(x0_hat) - drawn).powi_scalar(2).mean();
+                pixel_loss = Some(pixel.clone().into_scalar::<f32>() as f64);
+                loss = loss + pixel.mul_scalar(c.pixel_loss_weight);
+            }
             let share = loss.mul_scalar(n as f64 / c.batch_size as f64);
             total = Some(match total {
                 Some(t) => t + share,
@@ -850,6 +891,13 @@ impl ReflowTrainer {
         }
         let mut grads = GradientsParams::from_grads(total.backward(), &self.student);
         let norm = clip_global_norm(&self.student, &mut grads, c.grad_clip);
+        if !norm.is_finite() {
+            // A finite loss can still back-propagate a NaN (0·∞); it must not reach the weights.
+            return Err(run_error(
+                &self.run_dir,
+                format!("iteration {}: gradient norm {norm}", self.iteration + 1),
+            ));
+        }
         self.student = self
             .optimizer
             .step(c.learning_rate, self.student.clone(), grads);
@@ -862,6 +910,7 @@ impl ReflowTrainer {
             iteration: self.iteration,
             loss: value,
             loss_by_sigma: losses,
+            pixel_loss,
             grad_norm: norm,
             seconds: start.elapsed().as_secs_f64(),
             peak_memory_mib: crate::train::peak_memory_mib(),
@@ -956,7 +1005,6 @@ impl ReflowTrainer {
     }
 }
 
-/// A path or a list of paths.
 /// Where Euler steps of `denoiser` take `x` (`[n, c, h, w]`) from `sigmas[0]` to the last of
 /// `sigmas`.
 fn euler_to(
@@ -971,6 +1019,7 @@ fn euler_to(
     })
 }
 
+/// A path or a list of paths.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
