@@ -629,6 +629,22 @@ mod reflow {
             .err()
             .unwrap();
         assert!(err.contains("occurs twice in couplings_from"), "{err}");
+        // A folder that holds no couplings is named, whether pooled or rescued from.
+        let empty = TempDir::new("reflow-empty");
+        let mut pooled = reuse.clone();
+        pooled.couplings_from = vec![empty.path().to_path_buf()];
+        let mut rescuing = config(1);
+        rescuing.rescue_from = vec![empty.path().to_path_buf()];
+        for c in [pooled, rescuing] {
+            let err = trainer(c, 3, TempDir::new("reflow-no-index").path())
+                .err()
+                .unwrap();
+            assert!(
+                err.contains("no couplings here (index.json missing)")
+                    && err.contains(&empty.path().display().to_string()),
+                "{err}"
+            );
+        }
         reuse.teacher_guidance = 2.0;
         let err = trainer(reuse, 3, TempDir::new("reflow-third").path())
             .err()

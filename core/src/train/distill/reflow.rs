@@ -486,9 +486,6 @@ impl Couplings {
         let mut pooled: Option<Self> = None;
         let mut seen = std::collections::HashSet::new();
         for dir in dirs {
-            if !dir.join("index.json").is_file() {
-                return Err(run_error(dir, "no couplings here (index.json missing)"));
-            }
             let c = Self::read(dir)?;
             if !c.index.draw.same_teacher(settings) {
                 return Err(run_error(
@@ -545,6 +542,9 @@ impl Couplings {
 
     fn read(dir: &Path) -> Result<Self, DistillError> {
         let index_path = dir.join("index.json");
+        if !index_path.is_file() {
+            return Err(run_error(dir, "no couplings here (index.json missing)"));
+        }
         let text = std::fs::read_to_string(&index_path).map_err(|e| run_error(&index_path, e))?;
         let index: CouplingIndex =
             serde_json::from_str(&text).map_err(|e| run_error(&index_path, e))?;
@@ -687,9 +687,6 @@ impl ReflowTrainer {
         };
         let mut rescued = 0;
         for dir in &config.rescue_from {
-            if !dir.join("index.json").is_file() {
-                return Err(run_error(dir, "no couplings here (index.json missing)"));
-            }
             rescued += couplings
                 .rescue_with(&Couplings::read(dir)?)
                 .map_err(|e| run_error(dir, e))?;
