@@ -754,10 +754,9 @@ impl Sampling {
         let mut card = None;
         for spec in &model.loras {
             let (dir, _) = cli::lora::parse_spec(spec)?;
-            let path = dir.join(portaflow::lora::SAMPLING_FILE);
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let parsed = portaflow::lora::AdapterSampling::from_json(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            if let Some(parsed) =
+                portaflow::lora::AdapterSampling::read(&dir).map_err(anyhow::Error::msg)?
+            {
                 card = Some(parsed);
                 break;
             }

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 use portaflow::device::{self, ChosenDevice, DeviceRequest};
-use portaflow::lora::{AdapterSampling, LoraWeights, SAMPLING_FILE};
+use portaflow::lora::{AdapterSampling, LoraWeights};
 use portaflow::pipeline::{self, GenerateOptions, Pipeline};
 use portaflow::sample::step::StepKind;
 use portaflow::train::grpo::config::GrpoConfig;
@@ -238,13 +238,7 @@ impl Worker {
                         };
                         let name = format!("adapter{next_adapter}");
                         next_adapter += 1;
-                        let card = path.join(SAMPLING_FILE);
-                        let sampling = match std::fs::read_to_string(&card) {
-                            Ok(text) => AdapterSampling::from_json(&text)
-                                .map(Some)
-                                .map_err(|e| format!("{}: {e}", card.display())),
-                            Err(_) => Ok(None),
-                        };
+                        let sampling = AdapterSampling::read(&path);
                         let added = sampling.and_then(|sampling| {
                             let w = LoraWeights::read(&path).map_err(|e| e.to_string())?;
                             p.add_lora(&w, &name, weight, &chosen.device)

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use burn::tensor::Device;
 
 use portaflow::device::{self, DeviceRequest};
-use portaflow::lora::{Format, LoraWeights};
+use portaflow::lora::{AdapterSampling, Format, LoraWeights, SAMPLING_FILE};
 use portaflow::pipeline::{self, Pipeline};
 
 #[derive(clap::Subcommand)]
@@ -218,6 +218,27 @@ fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
         exact
     };
     write_adapter(&combined, out)?;
+    // Students of one recipe share their sampling card; a sum of them samples the same way.
+    let cards = specs
+        .iter()
+        .map(|spec| {
+            let (path, _) = split_spec(spec)?;
+            AdapterSampling::read(&path).map_err(anyhow::Error::msg)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match cards.first() {
+        Some(Some(card))
+            if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>
+        {
+            card.write(out)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            println!("{SAMPLING_FILE}: every adapter's card is the same; copied");
+        }
+        _ if cards.iter().any(Option::is_some) => println!(
+            "{SAMPLING_FILE}: not written (the adapters' cards differ, some have none, or OUT is a file); sample with explicit flags"
+        ),
+        _ => {}
+    }
     let ranks: std::collections::BTreeSet<usize> =
         combined.modules.values().map(|m| m.rank).collect();
     println!(
@@ -230,12 +251,15 @@ fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether `out` names a diffusers `.safetensors` file (else a PEFT folder).
+fn is_diffusers_file(out: &Path) -> bool {
+    out.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
 /// Writes a diffusers file when `out` ends in `.safetensors`, else a PEFT folder (one component).
 fn write_adapter(weights: &LoraWeights, out: &Path) -> Result<()> {
-    if out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-    {
+    if is_diffusers_file(out) {
         weights.write_diffusers(out)?;
     } else {
         let components = weights.components();

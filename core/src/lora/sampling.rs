@@ -71,6 +71,20 @@ impl AdapterSampling {
         Ok(card)
     }
 
+    /// The card in adapter folder `dir`; `None` when there is none (or `dir` is an adapter file).
+    /// A card that cannot be read or parsed is an error naming `dir`.
+    pub fn read(dir: &Path) -> Result<Option<Self>, String> {
+        let path = dir.join(SAMPLING_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("{SAMPLING_FILE}: {e}"))
+            .and_then(|text| Self::from_json(&text))
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    }
+
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).expect("plain data");
         std::fs::write(dir.join(SAMPLING_FILE), text + "\n")
@@ -105,5 +119,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("cps eta must be in [0, 1]"), "{err}");
+    }
+
+    #[test]
+    fn a_folder_without_a_card_has_none_and_a_bad_card_is_named() {
+        let dir = std::env::temp_dir().join(format!("portaflow-card-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(AdapterSampling::read(&dir), Ok(None));
+        let card = AdapterSampling::new(StepKind::Euler, &[1.0, 0.5], 1.0);
+        card.write(&dir).unwrap();
+        assert_eq!(AdapterSampling::read(&dir), Ok(Some(card)));
+        std::fs::write(dir.join(SAMPLING_FILE), "{\"sampler\": \"euler\"").unwrap();
+        let err = AdapterSampling::read(&dir).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: {SAMPLING_FILE}: ", dir.display())),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
