@@ -242,8 +242,13 @@ fn reflow(request: DeviceRequest, config: ReflowConfig, out: &Path) -> Result<()
     let (train, test) = prompt_files(&config.train_prompts, &config.test_prompts)?;
     let base = Pipeline::from_dir(&model, &device)
         .with_context(|| format!("loading the teacher {}", model.display()))?;
+    let teacher_adapters: String = config
+        .teacher_adapters
+        .iter()
+        .map(|p| format!(" + {}", p.display()))
+        .collect();
     println!(
-        "reflow on {chosen}: teacher {} ({} Euler steps, CFG {}), student σ {:?} (Euler), run dir {}",
+        "reflow on {chosen}: teacher {}{teacher_adapters} ({} Euler steps, CFG {}), student σ {:?} (Euler), run dir {}",
         model.display(),
         config.teacher_steps,
         config.teacher_guidance,

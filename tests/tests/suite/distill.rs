@@ -482,6 +482,111 @@ mod reflow {
         assert!(moved > 1e-6, "the pixel term did not reach the adapter");
     }
 
+    /// `teacher_adapters`: the couplings are the images of the teacher with the adapter merged
+    /// (a direct generation with it attached), not the plain base's, while the student is a
+    /// fresh adapter on the plain base; such couplings are not pooled into a run without the
+    /// adapter, and an adapter for other modules is named before anything is drawn.
+    #[test]
+    fn a_teacher_adapter_draws_the_couplings_for_a_student_on_the_plain_base() {
+        use portaflow::pipeline::GenerateOptions;
+
+        let device = ChosenDevice::cpu().device;
+        let ad = device.clone().autodiff();
+        // A teacher adapter with non-zero B (a fresh one would change nothing).
+        let targets = lora::LoraConfig::new(4, 8.0, &["attn.to_q", "attn.to_v", "attn.to_out.0"]);
+        let mut donor = tiny_pretrained_pipeline(&device);
+        lora::init_adapter(&mut donor.transformer, "t", &targets, 5, &ad).unwrap();
+        let mut modules = lora::extract(&donor.transformer, "t").unwrap();
+        for (_, m) in modules.iter_mut() {
+            for (i, b) in m.b.iter_mut().enumerate() {
+                *b = 0.05 * ((i % 7) as f32 - 3.0);
+            }
+        }
+        let adapter = LoraWeights::from_component("transformer", modules, Some(targets));
+        let adapter_dir = TempDir::new("reflow-teacher-adapter");
+        adapter
+            .write_peft(adapter_dir.path(), "transformer")
+            .unwrap();
+
+        let run = TempDir::new("reflow-tuned-teacher");
+        let mut c = config(1);
+        c.teacher_adapters = vec![adapter_dir.path().to_path_buf()];
+        let mut t = trainer(c, 2, run.path()).unwrap();
+        let index = t.couplings().clone();
+        let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
+        let per = bytes.len() / 4 / index.seeds.len();
+        let stored: Vec<f32> = bytes[per * 4..2 * per * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (train, _) = prompts(2);
+        let generate = |with_adapter: bool| -> Vec<f32> {
+            let mut teacher = tiny_pretrained_pipeline(&device);
+            if with_adapter {
+                teacher.add_lora(&adapter, "t", 1.0, &ad).unwrap();
+            }
+            let options = GenerateOptions::euler(4, 3.0, vec![index.seeds[1]]);
+            teacher
+                .generate_latents(
+                    &[train[index.prompts[1]].prompt.clone()],
+                    &options,
+                    &device,
+                    |_| {},
+                    None,
+                )
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
+        let tuned = portaflow_tests::max_abs_diff(&stored, &generate(true));
+        let plain = portaflow_tests::max_abs_diff(&stored, &generate(false));
+        // (The briefly pretrained model's output layer is small, so the adapter moves x₀ by ~1e-3.)
+        assert!(
+            tuned < 1e-5 && plain > 100.0 * tuned.max(1e-6),
+            "x0 vs the tuned teacher {tuned}, vs the plain base {plain}"
+        );
+        // The student is a fresh adapter on the plain base: its first update starts from there.
+        let names: Vec<String> = lora::adapters(t.student_transformer())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, [STUDENT], "only the student's adapter is attached");
+        t.iterate().unwrap();
+        drop(t);
+
+        let mut pooled = config(1);
+        pooled.couplings_from = vec![run.path().join("couplings")];
+        let err = trainer(pooled, 2, TempDir::new("reflow-pool-tuned").path())
+            .err()
+            .unwrap();
+        assert!(err.contains("these couplings were drawn with"), "{err}");
+
+        let mut elsewhere = LoraWeights::read(adapter_dir.path()).unwrap();
+        let module = elsewhere.modules.values().next().unwrap().clone();
+        elsewhere
+            .modules
+            .insert("transformer.transformer_blocks.99.attn.to_q".into(), module);
+        let other_dir = TempDir::new("reflow-teacher-adapter-other");
+        elsewhere
+            .write_peft(other_dir.path(), "transformer")
+            .unwrap();
+        let mut c = config(1);
+        c.teacher_adapters = vec![other_dir.path().to_path_buf()];
+        let run = TempDir::new("reflow-bad-teacher");
+        let err = trainer(c, 2, run.path()).err().unwrap();
+        assert!(
+            err.contains("teacher_adapters")
+                && err.contains(&other_dir.path().display().to_string())
+                && err.contains("transformer_blocks.99"),
+            "{err}"
+        );
+        assert!(
+            !run.path().join("couplings").exists(),
+            "drew before refusing"
+        );
+    }
+
     /// The adapter as a flat vector in `order`'s module order.
     fn flat(weights: &LoraWeights, order: &[(String, lora::LoraModule)]) -> Vec<f32> {
         let stored = weights.component("transformer");

@@ -80,6 +80,12 @@ pub struct ReflowConfig {
     pub train_prompts: Option<PathBuf>,
     /// Held-out prompts for evaluation; the repository's Shapes test prompts when absent.
     pub test_prompts: Option<PathBuf>,
+    /// LoRA adapters (PEFT folders, diffusers / kohya files) merged into the teacher only, in
+    /// order: couplings drawn by a reward-tuned teacher (a Flow-GRPO adapter) and distilled into
+    /// a student on the plain base, so the student ships as one adapter on the bundled model.
+    /// One path or a list.
+    #[serde(deserialize_with = "one_or_many")]
+    pub teacher_adapters: Vec<PathBuf>,
     /// The teacher's Euler steps and CFG scale.
     pub teacher_steps: usize,
     pub teacher_guidance: f64,
@@ -156,6 +162,7 @@ impl Default for ReflowConfig {
             model: ModelSection::default(),
             train_prompts: None,
             test_prompts: None,
+            teacher_adapters: vec![],
             teacher_steps: 20,
             teacher_guidance: 4.5,
             pairs_per_prompt: 16,
@@ -249,7 +256,7 @@ impl ReflowConfig {
         }
         if !self.model.merge_adapters.is_empty() || self.model.init_adapter.is_some() {
             return Err(
-                "model.merge_adapters / model.init_adapter are GRPO settings; reflow trains a fresh adapter on the base".into(),
+                "model.merge_adapters / model.init_adapter are GRPO settings; reflow trains a fresh adapter on the base (a tuned teacher: teacher_adapters)".into(),
             );
         }
         Ok(())
@@ -287,6 +294,9 @@ pub struct CouplingIndex {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DrawSettings {
     pub model: Option<PathBuf>,
+    /// Merged into the teacher (absent in couplings drawn before the field existed: none).
+    #[serde(default)]
+    pub teacher_adapters: Vec<PathBuf>,
     pub train_prompts: Option<PathBuf>,
     pub teacher_steps: usize,
     pub teacher_guidance: f64,
@@ -303,6 +313,7 @@ impl DrawSettings {
         let teacher = |d: &Self| {
             (
                 d.model.clone(),
+                d.teacher_adapters.clone(),
                 d.train_prompts.clone(),
                 d.teacher_steps,
                 d.teacher_guidance,
@@ -315,6 +326,7 @@ impl DrawSettings {
     fn of(config: &ReflowConfig, prompt_count: usize) -> Self {
         Self {
             model: config.model.path.clone(),
+            teacher_adapters: config.teacher_adapters.clone(),
             train_prompts: config.train_prompts.clone(),
             teacher_steps: config.teacher_steps,
             teacher_guidance: config.teacher_guidance,
@@ -658,9 +670,24 @@ impl ReflowTrainer {
         let decoder = (config.pixel_loss_weight > 0.0)
             .then(|| pipeline.vae.clone().map(Module::no_grad))
             .flatten();
+        let mut teacher_transformer = pipeline.transformer.valid();
+        for (k, path) in config.teacher_adapters.iter().enumerate() {
+            let name = format!("teacher{k}");
+            let adapter = LoraWeights::read(path)
+                .map_err(|e| run_error(path, format!("teacher_adapters: {e}")))?;
+            lora::attach(
+                &mut teacher_transformer,
+                &name,
+                adapter.component("transformer"),
+                1.0,
+                &plain_device,
+            )
+            .and_then(|_| lora::merge_and_unload(&mut teacher_transformer, &name))
+            .map_err(|e| run_error(path, format!("teacher_adapters: {e}")))?;
+        }
         let teacher = Pipeline {
             text: pipeline.text.valid(),
-            transformer: pipeline.transformer.valid(),
+            transformer: teacher_transformer,
             vae: pipeline.vae.map(|v| v.valid()),
             index: pipeline.index,
             scheduler: pipeline.scheduler,
