@@ -227,6 +227,22 @@ mod reflow {
             .collect()
     }
 
+    /// The test config's teacher image (4 Euler steps, CFG 3) of `prompt` from `seed`'s noise.
+    fn teacher_latents(
+        teacher: &portaflow::pipeline::Pipeline,
+        prompt: &str,
+        seed: u64,
+    ) -> Vec<f32> {
+        let options = portaflow::pipeline::GenerateOptions::euler(4, 3.0, vec![seed]);
+        let device = ChosenDevice::cpu().device;
+        teacher
+            .generate_latents(&[prompt.to_string()], &options, &device, |_| {}, None)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    }
+
     /// The couplings are the teacher's ODE ends: x₀ stored for each kept seed equals a direct
     /// generation with that seed; the student regresses them (its loss on a single coupling
     /// falls), and a resumed run continues where it stopped.
@@ -242,19 +258,7 @@ mod reflow {
         let device = ChosenDevice::cpu().device;
         let teacher = tiny_pretrained_pipeline(&device);
         let (train, _) = prompts(6);
-        let options = portaflow::pipeline::GenerateOptions::euler(4, 3.0, vec![index.seeds[2]]);
-        let direct = teacher
-            .generate_latents(
-                &[train[index.prompts[2]].prompt.clone()],
-                &options,
-                &device,
-                |_| {},
-                None,
-            )
-            .unwrap()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
+        let direct = teacher_latents(&teacher, &train[index.prompts[2]].prompt, index.seeds[2]);
         let bytes = std::fs::read(run.path().join("couplings/x0.f32")).unwrap();
         let per = direct.len();
         let stored: Vec<f32> = bytes[2 * per * 4..3 * per * 4]
@@ -488,8 +492,6 @@ mod reflow {
     /// adapter, and an adapter for other modules is named before anything is drawn.
     #[test]
     fn a_teacher_adapter_draws_the_couplings_for_a_student_on_the_plain_base() {
-        use portaflow::pipeline::GenerateOptions;
-
         let device = ChosenDevice::cpu().device;
         let ad = device.clone().autodiff();
         // A teacher adapter with non-zero B (a fresh one would change nothing).
@@ -525,19 +527,7 @@ mod reflow {
             if with_adapter {
                 teacher.add_lora(&adapter, "t", 1.0, &ad).unwrap();
             }
-            let options = GenerateOptions::euler(4, 3.0, vec![index.seeds[1]]);
-            teacher
-                .generate_latents(
-                    &[train[index.prompts[1]].prompt.clone()],
-                    &options,
-                    &device,
-                    |_| {},
-                    None,
-                )
-                .unwrap()
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap()
+            teacher_latents(&teacher, &train[index.prompts[1]].prompt, index.seeds[1])
         };
         let tuned = portaflow_tests::max_abs_diff(&stored, &generate(true));
         let plain = portaflow_tests::max_abs_diff(&stored, &generate(false));
