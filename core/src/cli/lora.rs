@@ -188,11 +188,14 @@ fn target_name(path: &str) -> String {
 
 fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
     let mut read = Vec::new();
+    // Students of one recipe share their sampling card; a sum of them samples the same way.
+    let mut cards = Vec::new();
     for spec in specs {
         let (path, weight) = split_spec(spec)?;
         // No weight given: an equal share.
         let weight = weight.unwrap_or(1.0 / specs.len() as f64);
         read.push((LoraWeights::read(&path)?, weight));
+        cards.push(AdapterSampling::read(&path).map_err(anyhow::Error::msg)?);
     }
     let parts: Vec<(&LoraWeights, f64)> = read.iter().map(|(w, x)| (w, *x)).collect();
     let exact = LoraWeights::sum_of_deltas(&parts)?;
@@ -218,14 +221,6 @@ fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
         exact
     };
     write_adapter(&combined, out)?;
-    // Students of one recipe share their sampling card; a sum of them samples the same way.
-    let cards = specs
-        .iter()
-        .map(|spec| {
-            let (path, _) = split_spec(spec)?;
-            AdapterSampling::read(&path).map_err(anyhow::Error::msg)
-        })
-        .collect::<Result<Vec<_>>>()?;
     match cards.first() {
         Some(Some(card))
             if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>

@@ -354,6 +354,19 @@ pub fn unmerge(model: &mut (impl Linears + ?Sized), name: &str) -> Result<usize,
     })
 }
 
+/// Reads the adapter file or folder at `path`, attaches its transformer modules as `name` and
+/// merges them into `model`'s weights: a teacher or a starting point with an adapter folded in.
+pub fn merge_file(
+    model: &mut (impl Linears + ?Sized),
+    path: &std::path::Path,
+    name: &str,
+    device: &Device,
+) -> Result<usize, LoraError> {
+    let adapter = LoraWeights::read(path)?;
+    attach(model, name, adapter.component("transformer"), 1.0, device)?;
+    merge_and_unload(model, name)
+}
+
 /// Merges an adapter and forgets it: RTDMD's stacking step ("merge the cold-start LoRA, then
 /// train a fresh one") and `lora merge` on the command line.
 pub fn merge_and_unload(

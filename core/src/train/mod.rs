@@ -106,6 +106,14 @@ pub fn require_counts(fields: &[(&str, usize)]) -> Result<(), String> {
     }
 }
 
+/// Config checks: every value is finite and ≥ 0; the error names the first that is not.
+pub fn require_non_negative(fields: &[(&str, f64)]) -> Result<(), String> {
+    match fields.iter().find(|(_, v)| !(v.is_finite() && *v >= 0.0)) {
+        Some((name, value)) => Err(format!("{name} must be ≥ 0, found {value}")),
+        None => Ok(()),
+    }
+}
+
 /// Config checks: every value is finite and positive; the error names the first that is not.
 pub fn require_positive(fields: &[(&str, f64)]) -> Result<(), String> {
     match fields.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {

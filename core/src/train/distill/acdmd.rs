@@ -163,14 +163,10 @@ impl AcDmdConfig {
                 return Err(format!("{name} must be > 0, found {value}"));
             }
         }
-        for (name, value) in [
+        crate::train::require_non_negative(&[
             ("teacher_guidance", self.teacher_guidance),
             ("consistency_weight", self.consistency_weight),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(format!("{name} must be ≥ 0, found {value}"));
-            }
-        }
+        ])?;
         if self.consistency_weight > 0.0 && self.consistency_max_jump == 0 {
             return Err(
                 "consistency_max_jump must be at least 1 when consistency_weight > 0".into(),

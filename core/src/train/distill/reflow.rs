@@ -216,12 +216,7 @@ impl ReflowConfig {
             ("correct_weight", self.correct_weight),
             ("model.lora_alpha", self.model.lora_alpha),
         ])?;
-        if !(self.pixel_loss_weight.is_finite() && self.pixel_loss_weight >= 0.0) {
-            return Err(format!(
-                "pixel_loss_weight must be ≥ 0 (0: off), got {}",
-                self.pixel_loss_weight
-            ));
-        }
+        crate::train::require_non_negative(&[("pixel_loss_weight", self.pixel_loss_weight)])?;
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(format!(
                 "ema_decay must be in [0, 1) (0: no average), got {}",
@@ -672,17 +667,12 @@ impl ReflowTrainer {
             .flatten();
         let mut teacher_transformer = pipeline.transformer.valid();
         for (k, path) in config.teacher_adapters.iter().enumerate() {
-            let name = format!("teacher{k}");
-            let adapter = LoraWeights::read(path)
-                .map_err(|e| run_error(path, format!("teacher_adapters: {e}")))?;
-            lora::attach(
+            lora::merge_file(
                 &mut teacher_transformer,
-                &name,
-                adapter.component("transformer"),
-                1.0,
+                path,
+                &format!("teacher{k}"),
                 &plain_device,
             )
-            .and_then(|_| lora::merge_and_unload(&mut teacher_transformer, &name))
             .map_err(|e| run_error(path, format!("teacher_adapters: {e}")))?;
         }
         let teacher = Pipeline {

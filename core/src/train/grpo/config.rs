@@ -862,16 +862,12 @@ impl GrpoConfig {
                 return Err(format!("{name} must be > 0, found {value}"));
             }
         }
-        for (name, value) in [
+        crate::train::require_non_negative(&[
             ("train.beta", t.beta),
             ("train.weight_decay", t.weight_decay),
             ("sample.guidance_scale", s.guidance_scale),
             ("sample.eval_guidance_scale", s.eval_guidance_scale),
-        ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(format!("{name} must be ≥ 0, found {value}"));
-            }
-        }
+        ])?;
         if !(0.0..1.0).contains(&t.ema_decay) {
             return Err(format!(
                 "train.ema_decay must be in [0, 1), found {}",

@@ -56,15 +56,7 @@ impl FinalDmd {
         let teacher = base.valid();
         let mut fake = base.clone();
         if let Some(path) = &settings.fake_lora {
-            let adapter = LoraWeights::read(path)?;
-            lora::attach(
-                &mut fake,
-                "fake_cold_start",
-                adapter.component("transformer"),
-                1.0,
-                device,
-            )?;
-            lora::merge_and_unload(&mut fake, "fake_cold_start")?;
+            lora::merge_file(&mut fake, path, "fake_cold_start", device)?;
         }
         let mut optimizer = adam();
         match checkpoint {

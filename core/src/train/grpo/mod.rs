@@ -370,16 +370,7 @@ impl GrpoTrainer {
             None => None,
         };
         for (k, path) in config.model.merge_adapters.iter().enumerate() {
-            let name = format!("merged{k}");
-            let adapter = LoraWeights::read(path)?;
-            lora::attach(
-                &mut policy,
-                &name,
-                adapter.component("transformer"),
-                1.0,
-                device,
-            )?;
-            lora::merge_and_unload(&mut policy, &name)?;
+            lora::merge_file(&mut policy, path, &format!("merged{k}"), device)?;
         }
         let mut reference = (config.train.beta > 0.0).then(|| policy.valid());
         let mut teachers = Vec::new();
