@@ -1109,6 +1109,22 @@ fn rtdmd_final_step_dmd_trains_its_fake_score_and_resumes_exactly() {
     let device = ChosenDevice::cpu().device;
     let student = TempDir::new("dmd-student");
     teacher_adapter(student.path(), 5);
+    let cold_fake = TempDir::new("dmd-cold-fake");
+    teacher_adapter(cold_fake.path(), 9);
+    let with_fake_lora = |fake_lora: &std::path::Path| -> GrpoConfig {
+        let mut c = rtdmd_config(2);
+        c.model.merge_adapters = vec![student.path().to_path_buf()];
+        c.train.final_step_dmd = Some(FinalStepDmd {
+            weight: 1.0,
+            fake_lora: Some(fake_lora.to_path_buf()),
+            fake_updates: 2,
+            fake_learning_rate: Some(1e-2),
+            teacher_guidance: 3.0,
+            renoise_range: [20.0, 980.0],
+        });
+        c.validate().unwrap();
+        c
+    };
     let settings = |dmd: bool| -> GrpoConfig {
         let mut c = rtdmd_config(2);
         c.model.merge_adapters = vec![student.path().to_path_buf()];
@@ -1159,6 +1175,39 @@ fn rtdmd_final_step_dmd_trains_its_fake_score_and_resumes_exactly() {
             .modules
     };
     assert_eq!(fake(straight.path()), fake(resumed.path()));
+
+    // The cold start's fake adapter is merged into the fake score only: the same first rollout
+    // (the policy is untouched by it) meets another fake prediction, so another DMD loss.
+    let cold = TempDir::new("dmd-cold");
+    let mut c = trainer(with_fake_lora(cold_fake.path()), cold.path(), &device);
+    let mc = c.epoch(|_| {}).unwrap();
+    assert_eq!(
+        mc.reward_mean, m.reward_mean,
+        "the fake adapter reached the policy"
+    );
+    let cold_dmd = mc.final_step_dmd.unwrap();
+    println!("epoch 1 with the cold start's fake adapter: weighted DMD loss {cold_dmd:.4e}");
+    assert!(
+        (cold_dmd - dmd).abs() > 1e-3 * dmd,
+        "{cold_dmd} vs {dmd}: the fake adapter was not merged"
+    );
+    let missing = straight.path().join("no-such-adapter");
+    let run = TempDir::new("dmd-missing-fake");
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(32).map(Task::Shapes).collect();
+    let ad = device.clone().autodiff();
+    let err = GrpoTrainer::new(
+        with_fake_lora(&missing),
+        base(&device),
+        tasks,
+        test,
+        run.path(),
+        &ad,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("no-such-adapter"), "{err}");
 
     let mut bad = settings(true);
     bad.train.final_step_dmd.as_mut().unwrap().renoise_range = [980.0, 20.0];
