@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 
 use portaflow::device::{self, DeviceRequest};
@@ -40,6 +40,10 @@ pub enum LoraCommand {
         /// (not ΔW's average); prints how far its ΔW is from the exact one.
         #[arg(long)]
         average_factors: bool,
+        /// Give OUT this folder's `sampling.json` (a student stacked with its RL stage samples as
+        /// that stage ran); without it the card is copied only when every adapter has the same.
+        #[arg(long, value_name = "DIR")]
+        sampling_from: Option<PathBuf>,
     },
     /// Fold adapters into the base weights and write a new pipeline folder.
     Merge {
@@ -66,7 +70,8 @@ pub fn run(request: DeviceRequest, command: LoraCommand) -> Result<()> {
             loras,
             out,
             average_factors,
-        } => combine(&loras, &out, average_factors),
+            sampling_from,
+        } => combine(&loras, &out, average_factors, sampling_from.as_deref()),
         LoraCommand::Merge { model, loras, out } => {
             let chosen = device::select(request)?;
             let dir = model.unwrap_or_else(pipeline::bundled_dir);
@@ -186,7 +191,31 @@ fn target_name(path: &str) -> String {
     segments[start.min(segments.len() - 1)..].join(".")
 }
 
-fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
+fn combine(
+    specs: &[String],
+    out: &Path,
+    average_factors: bool,
+    sampling_from: Option<&Path>,
+) -> Result<()> {
+    let chosen_card = match sampling_from {
+        Some(dir) => Some(
+            AdapterSampling::read(dir)
+                .map_err(anyhow::Error::msg)?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--sampling-from {}: no {SAMPLING_FILE} there",
+                        dir.display()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if chosen_card.is_some() && is_diffusers_file(out) {
+        bail!(
+            "--sampling-from needs OUT to be a PEFT folder ({} is a diffusers file, which has no place for {SAMPLING_FILE})",
+            out.display()
+        );
+    }
     let mut read = Vec::new();
     // Students of one recipe share their sampling card; a sum of them samples the same way.
     let mut cards = Vec::new();
@@ -221,18 +250,30 @@ fn combine(specs: &[String], out: &Path, average_factors: bool) -> Result<()> {
         exact
     };
     write_adapter(&combined, out)?;
-    match cards.first() {
-        Some(Some(card))
-            if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>
-        {
-            card.write(out)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-            println!("{SAMPLING_FILE}: every adapter's card is the same; copied");
+    if let Some(card) = chosen_card {
+        card.write(out)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        println!(
+            "{SAMPLING_FILE}: {}'s ({} at σ {:?}, CFG {})",
+            sampling_from.unwrap().display(),
+            card.sampler,
+            card.sigmas,
+            card.guidance_scale
+        );
+    } else {
+        match cards.first() {
+            Some(Some(card))
+                if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>
+            {
+                card.write(out)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+                println!("{SAMPLING_FILE}: every adapter's card is the same; copied");
+            }
+            _ if cards.iter().any(Option::is_some) => println!(
+                "{SAMPLING_FILE}: not written (the adapters' cards differ, some have none, or OUT is a file); sample with explicit flags or --sampling-from"
+            ),
+            _ => {}
         }
-        _ if cards.iter().any(Option::is_some) => println!(
-            "{SAMPLING_FILE}: not written (the adapters' cards differ, some have none, or OUT is a file); sample with explicit flags"
-        ),
-        _ => {}
     }
     let ranks: std::collections::BTreeSet<usize> =
         combined.modules.values().map(|m| m.rank).collect();
@@ -285,4 +326,78 @@ fn convert(input: &Path, output: &Path, alpha: Option<f64>) -> Result<()> {
         weights.format
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portaflow::lora::LoraModule;
+    use portaflow::sample::step::StepKind;
+
+    /// A rank-1 adapter on one 2 → 2 module, with an optional card.
+    fn adapter(dir: &Path, b: f32, card: Option<&AdapterSampling>) {
+        let module = LoraModule {
+            rank: 1,
+            d_in: 2,
+            d_out: 2,
+            a: vec![1.0, 0.5],
+            b: vec![b, -b],
+            alpha: 1.0,
+            scaling: 1.0,
+        };
+        let modules = vec![("transformer_blocks.0.attn.to_q".to_string(), module)];
+        LoraWeights::from_component("transformer", modules, None)
+            .write_peft(dir, "transformer")
+            .unwrap();
+        if let Some(card) = card {
+            card.write(dir).unwrap();
+        }
+    }
+
+    /// Equal cards are copied; differing ones are not, unless `--sampling-from` names the card
+    /// (a student stacked with its RL stage); a folder without one is named before OUT exists.
+    #[test]
+    fn the_combined_adapters_card_is_the_shared_one_or_the_one_named() {
+        let root = std::env::temp_dir().join(format!("pf-combine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let sigmas = [1.0, 0.75, 0.5, 0.25];
+        let euler = AdapterSampling::new(StepKind::Euler, &sigmas, 1.0);
+        let cps = AdapterSampling::new(StepKind::Cps { eta: 0.9 }, &sigmas, 1.0);
+        let (student, rl, plain) = (root.join("student"), root.join("rl"), root.join("plain"));
+        adapter(&student, 0.1, Some(&euler));
+        adapter(&rl, 0.2, Some(&cps));
+        adapter(&plain, 0.3, None);
+        let spec = |d: &Path| format!("{}:1", d.display());
+        let card = |d: &Path| AdapterSampling::read(d).unwrap();
+
+        let same = root.join("same");
+        combine(&[spec(&student), spec(&student)], &same, false, None).unwrap();
+        assert_eq!(card(&same), Some(euler.clone()));
+        let differ = root.join("differ");
+        combine(&[spec(&student), spec(&rl)], &differ, false, None).unwrap();
+        assert_eq!(card(&differ), None);
+        let named = root.join("named");
+        combine(&[spec(&student), spec(&rl)], &named, false, Some(&rl)).unwrap();
+        assert_eq!(card(&named), Some(cps));
+        // ΔW is the exact sum: rank 1 + 1.
+        let sum = LoraWeights::read(&named).unwrap();
+        assert_eq!(sum.modules.values().next().unwrap().rank, 2);
+
+        let missing = root.join("missing");
+        let err = combine(&[spec(&student), spec(&rl)], &missing, false, Some(&plain))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--sampling-from") && err.contains("plain") && err.contains(SAMPLING_FILE),
+            "{err}"
+        );
+        assert!(!missing.exists());
+        let file = root.join("sum.safetensors");
+        let err = combine(&[spec(&student)], &file, false, Some(&rl))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PEFT folder"), "{err}");
+        assert!(!file.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -937,6 +937,22 @@ fn rtdmd_stacking_trains_a_fresh_adapter_on_the_merged_student_at_its_own_sigmas
     assert_ne!(before, adapter_values(&t));
     // Only the fresh adapter is the policy's; the stacked one is in the base weights.
     assert_eq!(lora::adapters(t.policy()).len(), 1);
+    // The final adapter says how its held-out evaluation sampled (here the ODE at the σ list).
+    let card = lora::AdapterSampling::read(&run.path().join("adapter_final"))
+        .unwrap()
+        .expect("a few-step run writes sampling.json");
+    let sigmas = c.sample.sigmas.clone().unwrap();
+    assert_eq!(
+        card,
+        lora::AdapterSampling::new(StepKind::Euler, &sigmas, c.sample.eval_guidance_scale)
+    );
+    let mut stochastic = c.clone();
+    stochastic.sample.eval_stochastic = true;
+    let run2 = TempDir::new("rtdmd-run-cps");
+    let t2 = trainer(stochastic, run2.path(), &device);
+    t2.save_adapter(&run2.path().join("saved")).unwrap();
+    let card = lora::AdapterSampling::read(&run2.path().join("saved")).unwrap();
+    assert_eq!(card.unwrap().kind(), Ok(StepKind::Cps { eta: 0.9 }));
 
     let mut bad = c;
     bad.sample.eval_steps = 20;

@@ -253,6 +253,15 @@ impl Default for SampleSection {
 }
 
 impl SampleSection {
+    /// The held-out evaluation's step rule: the rollout's with `eval_stochastic`, else the ODE.
+    pub fn eval_kind(&self) -> StepKind {
+        if self.eval_stochastic {
+            self.step_kind()
+        } else {
+            StepKind::Euler
+        }
+    }
+
     pub fn step_kind(&self) -> StepKind {
         match self.sde_type {
             SdeType::Sde => StepKind::FlowSde {

@@ -540,8 +540,17 @@ impl GrpoTrainer {
     }
 
     /// Writes the adapter as it would be saved at the end (the EMA when kept) as a PEFT folder.
+    /// A run at a few-step σ list (RTDMD's RL stage on a student) also writes `sampling.json`:
+    /// the held-out evaluation's sampler, σ list and CFG, so `generate` / `eval` / the web page
+    /// sample the adapter as the run measured it.
     pub fn save_adapter(&self, dir: &Path) -> Result<(), GrpoError> {
         self.final_adapter().write_peft(dir, "transformer")?;
+        let s = &self.config.sample;
+        if let Some(sigmas) = &s.sigmas {
+            lora::AdapterSampling::new(s.eval_kind(), sigmas, s.eval_guidance_scale)
+                .write(dir)
+                .map_err(|e| run_error(dir, e))?;
+        }
         Ok(())
     }
 
@@ -616,11 +625,11 @@ impl GrpoTrainer {
                 .run_dir
                 .join("snapshots")
                 .join(format!("epoch-{done_epochs}"));
-            self.final_adapter().write_peft(&path, "transformer")?;
+            self.save_adapter(&path)?;
         }
         if self.done() {
             let path = self.run_dir.join("adapter_final");
-            self.final_adapter().write_peft(&path, "transformer")?;
+            self.save_adapter(&path)?;
             on_event(GrpoEvent::Checkpoint(&path));
         }
         Ok(metrics)
@@ -1573,11 +1582,7 @@ impl GrpoTrainer {
                 guidance_interval: None,
                 steps: c.sample.eval_steps,
                 guidance_scale: c.sample.eval_guidance_scale,
-                kind: if c.sample.eval_stochastic {
-                    c.sample.step_kind()
-                } else {
-                    StepKind::Euler
-                },
+                kind: c.sample.eval_kind(),
                 seeds: vec![],
                 negative_prompt: String::new(),
                 size: None,
