@@ -447,6 +447,7 @@ mod tests {
     fn the_presets_are_their_methods_configs_and_a_plain_grpo_config_is_named_as_neither() {
         let read = |p: &str| GrpoConfig::from_file(&repo_file(p)).unwrap();
         check_rtdmd(&read("configs/rtdmd-shapes.toml")).unwrap();
+        check_rtdmd(&read("configs/rtdmd-student-shapes.toml")).unwrap();
         check_opd(&read("configs/opd-shapes.toml")).unwrap();
         let plain = read("configs/grpo-shapes.toml");
         assert!(check_rtdmd(&plain).unwrap_err().contains("sample.sigmas"));
