@@ -197,27 +197,7 @@ fn combine(
     average_factors: bool,
     sampling_from: Option<&Path>,
 ) -> Result<()> {
-    let chosen_card = match sampling_from {
-        Some(dir) => Some(
-            AdapterSampling::read(dir)
-                .map_err(anyhow::Error::msg)?
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--sampling-from {}: no {SAMPLING_FILE} there",
-                        dir.display()
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    if chosen_card.is_some() && is_diffusers_file(out) {
-        bail!(
-            "--sampling-from needs OUT to be a PEFT folder ({} is a diffusers file, which has no place for {SAMPLING_FILE})",
-            out.display()
-        );
-    }
     let mut read = Vec::new();
-    // Students of one recipe share their sampling card; a sum of them samples the same way.
     let mut cards = Vec::new();
     for spec in specs {
         let (path, weight) = split_spec(spec)?;
@@ -226,6 +206,38 @@ fn combine(
         read.push((LoraWeights::read(&path)?, weight));
         cards.push(AdapterSampling::read(&path).map_err(anyhow::Error::msg)?);
     }
+    // The card OUT gets: the named folder's, else the one every adapter shares (students of one
+    // recipe); decided before anything is written.
+    let card = match sampling_from {
+        Some(dir) => {
+            let card = AdapterSampling::read(dir)
+                .map_err(anyhow::Error::msg)?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--sampling-from {}: no {SAMPLING_FILE} there",
+                        dir.display()
+                    )
+                })?;
+            if is_diffusers_file(out) {
+                bail!(
+                    "--sampling-from needs OUT to be a PEFT folder ({} is a diffusers file, which has no place for {SAMPLING_FILE})",
+                    out.display()
+                );
+            }
+            Some((card, format!("{}'s", dir.display())))
+        }
+        None => match cards.first() {
+            Some(Some(card))
+                if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>
+            {
+                Some((
+                    card.clone(),
+                    "every adapter's card is the same; copied".into(),
+                ))
+            }
+            _ => None,
+        },
+    };
     let parts: Vec<(&LoraWeights, f64)> = read.iter().map(|(w, x)| (w, *x)).collect();
     let exact = LoraWeights::sum_of_deltas(&parts)?;
     let combined = if average_factors {
@@ -250,30 +262,19 @@ fn combine(
         exact
     };
     write_adapter(&combined, out)?;
-    if let Some(card) = chosen_card {
-        card.write(out)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-        println!(
-            "{SAMPLING_FILE}: {}'s ({} at σ {:?}, CFG {})",
-            sampling_from.unwrap().display(),
-            card.sampler,
-            card.sigmas,
-            card.guidance_scale
-        );
-    } else {
-        match cards.first() {
-            Some(Some(card))
-                if !is_diffusers_file(out) && cards.iter().all(|c| c.as_ref() == Some(card)) =>
-            {
-                card.write(out)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-                println!("{SAMPLING_FILE}: every adapter's card is the same; copied");
-            }
-            _ if cards.iter().any(Option::is_some) => println!(
-                "{SAMPLING_FILE}: not written (the adapters' cards differ, some have none, or OUT is a file); sample with explicit flags or --sampling-from"
-            ),
-            _ => {}
+    match card {
+        Some((card, source)) => {
+            card.write(out)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            println!(
+                "{SAMPLING_FILE}: {source} ({} at σ {:?}, CFG {})",
+                card.sampler, card.sigmas, card.guidance_scale
+            );
         }
+        None if cards.iter().any(Option::is_some) => println!(
+            "{SAMPLING_FILE}: not written (the adapters' cards differ, some have none, or OUT is a file); sample with explicit flags or --sampling-from"
+        ),
+        None => {}
     }
     let ranks: std::collections::BTreeSet<usize> =
         combined.modules.values().map(|m| m.rank).collect();

@@ -154,15 +154,11 @@ impl AcDmdConfig {
                 "renoise_range must be [lo, hi] with 1 ≤ lo < hi ≤ 999 (RTDMD: [20, 980]), got [{lo}, {hi}]"
             ));
         }
-        for (name, value) in [
+        crate::train::require_positive(&[
             ("learning_rate", self.learning_rate),
             ("fake_learning_rate", self.fake_learning_rate),
             ("grad_clip", self.grad_clip),
-        ] {
-            if !(value.is_finite() && value > 0.0) {
-                return Err(format!("{name} must be > 0, found {value}"));
-            }
-        }
+        ])?;
         crate::train::require_non_negative(&[
             ("teacher_guidance", self.teacher_guidance),
             ("consistency_weight", self.consistency_weight),

@@ -861,16 +861,12 @@ impl GrpoConfig {
             return Err("sample.noise_level is 0: every rollout step is deterministic and there is no policy to train (DRaFT alone samples with the ODE)".into());
         }
         t.steps.validate(s.steps)?;
-        for (name, value) in [
+        crate::train::require_positive(&[
             ("train.clip_range", t.clip_range),
             ("train.adv_clip_max", t.adv_clip_max),
             ("train.learning_rate", t.learning_rate),
             ("train.grad_clip", t.grad_clip),
-        ] {
-            if !(value.is_finite() && value > 0.0) {
-                return Err(format!("{name} must be > 0, found {value}"));
-            }
-        }
+        ])?;
         crate::train::require_non_negative(&[
             ("train.beta", t.beta),
             ("train.weight_decay", t.weight_decay),
