@@ -180,19 +180,30 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
                 start.elapsed().as_secs_f64()
             ),
             GrpoEvent::Eval(e) => {
-                let memory = e.artifact_rate;
                 let tags: Vec<String> = e
                     .accuracy_by_tag
                     .iter()
                     .map(|(t, a)| format!("{t} {a:.2}"))
                     .collect();
                 println!(
-                    "  held-out accuracy {:.3} ({}) on {} images, artifacts/image {memory:.3}, {:.1} s",
+                    "  held-out accuracy {:.3} ({}) on {} images, artifacts/image {:.3}, {:.1} s",
                     e.accuracy,
                     tags.join(", "),
                     e.images,
+                    e.artifact_rate,
                     e.seconds
-                )
+                );
+                let rewards: Vec<String> = e
+                    .rewards
+                    .iter()
+                    .map(|(name, r)| format!("{name} {:.3} (success {:.3})", r.mean, r.success))
+                    .collect();
+                if !rewards.is_empty() {
+                    println!("  held-out rewards: {}", rewards.join(", "));
+                }
+                if let Some(error) = &e.rewards_error {
+                    println!("  held-out rewards not scored: {error}");
+                }
             }
             GrpoEvent::Grid(p) => println!("  grid {}", p.display()),
             GrpoEvent::Checkpoint(p) => println!("  saved {}", p.display()),

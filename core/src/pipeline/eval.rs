@@ -33,7 +33,29 @@ pub fn evaluate_pipeline(
     options: &EvalOptions,
     device: &Device,
     save: Option<&Path>,
+    on_progress: impl FnMut(usize, usize),
+) -> Result<Report, PipelineError> {
+    evaluate_pipeline_with(
+        pipeline,
+        specs,
+        options,
+        device,
+        save,
+        on_progress,
+        |_, _| {},
+    )
+}
+
+/// [`evaluate_pipeline`], also handing each generated batch to `on_images` (the prompts' indices
+/// into `specs`, the images) for other scorers (a training run's own rewards).
+pub fn evaluate_pipeline_with(
+    pipeline: &Pipeline,
+    specs: &[PromptSpec],
+    options: &EvalOptions,
+    device: &Device,
+    save: Option<&Path>,
     mut on_progress: impl FnMut(usize, usize),
+    mut on_images: impl FnMut(&[usize], &[Image]),
 ) -> Result<Report, PipelineError> {
     let k = options.images_per_prompt;
     let jobs: Vec<(usize, usize)> = (0..specs.len())
@@ -51,6 +73,8 @@ pub fn evaluate_pipeline(
             .map(|&(i, s)| options.seed + (i * k + s) as u64)
             .collect();
         let images = pipeline.generate(&prompts, &generate, device, |_| {}, None)?;
+        let indices: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
+        on_images(&indices, &images);
         for (j, (&(index, sample), image)) in chunk.iter().zip(&images).enumerate() {
             let spec = &specs[index];
             if let Some(dir) = save {

@@ -710,6 +710,27 @@ impl Pipeline {
         self.sample_conditioned(cond, uncond, options, device, on_step, cancel)
     }
 
+    /// The prompts' conditioning at `guidance_scale` as the family's pipeline applies it (a
+    /// guidance-distilled FLUX embeds the scale; a model that runs CFG also gets the empty
+    /// prompt's conditioning), for trainers that sample without [`GenerateOptions`].
+    pub fn guided_conditioning(
+        &self,
+        prompts: &[String],
+        guidance_scale: f64,
+        device: &Device,
+    ) -> Result<(Conditioning, Option<Conditioning>), PipelineError> {
+        let mut cond = self.encode(prompts, device)?;
+        if self.transformer.guidance_embeds() {
+            cond.guidance = Some(guidance_scale);
+        }
+        let uncond = if self.runs_cfg(guidance_scale) {
+            Some(self.encode(&vec![String::new(); prompts.len()], device)?)
+        } else {
+            None
+        };
+        Ok((cond, uncond))
+    }
+
     /// The prompts' conditioning and, when the model runs CFG, the negative prompt's.
     pub fn conditioning(
         &self,

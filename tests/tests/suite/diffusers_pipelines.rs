@@ -281,3 +281,23 @@ fn initial_noise_files_are_read_or_refused_by_name() {
     let read = portaflow::pipeline::read_noise(&path, &device).unwrap();
     assert_eq!(values(read), noise);
 }
+
+#[test]
+fn trainers_condition_each_family_as_its_pipeline_guides() {
+    let device = ChosenDevice::cpu().device;
+    let prompts = vec!["a photo of a cat".to_string()];
+    let open = |name: &str| Pipeline::from_dir(&golden("pipelines").join(name), &device).unwrap();
+    // FLUX.1-dev embeds the scale and, like diffusers' FluxPipeline, runs no CFG.
+    let (cond, uncond) = open("flux1_pipeline_tiny")
+        .guided_conditioning(&prompts, 3.5, &device)
+        .unwrap();
+    assert_eq!(cond.guidance, Some(3.5));
+    assert!(uncond.is_none(), "FLUX.1 got an unconditional branch");
+    // SD3.5 runs CFG against the empty prompt above scale 1.
+    let sd = open("sd35_pipeline_tiny");
+    let (cond, uncond) = sd.guided_conditioning(&prompts, 4.5, &device).unwrap();
+    assert_eq!(cond.guidance, None);
+    assert_eq!(uncond.expect("CFG at 4.5").batch(), 1);
+    let (_, uncond) = sd.guided_conditioning(&prompts, 1.0, &device).unwrap();
+    assert!(uncond.is_none(), "no CFG at scale 1");
+}

@@ -276,6 +276,140 @@ fn an_epoch_trains_the_adapter_and_writes_the_run_directory() {
     ] {
         assert!(json.get(key).is_some(), "metrics.jsonl lacks {key}");
     }
+    // The held-out evaluation also reports the run's own reward on the same images.
+    let evals = std::fs::read_to_string(dir.join("eval.jsonl")).unwrap();
+    for line in evals.lines() {
+        let eval: serde_json::Value = serde_json::from_str(line).unwrap();
+        let redness = &eval["rewards"]["redness"];
+        assert_eq!(redness["judged"], eval["images"], "{line}");
+        let mean = redness["mean"].as_f64().unwrap();
+        assert!(mean > 0.0 && mean < 1.0, "{line}");
+        assert!(
+            redness["success_by_tag"].as_object().unwrap().len() > 1,
+            "{line}"
+        );
+    }
+}
+
+/// Redness that fails while `down` is set, like a reward server that went away.
+struct Flaky(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Reward for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn score(&self, images: &[Image], tasks: &[Task]) -> Result<Vec<Option<Score>>, RewardError> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RewardError::Config("connection refused".into()));
+        }
+        Redness.score(images, tasks)
+    }
+}
+
+#[test]
+fn a_reward_failing_in_the_held_out_evaluation_is_logged_and_loses_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let run = TempDir::new("grpo-eval-reward");
+    let device = ChosenDevice::cpu().device;
+    let down = Arc::new(AtomicBool::new(true));
+    let mut t = trainer(config(1), run.path(), &device).with_reward(Box::new(Flaky(down.clone())));
+    let failed = t.evaluate().unwrap();
+    assert!(failed.rewards.is_empty(), "{failed:?}");
+    let error = failed.rewards_error.as_deref().unwrap();
+    assert!(error.contains("connection refused"), "{error}");
+    assert!(
+        failed.images > 0 && failed.accuracy.is_finite(),
+        "the detector's numbers stand"
+    );
+    down.store(false, Ordering::SeqCst);
+    let scored = t.evaluate().unwrap();
+    assert_eq!(scored.rewards["flaky"].judged, scored.images);
+    assert_eq!(scored.rewards_error, None);
+    assert_eq!(scored.accuracy, failed.accuracy, "the same images");
+}
+
+#[test]
+fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
+    // FLUX.1-dev takes the guidance scale as an input and runs no CFG: rollout and training
+    // both embed 3.5 (`Pipeline::guided_conditioning`), so the first ratio is exactly 1.
+    let device = ChosenDevice::cpu().device;
+    let dir = portaflow_tests::golden("pipelines").join("flux1_pipeline_tiny");
+    let pipeline = Pipeline::from_dir(&dir, &device).unwrap();
+    let mut c = without_eval(config(1));
+    c.sample.guidance_scale = 3.5;
+    c.sample.eval_guidance_scale = 3.5;
+    c.sample.groups_per_epoch = 2;
+    // The fixture's size (FLUX's default 1024 px would not fit a test).
+    c.sample.resolution = Some(32);
+    let run = TempDir::new("grpo-flux1");
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
+    let mut t = GrpoTrainer::new(
+        c,
+        pipeline,
+        tasks,
+        test,
+        run.path(),
+        &device.clone().autodiff(),
+    )
+    .unwrap()
+    .with_reward(Box::new(Redness));
+    let before = adapter_values(&t);
+    let m = t.epoch(|_| {}).unwrap();
+    assert!(m.first_ratio_error <= 1e-5, "{m:?}");
+    // A size the model cannot sample is named before any compute.
+    let mut odd = without_eval(config(1));
+    odd.sample.resolution = Some(33);
+    let err = GrpoTrainer::new(
+        odd,
+        Pipeline::from_dir(&dir, &device).unwrap(),
+        prompt_sets::build()
+            .0
+            .into_iter()
+            .take(8)
+            .map(Task::Shapes)
+            .collect(),
+        vec![],
+        TempDir::new("grpo-flux1-odd").path(),
+        &device.clone().autodiff(),
+    )
+    .err()
+    .expect("33 px is refused")
+    .to_string();
+    assert!(err.contains("sample.resolution = 33"), "{err}");
+    // CFG in rollouts but not in training is refused for a model that runs CFG; FLUX.1-dev runs
+    // none, so its scale needs no `train.cfg`.
+    let mut no_cfg = without_eval(config(1));
+    no_cfg.train.cfg = false;
+    let open = |config: &GrpoConfig, pipeline: Pipeline| {
+        GrpoTrainer::new(
+            config.clone(),
+            pipeline,
+            prompt_sets::build()
+                .0
+                .into_iter()
+                .take(8)
+                .map(Task::Shapes)
+                .collect(),
+            vec![],
+            TempDir::new("grpo-no-cfg").path(),
+            &device.clone().autodiff(),
+        )
+        .err()
+        .map(|e| e.to_string())
+    };
+    let err = open(&no_cfg, base(&device)).expect("the bundled model runs CFG at 3");
+    assert!(err.contains("train.cfg = false"), "{err}");
+    no_cfg.sample.resolution = Some(32);
+    let flux = Pipeline::from_dir(&dir, &device).unwrap();
+    assert_eq!(open(&no_cfg, flux), None, "FLUX.1-dev embeds the scale");
+    assert!(m.kept > 0, "{m:?}");
+    assert_ne!(
+        before,
+        adapter_values(&t),
+        "the epoch must move the adapter"
+    );
 }
 
 #[test]

@@ -152,19 +152,13 @@ impl GrpoTrainer {
                     .map(|&id| mix(c.run.seed, epoch as u64, id, stream))
                     .collect()
             };
-            let cond_plain = self
-                .plain
-                .encode(&prompts, &self.plain_device)
-                .map_err(PipelineError::from)?;
-            let uncond_plain = (w != 1.0)
-                .then(|| {
-                    self.plain
-                        .encode(&vec![String::new(); prompts.len()], &self.plain_device)
-                })
-                .transpose()
-                .map_err(PipelineError::from)?;
+            let (cond_plain, uncond_plain) =
+                self.plain
+                    .guided_conditioning(&prompts, w, &self.plain_device)?;
+            // CFG's scale; 1 for a model that takes guidance as an input (already in the cond).
+            let w = if uncond_plain.is_some() { w } else { 1.0 };
             // Steps 0 … N−K−1 without a graph.
-            let size = self.plain.resolution();
+            let size = self.resolution();
             let shape = self.plain.latent_shape(size, size)?;
             let mut x = NoiseSource::new(seeds(0)).initial(shape, &self.plain_device);
             if first_graph_step > 0 {

@@ -17,6 +17,7 @@ pub mod advantage;
 pub mod config;
 mod draft;
 mod final_dmd;
+pub mod held_out;
 pub mod loss;
 
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::{self, LoraWeights};
-use crate::pipeline::eval::{EvalOptions, evaluate_pipeline};
+use crate::pipeline::eval::{EvalOptions, evaluate_pipeline_with};
 use crate::pipeline::{
     GenerateOptions, Pipeline, PipelineDenoiser, PipelineError, Transformer, to_images,
 };
@@ -128,6 +129,14 @@ pub struct EvalMetrics {
     pub score_mean: f64,
     #[serde(default)]
     pub dense_mean: f64,
+    /// The run's own rewards on the same images, by name: on a real model (a reward server's
+    /// GenEval) these are the held-out curve; the fields above judge the Shapes world only.
+    #[serde(default)]
+    pub rewards: BTreeMap<String, held_out::HeldOutReward>,
+    /// Why `rewards` is empty although the run has rewards (a reward server that failed during
+    /// the evaluation; the run goes on, the detector's numbers stand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards_error: Option<String>,
     pub images: usize,
     pub seconds: f64,
 }
@@ -322,6 +331,19 @@ impl GrpoTrainer {
                 train.len()
             )));
         }
+        let side = config
+            .sample
+            .resolution
+            .unwrap_or_else(|| pipeline.resolution());
+        let g = config.sample.guidance_scale;
+        if pipeline.runs_cfg(g) && !config.train.cfg {
+            return Err(GrpoError::Config(format!(
+                "sample.guidance_scale = {g} with train.cfg = false: this model runs CFG, so the training forward would not be the policy that sampled; set train.cfg = true or guidance 1"
+            )));
+        }
+        pipeline
+            .latent_shape(side, side)
+            .map_err(|e| GrpoError::Config(format!("sample.resolution = {side}: {e}")))?;
         std::fs::create_dir_all(run_dir).map_err(|e| run_error(run_dir, e))?;
         let config_path = run_dir.join("config.toml");
         let checkpoint = run_dir.join("checkpoint");
@@ -482,13 +504,7 @@ impl GrpoTrainer {
         };
         let differentiable = clip
             .map(|(dir, field)| {
-                draft::DifferentiableReward::load(
-                    dir,
-                    field,
-                    plain.resolution(),
-                    vae_with_graph,
-                    device,
-                )
+                draft::DifferentiableReward::load(dir, field, side, vae_with_graph, device)
             })
             .transpose()?;
         Ok(Self {
@@ -532,6 +548,14 @@ impl GrpoTrainer {
     /// The number of training tasks and held-out prompts.
     pub fn prompt_counts(&self) -> (usize, usize) {
         (self.train.len(), self.test.len())
+    }
+
+    /// The image side of rollouts and evaluation: `sample.resolution`, else the pipeline's.
+    pub fn resolution(&self) -> usize {
+        self.config
+            .sample
+            .resolution
+            .unwrap_or_else(|| self.plain.resolution())
     }
 
     /// The run directory.
@@ -1065,18 +1089,16 @@ impl GrpoTrainer {
     ) -> Result<(Vec<Image>, EpochData, Completions), GrpoError> {
         let c = &self.config;
         let device = &self.plain_device;
-        let cond = self
-            .plain
-            .encode(prompts, device)
-            .map_err(PipelineError::from)?;
-        let uncond = (c.sample.guidance_scale != 1.0)
-            .then(|| {
-                self.plain
-                    .encode(&vec![String::new(); prompts.len()], device)
-            })
-            .transpose()
-            .map_err(PipelineError::from)?;
-        let size = self.plain.resolution();
+        let (cond, uncond) =
+            self.plain
+                .guided_conditioning(prompts, c.sample.guidance_scale, device)?;
+        // CFG's scale; 1 for a model that takes guidance as an input (already in `cond`).
+        let cfg_scale = if uncond.is_some() {
+            c.sample.guidance_scale
+        } else {
+            1.0
+        };
+        let size = self.resolution();
         let shape = self.plain.latent_shape(size, size)?;
         let x = NoiseSource::new(init_seeds.to_vec()).initial(shape, device);
         let options = SampleOptions {
@@ -1084,7 +1106,7 @@ impl GrpoTrainer {
             schedule,
             kind,
             plan: plan.clone(),
-            guidance_scale: c.sample.guidance_scale,
+            guidance_scale: cfg_scale,
             shared_seeds: Some(prompt_seeds.to_vec()),
             record: true,
         };
@@ -1205,7 +1227,7 @@ impl GrpoTrainer {
                     schedule: &rest,
                     kind: StepKind::Euler,
                     plan: crate::sample::select::StepPlan::ode(rest.steps()),
-                    guidance_scale: c.sample.guidance_scale,
+                    guidance_scale: cfg_scale,
                     shared_seeds: None,
                     record: false,
                 };
@@ -1585,20 +1607,29 @@ impl GrpoTrainer {
                 kind: c.sample.eval_kind(),
                 seeds: vec![],
                 negative_prompt: String::new(),
-                size: None,
+                size: Some((self.resolution(), self.resolution())),
                 initial_noise: None,
                 sigmas: c.sample.sigmas.clone(),
             },
             seed: c.run.seed,
         };
-        let report = evaluate_pipeline(
+        let mut scorer = held_out::HeldOutScorer::new(self.rewards.iter().map(|(r, _)| &**r));
+        let report = evaluate_pipeline_with(
             &self.plain,
             &specs,
             &options,
             &self.plain_device,
             None,
             |_, _| {},
+            |indices, images| scorer.score(&specs, indices, images),
         )?;
+        let (rewards, rewards_error) = match scorer.finish() {
+            Ok(rewards) => (rewards, None),
+            Err(e) => {
+                tracing::warn!("held-out evaluation at epoch {}: {e}", self.epoch);
+                (BTreeMap::new(), Some(e.to_string()))
+            }
+        };
         Ok(EvalMetrics {
             epoch: self.epoch,
             accuracy: report.overall as f64,
@@ -1610,6 +1641,8 @@ impl GrpoTrainer {
             artifact_rate: report.artifact_rate(),
             score_mean: report.score_mean(),
             dense_mean: report.dense_mean(),
+            rewards,
+            rewards_error,
             images: report.images.len(),
             seconds: start.elapsed().as_secs_f64(),
         })
