@@ -30,6 +30,12 @@ pub enum Task {
     Digits { prompt: String },
 }
 
+impl From<PromptSpec> for Task {
+    fn from(spec: PromptSpec) -> Self {
+        Self::Shapes(spec)
+    }
+}
+
 impl Task {
     pub fn prompt(&self) -> &str {
         match self {

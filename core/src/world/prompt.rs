@@ -72,8 +72,9 @@ pub enum PromptError {
 }
 
 impl PromptSpec {
-    /// Checks tag, classes, colours, counts and position targets against the world's vocabulary.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks a GenEval line of any vocabulary (GenEval's own COCO classes too): a known tag, a
+    /// prompt, include clauses with positive counts, known relations to another clause.
+    pub fn validate_structure(&self) -> Result<(), String> {
         if !TAGS.contains(&self.tag.as_str()) {
             return Err(format!(
                 "unknown tag `{}` (expected one of {})",
@@ -87,6 +88,28 @@ impl PromptSpec {
         if self.include.is_empty() {
             return Err("no include clause".into());
         }
+        for (i, clause) in self.include.iter().enumerate() {
+            if clause.count == 0 {
+                return Err(format!("include[{i}]: count 0"));
+            }
+            if let Some((relation, target)) = &clause.position {
+                if !RELATIONS.contains(&relation.as_str()) {
+                    return Err(format!("include[{i}]: unknown relation `{relation}`"));
+                }
+                if *target >= self.include.len() || *target == i {
+                    return Err(format!(
+                        "include[{i}]: position target {target} is not another include clause"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate_structure`], and classes, colours and counts within the Shapes world,
+    /// which the built-in detector and rewards judge.
+    pub fn validate(&self) -> Result<(), String> {
+        self.validate_structure()?;
         for (i, clause) in self.include.iter().enumerate() {
             if Shape::parse(&clause.class).is_none() {
                 return Err(format!(
@@ -103,16 +126,6 @@ impl PromptSpec {
                     return Err(format!(
                         "include[{i}]: unknown color `{color}` (known: {})",
                         known.join(", ")
-                    ));
-                }
-            }
-            if let Some((relation, target)) = &clause.position {
-                if !RELATIONS.contains(&relation.as_str()) {
-                    return Err(format!("include[{i}]: unknown relation `{relation}`"));
-                }
-                if *target >= self.include.len() || *target == i {
-                    return Err(format!(
-                        "include[{i}]: position target {target} is not another include clause"
                     ));
                 }
             }
@@ -137,8 +150,27 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<PromptSpec>, PromptError> {
     parse_jsonl(&text, &shown)
 }
 
-/// Parses GenEval-format JSONL text (see [`read_jsonl`]).
+/// Reads a GenEval-format JSONL file of any vocabulary (flow_grpo's `dataset/geneval`, judged by
+/// a reward server): only the lines' structure is checked ([`PromptSpec::validate_structure`]).
+pub fn read_geneval_jsonl(path: &Path) -> Result<Vec<PromptSpec>, PromptError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| PromptError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    parse_lines(&text, &shown, PromptSpec::validate_structure)
+}
+
+/// Parses GenEval-format JSONL text of the Shapes world (see [`read_jsonl`]).
 pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<PromptSpec>, PromptError> {
+    parse_lines(text, origin, PromptSpec::validate)
+}
+
+fn parse_lines(
+    text: &str,
+    origin: &str,
+    validate: fn(&PromptSpec) -> Result<(), String>,
+) -> Result<Vec<PromptSpec>, PromptError> {
     let mut specs = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -151,7 +183,7 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<PromptSpec>, PromptEr
         };
         let spec: PromptSpec = serde_json::from_str(line)
             .map_err(|e| error(format!("not a GenEval metadata line: {e}")))?;
-        spec.validate().map_err(error)?;
+        validate(&spec).map_err(error)?;
         specs.push(spec);
     }
     Ok(specs)
@@ -384,6 +416,19 @@ mod tests {
         );
         let err = parse_jsonl("{not json", "x.jsonl").unwrap_err().to_string();
         assert!(err.starts_with("x.jsonl:1:"), "{err}");
+        // GenEval's own vocabulary passes the structural check alone; a broken structure not.
+        let coco = r#"{"tag": "counting", "include": [{"class": "bench", "count": 5}], "prompt": "a photo of five benches"}"#;
+        assert_eq!(
+            parse_lines(coco, "g", PromptSpec::validate_structure).unwrap()[0].include[0].class,
+            "bench"
+        );
+        let err = parse_jsonl(coco, "g").unwrap_err().to_string();
+        assert!(err.contains("unknown class `bench`"), "{err}");
+        let relation = r#"{"tag": "position", "include": [{"class": "bus", "count": 1, "position": ["behind", 0]}], "prompt": "a bus"}"#;
+        let err = parse_lines(relation, "g", PromptSpec::validate_structure)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown relation `behind`"), "{err}");
         let geneval_line = r#"{"tag": "position", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a square left of a circle"}"#;
         assert_eq!(
             parse_jsonl(geneval_line, "g").unwrap()[0].include[1].position,

@@ -370,7 +370,7 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
             .take(8)
             .map(Task::Shapes)
             .collect(),
-        vec![],
+        Vec::<Task>::new(),
         TempDir::new("grpo-flux1-odd").path(),
         &device.clone().autodiff(),
     )
@@ -392,7 +392,7 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
                 .take(8)
                 .map(Task::Shapes)
                 .collect(),
-            vec![],
+            Vec::<Task>::new(),
             TempDir::new("grpo-no-cfg").path(),
             &device.clone().autodiff(),
         )
@@ -633,6 +633,173 @@ fn a_multi_reward_run_draws_both_tasks_and_scores_each_with_its_reward() {
     let names: Vec<&String> = m.reward_means.keys().collect();
     assert_eq!(names, ["geneval", "ocr"], "{:?}", m.reward_means);
     assert!(m.reward_mean.is_finite());
+}
+
+#[test]
+fn real_prompt_files_load_as_flow_grpo_writes_them_and_text_prompts_are_held_out_by_the_reward() {
+    use portaflow::train::grpo::config::RewardKind;
+    let files = TempDir::new("grpo-real-prompts");
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // flow_grpo's dataset/geneval lines name COCO classes, which a reward server judges.
+    let coco = write(
+        "geneval.jsonl",
+        concat!(
+            r#"{"tag": "two_object", "include": [{"class": "bench", "count": 1}, {"class": "bus", "count": 1}], "exclude": [{"class": "bench", "count": 2}], "prompt": "a photo of a bench and a bus"}"#,
+            "\n"
+        ),
+    );
+    let mut c = without_eval(config(1));
+    c.data.train_prompts = Some(coco.clone());
+    c.data.test_prompts = Some(coco.clone());
+    c.data.reward = RewardKind::Remote;
+    c.data.remote = Some(Default::default());
+    let (train, test) = portaflow::train::grpo::run_prompts(&c).unwrap();
+    assert!(matches!(&train[0], Task::Shapes(s) if s.include[1].class == "bus"));
+    assert_eq!(test.len(), 1);
+    // The built-in detector knows circles, squares and triangles only: named.
+    c.data.reward = RewardKind::Geneval;
+    c.data.remote = None;
+    let err = portaflow::train::grpo::run_prompts(&c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("geneval.jsonl") && err.contains("unknown class `bench`"),
+        "{err}"
+    );
+
+    // flow_grpo's dataset/ocr: one prompt per line, the text in double quotes.
+    let ocr = write(
+        "ocr.txt",
+        "A sign that reads \"37\"\n\nthe number \"512\"\n",
+    );
+    c.data.reward = RewardKind::Ocr;
+    c.data.train_prompts = Some(ocr.clone());
+    c.data.test_prompts = Some(ocr.clone());
+    let (train, test) = portaflow::train::grpo::run_prompts(&c).unwrap();
+    let prompts: Vec<&str> = train.iter().map(|t| t.prompt()).collect();
+    assert_eq!(prompts, ["A sign that reads \"37\"", "the number \"512\""]);
+    assert!(test.iter().all(|t| matches!(t, Task::Digits { .. })));
+    let bad = write("bad.txt", "the number \"1\"\na sign without quotes\n");
+    c.data.train_prompts = Some(bad);
+    let err = portaflow::train::grpo::run_prompts(&c)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.txt") && err.contains("line 2") && err.contains("double quotes"),
+        "{err}"
+    );
+
+    // Held out, the text prompts are scored by the run's reward (the detector cannot).
+    let run = TempDir::new("grpo-text-held-out");
+    let device = ChosenDevice::cpu().device;
+    c.data.train_prompts = Some(ocr);
+    c.sample.groups_per_epoch = 2;
+    c.run.eval_every = 1;
+    c.run.eval_images_per_prompt = 2;
+    let (train, test) = portaflow::train::grpo::run_prompts(&c).unwrap();
+    let mut t = GrpoTrainer::new(
+        c,
+        base(&device),
+        train,
+        test,
+        run.path(),
+        &device.autodiff(),
+    )
+    .unwrap();
+    let eval = t.evaluate().unwrap();
+    assert_eq!(eval.images, 4);
+    assert_eq!(eval.rewards["ocr"].judged, 4, "{eval:?}");
+    assert!(eval.rewards["ocr"].success_by_tag.contains_key("digits"));
+    assert!(
+        eval.accuracy_by_tag.is_empty(),
+        "no GenEval lines: {eval:?}"
+    );
+}
+
+#[test]
+fn the_real_gpu_presets_run_an_epoch_on_tiny_pipelines_of_their_family() {
+    // configs/grpo-sd3.5m-{geneval,ocr}.toml and grpo-flux1-boxflow.toml as written, shrunk only
+    // in size (model, batch, resolution, prompt files), against a reward server in this process.
+    use portaflow::reward::remote::RemoteConfig;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            portaflow::reward::server::handle_connection(stream.unwrap(), &RednessWithBoxes);
+        }
+    });
+    let files = TempDir::new("grpo-presets-prompts");
+    let geneval = files.path().join("geneval.jsonl");
+    std::fs::write(
+        &geneval,
+        concat!(
+            r#"{"tag": "two_object", "include": [{"class": "bench", "count": 1}, {"class": "bus", "count": 1}], "prompt": "a photo of a bench and a bus"}"#,
+            "\n",
+            r#"{"tag": "counting", "include": [{"class": "cat", "count": 3}], "prompt": "a photo of three cats"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let ocr = files.path().join("ocr.txt");
+    std::fs::write(
+        &ocr,
+        "a sign that reads \"OPEN\"\na cup with \"tea\" on it\n",
+    )
+    .unwrap();
+    let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let device = ChosenDevice::cpu().device;
+    for (preset, fixture, prompts) in [
+        ("grpo-sd3.5m-geneval.toml", "sd35_pipeline_tiny", &geneval),
+        ("grpo-sd3.5m-ocr.toml", "sd35_pipeline_tiny", &ocr),
+        ("grpo-flux1-boxflow.toml", "flux1_pipeline_tiny", &geneval),
+    ] {
+        let mut c = GrpoConfig::from_file(&configs.join(preset)).unwrap();
+        let reward_name = c.data.remote.as_ref().unwrap().name.clone();
+        c.model.path = Some(portaflow_tests::golden("pipelines").join(fixture));
+        c.model.lora_rank = 4;
+        c.model.lora_alpha = 8.0;
+        c.data.train_prompts = Some(prompts.clone());
+        c.data.test_prompts = Some(prompts.clone());
+        c.data.remote = Some(RemoteConfig {
+            url: url.clone(),
+            name: reward_name.clone(),
+            ..Default::default()
+        });
+        c.sample.resolution = Some(32);
+        c.sample.eval_steps = 4;
+        c.sample.group_size = 2;
+        c.sample.groups_per_epoch = 2;
+        c.sample.batch_size = 2;
+        c.train.grad_accum = 1;
+        c.run.epochs = 1;
+        c.run.eval_every = 1;
+        c.run.eval_prompts = Some(2);
+        c.run.eval_images_per_prompt = 1;
+        c.run.grid_every = 0;
+        let run = TempDir::new(&format!("grpo-preset-{fixture}"));
+        let mut t = GrpoTrainer::open(c, run.path(), &device.clone().autodiff())
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let before = adapter_values(&t);
+        let mut evals = Vec::new();
+        let m = t
+            .epoch(|event| {
+                if let portaflow::train::grpo::GrpoEvent::Eval(e) = event {
+                    evals.push(e.rewards[&reward_name].judged);
+                }
+            })
+            .unwrap_or_else(|e| panic!("{preset}: {e}"));
+        assert!(m.first_ratio_error <= 1e-5, "{preset}: {m:?}");
+        assert_ne!(
+            before,
+            adapter_values(&t),
+            "{preset}: the adapter did not move"
+        );
+        assert_eq!(evals, [2, 2], "{preset}: held-out images the server judged");
+    }
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::reward::{Reward, RewardError, Task};
-use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 
 /// One reward on the held-out images.
@@ -53,17 +52,13 @@ impl<'a> HeldOutScorer<'a> {
         }
     }
 
-    /// Scores one batch: `indices[i]` is image `i`'s prompt in `specs`.
-    pub fn score(&mut self, specs: &[PromptSpec], indices: &[usize], images: &[Image]) {
+    /// Scores one batch: image `i` answers `tasks[i]`.
+    pub fn score(&mut self, tasks: &[Task], images: &[Image]) {
         if self.error.is_some() {
             return;
         }
-        let tasks: Vec<Task> = indices
-            .iter()
-            .map(|&i| Task::Shapes(specs[i].clone()))
-            .collect();
         for ((_, reward), (sum, judged, tags)) in self.rewards.iter().zip(&mut self.sums) {
-            let scores = match reward.score(images, &tasks) {
+            let scores = match reward.score(images, tasks) {
                 Ok(scores) => scores,
                 Err(e) => {
                     self.error = Some(e);
@@ -121,7 +116,7 @@ impl<'a> HeldOutScorer<'a> {
 mod tests {
     use super::*;
     use crate::reward::Score;
-    use crate::world::prompt::parse_jsonl;
+    use crate::world::prompt::{PromptSpec, parse_jsonl};
 
     /// Scores an image by its first pixel's red level; succeeds above one half; judges only
     /// prompts tagged `colors` when `colors_only`.
@@ -173,6 +168,10 @@ mod tests {
         }
     }
 
+    fn tasks() -> Vec<Task> {
+        specs().into_iter().map(Task::Shapes).collect()
+    }
+
     fn specs() -> Vec<PromptSpec> {
         parse_jsonl(concat!(
             r#"{"tag":"colors","include":[{"class":"circle","count":1,"color":"red"}],"prompt":"a photo of a red circle"}"#,
@@ -187,10 +186,10 @@ mod tests {
     fn each_reward_gets_its_mean_and_per_tag_success_under_its_own_name() {
         let (all, colors) = (Red { colors_only: false }, Red { colors_only: true });
         let mut scorer = HeldOutScorer::new([&all as &dyn Reward, &colors]);
-        let specs = specs();
+        let tasks = tasks();
         // Two batches: colors 255 / 0, single_object 255 / 255.
-        scorer.score(&specs, &[0, 1], &[image(255), image(255)]);
-        scorer.score(&specs, &[0, 1], &[image(0), image(255)]);
+        scorer.score(&tasks, &[image(255), image(255)]);
+        scorer.score(&tasks, &[image(0), image(255)]);
         let got = scorer.finish().unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), ["red", "red#2"]);
         let red = &got["red"];
@@ -212,8 +211,8 @@ mod tests {
     fn a_failing_reward_is_reported_once_scoring_ends() {
         let (red, failing) = (Red { colors_only: false }, Failing);
         let mut scorer = HeldOutScorer::new([&red as &dyn Reward, &failing]);
-        scorer.score(&specs(), &[0], &[image(255)]);
-        scorer.score(&specs(), &[1], &[image(255)]);
+        scorer.score(&tasks()[..1], &[image(255)]);
+        scorer.score(&tasks()[1..], &[image(255)]);
         let err = scorer.finish().unwrap_err().to_string();
         assert!(err.contains("the server is down"), "{err}");
     }

@@ -172,6 +172,9 @@ pub enum GrpoError {
     Reward(#[from] crate::reward::RewardError),
     #[error("{path}: {message}")]
     Run { path: PathBuf, message: String },
+    /// A prompt file that cannot be read (its error names the file and line).
+    #[error(transparent)]
+    Prompts(#[from] crate::world::prompt::PromptError),
 }
 
 fn run_error(path: &Path, message: impl std::fmt::Display) -> GrpoError {
@@ -202,7 +205,9 @@ pub struct GrpoTrainer {
     /// Flow-OPD's teachers (base + each teacher adapter), plain device, in `train.opd` order.
     teachers: Vec<Transformer>,
     train: Vec<Task>,
-    test: Vec<PromptSpec>,
+    /// Held-out tasks: GenEval lines (the detector's report and the run's rewards) and
+    /// text-rendering prompts (the run's rewards).
+    test: Vec<Task>,
     run_dir: PathBuf,
     pub epoch: usize,
     pub global_step: usize,
@@ -316,11 +321,12 @@ impl GrpoTrainer {
         config: GrpoConfig,
         pipeline: Pipeline,
         train: Vec<Task>,
-        test: Vec<PromptSpec>,
+        test: impl IntoIterator<Item = impl Into<Task>>,
         run_dir: &Path,
         device: &Device,
     ) -> Result<Self, GrpoError> {
         config.validate().map_err(GrpoError::Config)?;
+        let test: Vec<Task> = test.into_iter().map(Into::into).collect();
         if train.is_empty() {
             return Err(GrpoError::Config("no training prompts".into()));
         }
@@ -1593,10 +1599,21 @@ impl GrpoTrainer {
             &self.plain_device,
         )?;
         self.plain.transformer = snapshot;
-        let specs: Vec<PromptSpec> = match c.run.eval_prompts {
-            Some(n) => self.test.iter().take(n).cloned().collect(),
-            None => self.test.clone(),
+        let tasks: &[Task] = match c.run.eval_prompts {
+            Some(n) => &self.test[..n.min(self.test.len())],
+            None => &self.test,
         };
+        let specs: Vec<PromptSpec> = tasks
+            .iter()
+            .filter_map(|t| match t {
+                Task::Shapes(spec) => Some(spec.clone()),
+                Task::Digits { .. } => None,
+            })
+            .collect();
+        let texts: Vec<&Task> = tasks
+            .iter()
+            .filter(|t| matches!(t, Task::Digits { .. }))
+            .collect();
         let options = EvalOptions {
             images_per_prompt: c.run.eval_images_per_prompt,
             batch_size: c.sample.batch_size,
@@ -1621,8 +1638,33 @@ impl GrpoTrainer {
             &self.plain_device,
             None,
             |_, _| {},
-            |indices, images| scorer.score(&specs, indices, images),
+            |indices, images| {
+                let batch: Vec<Task> = indices.iter().map(|&i| specs[i].clone().into()).collect();
+                scorer.score(&batch, images);
+            },
         )?;
+        // Text-rendering prompts, which the detector cannot judge: the run's rewards alone,
+        // image k of text prompt i seeded after the GenEval lines' images.
+        let k = options.images_per_prompt;
+        let jobs: Vec<(usize, usize)> = (0..texts.len())
+            .flat_map(|i| (0..k).map(move |s| (i, s)))
+            .collect();
+        for chunk in jobs.chunks(options.batch_size.max(1)) {
+            let prompts: Vec<String> = chunk
+                .iter()
+                .map(|&(i, _)| texts[i].prompt().to_string())
+                .collect();
+            let mut generate = options.generate.clone();
+            generate.seeds = chunk
+                .iter()
+                .map(|&(i, s)| options.seed + ((specs.len() + i) * k + s) as u64)
+                .collect();
+            let images =
+                self.plain
+                    .generate(&prompts, &generate, &self.plain_device, |_| {}, None)?;
+            let batch: Vec<Task> = chunk.iter().map(|&(i, _)| texts[i].clone()).collect();
+            scorer.score(&batch, &images);
+        }
         let (rewards, rewards_error) = match scorer.finish() {
             Ok(rewards) => (rewards, None),
             Err(e) => {
@@ -1643,7 +1685,7 @@ impl GrpoTrainer {
             dense_mean: report.dense_mean(),
             rewards,
             rewards_error,
-            images: report.images.len(),
+            images: report.images.len() + jobs.len(),
             seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -1794,24 +1836,35 @@ fn repo_file(relative: &str) -> PathBuf {
         .join(relative)
 }
 
-/// Training tasks and held-out prompts of a config: GenEval-style prompt files, or for the OCR
-/// reward the numbers 0–999.
-pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<PromptSpec>), GrpoError> {
-    let read = |path: &Path| crate::world::prompt::read_jsonl(path).map_err(|e| run_error(path, e));
-    let train_path = config
-        .data
-        .train_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
+/// Training tasks and held-out tasks of a config. A prompt file is GenEval JSONL, or with a `.txt`
+/// extension one text-rendering prompt per line (flow_grpo's `dataset/ocr`: the target is the
+/// text between the first double quotes). Without a training file, the OCR reward trains on the
+/// numbers 0–999. GenEval lines are held to the Shapes world's vocabulary only when a built-in
+/// reward judges them; a reward server may judge GenEval's own COCO classes.
+pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoError> {
+    let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
+    let shapes_world = kinds
+        .iter()
+        .any(|k| matches!(k, RewardKind::Geneval | RewardKind::GenevalDense));
+    let read = |path: &Path| read_tasks(path, shapes_world);
     let test_path = config
         .data
         .test_prompts
         .clone()
         .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
-    let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
+    if let Some(train_path) = &config.data.train_prompts
+        && is_text_prompt_file(train_path)
+    {
+        return Ok((read(train_path)?, read(&test_path)?));
+    }
+    let train_path = config
+        .data
+        .train_prompts
+        .clone()
+        .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
     // A remote reward judges the training prompt file's GenEval metadata.
     let shapes: Vec<Task> = if kinds.iter().any(|k| *k != RewardKind::Ocr) {
-        read(&train_path)?.into_iter().map(Task::Shapes).collect()
+        read(&train_path)?
     } else {
         Vec::new()
     };
@@ -1834,6 +1887,47 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<PromptSpec>), 
     };
     let train = shapes.into_iter().chain(digits).collect();
     Ok((train, read(&test_path)?))
+}
+
+fn is_text_prompt_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "txt")
+}
+
+/// The tasks of one prompt file (see [`run_prompts`]).
+fn read_tasks(path: &Path, shapes_world: bool) -> Result<Vec<Task>, GrpoError> {
+    use crate::world::prompt::{read_geneval_jsonl, read_jsonl};
+    if !is_text_prompt_file(path) {
+        let specs = if shapes_world {
+            read_jsonl(path)
+        } else {
+            read_geneval_jsonl(path)
+        };
+        return Ok(specs?.into_iter().map(Task::Shapes).collect());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| run_error(path, e))?;
+    let mut tasks = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let prompt = line.trim();
+        if prompt.is_empty() {
+            continue;
+        }
+        if crate::world::digits::quoted(prompt).is_none_or(str::is_empty) {
+            return Err(run_error(
+                path,
+                format!(
+                    "line {}: a text-rendering prompt needs its text between double quotes, got `{prompt}`",
+                    index + 1
+                ),
+            ));
+        }
+        tasks.push(Task::Digits {
+            prompt: prompt.to_string(),
+        });
+    }
+    if tasks.is_empty() {
+        return Err(run_error(path, "no prompts"));
+    }
+    Ok(tasks)
 }
 
 /// The Gaussian's un-scaled std g that Flow-GRPO's KL divides by (§1.6).
