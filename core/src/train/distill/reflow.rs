@@ -907,6 +907,10 @@ impl ReflowTrainer {
         let norm = clip_global_norm(&self.student, &mut grads, c.grad_clip);
         if !norm.is_finite() {
             // A finite loss can still back-propagate a NaN (0·∞); it must not reach the weights.
+            // Seen (traced 2026-12-05): a fresh autoencoder (zero biases) decoding the zero-init
+            // transformer's exact x̂₀ = 0 has constant activations, where each GroupNorm scales the
+            // gradient by 1/√ε = 1e3; after six resnets it overflows f32. PyTorch's GroupNorm
+            // backward has the same factor; trained models never meet it.
             return Err(run_error(
                 &self.run_dir,
                 format!("iteration {}: gradient norm {norm}", self.iteration + 1),
