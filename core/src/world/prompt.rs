@@ -142,23 +142,25 @@ impl PromptSpec {
 /// Reads a GenEval-format JSONL file; blank lines are skipped; every error names its line
 /// (counted from 1).
 pub fn read_jsonl(path: &Path) -> Result<Vec<PromptSpec>, PromptError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| PromptError::Io {
-        path: shown.clone(),
-        source,
-    })?;
-    parse_jsonl(&text, &shown)
+    read_lines(path, PromptSpec::validate)
 }
 
 /// Reads a GenEval-format JSONL file of any vocabulary (flow_grpo's `dataset/geneval`, judged by
 /// a reward server): only the lines' structure is checked ([`PromptSpec::validate_structure`]).
 pub fn read_geneval_jsonl(path: &Path) -> Result<Vec<PromptSpec>, PromptError> {
+    read_lines(path, PromptSpec::validate_structure)
+}
+
+fn read_lines(
+    path: &Path,
+    validate: fn(&PromptSpec) -> Result<(), String>,
+) -> Result<Vec<PromptSpec>, PromptError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| PromptError::Io {
         path: shown.clone(),
         source,
     })?;
-    parse_lines(&text, &shown, PromptSpec::validate_structure)
+    parse_lines(&text, &shown, validate)
 }
 
 /// Parses GenEval-format JSONL text of the Shapes world (see [`read_jsonl`]).

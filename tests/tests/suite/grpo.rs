@@ -358,30 +358,7 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
     let before = adapter_values(&t);
     let m = t.epoch(|_| {}).unwrap();
     assert!(m.first_ratio_error <= 1e-5, "{m:?}");
-    // A size the model cannot sample is named before any compute.
-    let mut odd = without_eval(config(1));
-    odd.sample.resolution = Some(33);
-    let err = GrpoTrainer::new(
-        odd,
-        Pipeline::from_dir(&dir, &device).unwrap(),
-        prompt_sets::build()
-            .0
-            .into_iter()
-            .take(8)
-            .map(Task::Shapes)
-            .collect(),
-        Vec::<Task>::new(),
-        TempDir::new("grpo-flux1-odd").path(),
-        &device.clone().autodiff(),
-    )
-    .err()
-    .expect("33 px is refused")
-    .to_string();
-    assert!(err.contains("sample.resolution = 33"), "{err}");
-    // CFG in rollouts but not in training is refused for a model that runs CFG; FLUX.1-dev runs
-    // none, so its scale needs no `train.cfg`.
-    let mut no_cfg = without_eval(config(1));
-    no_cfg.train.cfg = false;
+    // The error of opening a run of `config` on `pipeline`, if any.
     let open = |config: &GrpoConfig, pipeline: Pipeline| {
         GrpoTrainer::new(
             config.clone(),
@@ -393,17 +370,26 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
                 .map(Task::Shapes)
                 .collect(),
             Vec::<Task>::new(),
-            TempDir::new("grpo-no-cfg").path(),
+            TempDir::new("grpo-open").path(),
             &device.clone().autodiff(),
         )
         .err()
         .map(|e| e.to_string())
     };
+    // A size the model cannot sample is named before any compute.
+    let mut odd = without_eval(config(1));
+    odd.sample.resolution = Some(33);
+    let flux = || Pipeline::from_dir(&dir, &device).unwrap();
+    let err = open(&odd, flux()).expect("33 px is refused");
+    assert!(err.contains("sample.resolution = 33"), "{err}");
+    // CFG in rollouts but not in training is refused for a model that runs CFG; FLUX.1-dev runs
+    // none, so its scale needs no `train.cfg`.
+    let mut no_cfg = without_eval(config(1));
+    no_cfg.train.cfg = false;
     let err = open(&no_cfg, base(&device)).expect("the bundled model runs CFG at 3");
     assert!(err.contains("train.cfg = false"), "{err}");
     no_cfg.sample.resolution = Some(32);
-    let flux = Pipeline::from_dir(&dir, &device).unwrap();
-    assert_eq!(open(&no_cfg, flux), None, "FLUX.1-dev embeds the scale");
+    assert_eq!(open(&no_cfg, flux()), None, "FLUX.1-dev embeds the scale");
     assert!(m.kept > 0, "{m:?}");
     assert_ne!(
         before,
