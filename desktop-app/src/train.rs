@@ -496,6 +496,21 @@ impl TrainTab {
                     PlotPoints::from(held_out.clone()),
                 ));
                 plot.points(Points::new("held-out", PlotPoints::from(held_out)).radius(3.0));
+                // The run's own rewards on the held-out images: on a real model, a reward
+                // server's GenEval is the held-out curve.
+                let names: std::collections::BTreeSet<&String> =
+                    self.evals.iter().flat_map(|e| e.rewards.keys()).collect();
+                for name in names {
+                    let success: Vec<[f64; 2]> = self
+                        .evals
+                        .iter()
+                        .filter_map(|e| e.rewards.get(name).map(|r| [e.epoch as f64, r.success]))
+                        .collect();
+                    plot.line(Line::new(
+                        format!("held-out {name} success"),
+                        PlotPoints::from(success),
+                    ));
+                }
             });
         ui.label("KL and clip fraction");
         Plot::new("kl")
