@@ -669,6 +669,12 @@ fn real_prompt_files_load_as_flow_grpo_writes_them_and_text_prompts_are_held_out
     let prompts: Vec<&str> = train.iter().map(|t| t.prompt()).collect();
     assert_eq!(prompts, ["A sign that reads \"37\"", "the number \"512\""]);
     assert!(test.iter().all(|t| matches!(t, Task::Digits { .. })));
+    c.data.reward = RewardKind::Geneval;
+    let err = portaflow::train::grpo::run_prompts(&c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reads text"), "{err}");
+    c.data.reward = RewardKind::Ocr;
     let bad = write("bad.txt", "the number \"1\"\na sign without quotes\n");
     c.data.train_prompts = Some(bad);
     let err = portaflow::train::grpo::run_prompts(&c)

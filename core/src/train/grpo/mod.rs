@@ -1855,6 +1855,15 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
     if let Some(train_path) = &config.data.train_prompts
         && is_text_prompt_file(train_path)
     {
+        if !kinds
+            .iter()
+            .any(|k| matches!(k, RewardKind::Ocr | RewardKind::Remote))
+        {
+            return Err(run_error(
+                train_path,
+                "text-rendering prompts need a reward that reads text: data.reward = \"ocr\" or \"remote\"",
+            ));
+        }
         return Ok((read(train_path)?, read(&test_path)?));
     }
     let train_path = config
