@@ -26,6 +26,13 @@ pub struct EvalOptions {
     pub seed: u64,
 }
 
+impl EvalOptions {
+    /// The seed of image `sample` of prompt `index`: `seed + index·images_per_prompt + sample`.
+    pub fn seed_of(&self, index: usize, sample: usize) -> u64 {
+        self.seed + (index * self.images_per_prompt + sample) as u64
+    }
+}
+
 /// Generates and scores every prompt; with `save`, also writes the images in GenEval's layout.
 pub fn evaluate_pipeline(
     pipeline: &Pipeline,
@@ -68,10 +75,7 @@ pub fn evaluate_pipeline_with(
             .map(|&(i, _)| specs[i].prompt.clone())
             .collect();
         let mut generate = options.generate.clone();
-        generate.seeds = chunk
-            .iter()
-            .map(|&(i, s)| options.seed + (i * k + s) as u64)
-            .collect();
+        generate.seeds = chunk.iter().map(|&(i, s)| options.seed_of(i, s)).collect();
         let images = pipeline.generate(&prompts, &generate, device, |_| {}, None)?;
         let indices: Vec<usize> = chunk.iter().map(|&(i, _)| i).collect();
         on_images(&indices, &images);

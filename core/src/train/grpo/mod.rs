@@ -1657,7 +1657,7 @@ impl GrpoTrainer {
             let mut generate = options.generate.clone();
             generate.seeds = chunk
                 .iter()
-                .map(|&(i, s)| options.seed + ((specs.len() + i) * k + s) as u64)
+                .map(|&(i, s)| options.seed_of(specs.len() + i, s))
                 .collect();
             let images =
                 self.plain
