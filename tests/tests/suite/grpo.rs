@@ -1527,6 +1527,49 @@ fn rtdmd_final_step_dmd_trains_its_fake_score_and_resumes_exactly() {
     );
 }
 
+#[test]
+fn the_final_step_dmd_teacher_embeds_its_scale_on_a_guidance_distilled_model() {
+    // FLUX.1-dev runs no CFG: RTDMD's teacher takes `teacher_guidance` as its embedded scale.
+    // With the fake score not yet moved (a vanishing learning rate) and the teacher given the
+    // rollout's own scale, teacher and fake are one function, so the DMD term is 0; given 1.0
+    // instead, they differ. (A CFG batch against the empty prompt, as SD3 runs, would make the
+    // first term large and the second 0.)
+    use portaflow::train::grpo::config::FinalStepDmd;
+    let device = ChosenDevice::cpu().device;
+    let dir = portaflow_tests::golden("pipelines").join("flux1_pipeline_tiny");
+    let dmd_term = |teacher_guidance: f64| -> f64 {
+        let mut c = rtdmd_config(1);
+        c.sample.guidance_scale = 3.5;
+        c.sample.resolution = Some(32);
+        c.train.final_step_dmd = Some(FinalStepDmd {
+            weight: 1.0,
+            fake_lora: None,
+            fake_updates: 1,
+            fake_learning_rate: Some(1e-30),
+            teacher_guidance,
+            renoise_range: [20.0, 980.0],
+        });
+        let run = TempDir::new("dmd-flux1");
+        let (train, test) = prompt_sets::build();
+        let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
+        let pipeline = Pipeline::from_dir(&dir, &device).unwrap();
+        let mut t = GrpoTrainer::new(
+            c,
+            pipeline,
+            tasks,
+            test,
+            run.path(),
+            &device.clone().autodiff(),
+        )
+        .unwrap()
+        .with_reward(Box::new(Redness));
+        t.epoch(|_| {}).unwrap().final_step_dmd.unwrap()
+    };
+    let (same, other) = (dmd_term(3.5), dmd_term(1.0));
+    println!("DMD term, teacher at the rollout's 3.5: {same:.3e}; at 1.0: {other:.3e}");
+    assert!(other > 0.0 && same <= 1e-6 * other, "{same} vs {other}");
+}
+
 /// The policy gradient points uphill: Flow-GRPO on the redness reward raises it over an
 /// untrained control that sees the same prompts and noise, with the Flow-GRPO SDE (and CFG) and
 /// with CPS at η 0.8 without CFG. The tiny model's blocks are barely trained out of adaLN-Zero

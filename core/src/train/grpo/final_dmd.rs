@@ -1,7 +1,7 @@
 //! RTDMD's final-step AC-DMD term on the GRPO trainer (ALGORITHMS.md §3.3): at the rollout's
 //! last, deterministic step the policy's x̂₀ = x_last − σ_last·v_θ gets `weight·L_DMD` with
-//! s = 0: x̂₀ is re-noised to t', the teacher (the base as given, with CFG) and a fake score (no
-//! CFG) each map x_{t'} back to s = 0, and the normalised difference of their predictions pulls
+//! s = 0: x̂₀ is re-noised to t', the teacher (the base as given, with CFG, or with the scale
+//! embedded on a guidance-distilled model) and a fake score (no CFG) each map x_{t'} back to s = 0, and the normalised difference of their predictions pulls
 //! x̂₀ toward the teacher's distribution. The fake score follows the policy: every epoch it is
 //! trained on the rollout's images with AC-DMD's fake-score loss (at s = 0 the flow-matching
 //! loss).
@@ -143,7 +143,8 @@ impl FinalDmd {
     }
 
     /// `weight·L_DMD(x̂₀)` for the policy's final-step prediction `x0` (autodiff device);
-    /// `cond` / `uncond` on the plain device (`uncond` is needed when the teacher uses CFG).
+    /// `cond` / `uncond` on the plain device (`uncond` when the teacher runs CFG; a
+    /// guidance-distilled teacher gets `teacher_guidance` embedded instead).
     pub(super) fn generator_loss(
         &self,
         x0: Tensor<4>,
@@ -163,7 +164,7 @@ impl FinalDmd {
             &teacher,
             x_t.clone(),
             t,
-            cond,
+            &self.teacher_conditioning(cond),
             uncond,
             self.settings.teacher_guidance,
         );
@@ -177,6 +178,16 @@ impl FinalDmd {
         let real = x_t.clone() - v_real.mul_scalar(t);
         let fake_back = x_t - v_fake.mul_scalar(t);
         dmd_loss(x0, real.autodiff(), fake_back.autodiff()).mul_scalar(self.settings.weight)
+    }
+
+    /// The teacher's conditioning: a guidance-distilled teacher (FLUX.1-dev) takes
+    /// `teacher_guidance` as its embedded scale instead of a CFG batch.
+    fn teacher_conditioning(&self, cond: &Conditioning) -> Conditioning {
+        let mut teacher = cond.clone();
+        if self.teacher.guidance_embeds() {
+            teacher.guidance = Some(self.settings.teacher_guidance);
+        }
+        teacher
     }
 
     /// Writes the fake adapter and its optimizer into the checkpoint being written at `dir`.

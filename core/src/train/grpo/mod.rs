@@ -1294,9 +1294,10 @@ impl GrpoTrainer {
         let mut skipped = 0;
         let mut final_step_rewards = Vec::new();
         let mut final_step_dmd = Vec::new();
-        // The DMD teacher's unconditional branch (the rollout may have had no CFG).
+        // The DMD teacher's unconditional branch (the rollout may have had no CFG); none for a
+        // model that embeds the scale instead.
         let dmd_uncond = match &t.final_step_dmd {
-            Some(d) if d.teacher_guidance != 1.0 => Some(
+            Some(d) if self.plain.runs_cfg(d.teacher_guidance) => Some(
                 self.plain
                     .encode(&vec![String::new(); batch], &self.plain_device)
                     .map_err(PipelineError::from)?,
