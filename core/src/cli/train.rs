@@ -185,14 +185,19 @@ fn grpo(request: DeviceRequest, config: GrpoConfig, out: &Path) -> Result<()> {
                     .iter()
                     .map(|(t, a)| format!("{t} {a:.2}"))
                     .collect();
-                println!(
-                    "  held-out accuracy {:.3} ({}) on {} images, artifacts/image {:.3}, {:.1} s",
-                    e.accuracy,
-                    tags.join(", "),
-                    e.images,
-                    e.artifact_rate,
-                    e.seconds
-                );
+                if tags.is_empty() {
+                    // Text prompts only: the run's rewards below are the whole verdict.
+                    println!("  held-out: {} images, {:.1} s", e.images, e.seconds);
+                } else {
+                    println!(
+                        "  held-out accuracy {:.3} ({}) on {} images, artifacts/image {:.3}, {:.1} s",
+                        e.accuracy,
+                        tags.join(", "),
+                        e.images,
+                        e.artifact_rate,
+                        e.seconds
+                    );
+                }
                 let rewards: Vec<String> = e
                     .rewards
                     .iter()

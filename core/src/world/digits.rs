@@ -32,6 +32,20 @@ pub fn quoted(prompt: &str) -> Option<&str> {
     parts.next().map(|_| inside)
 }
 
+/// Whether GRPO holds `number` out of training for its held-out evaluation (one in 25 of 0–999:
+/// 12, 37, …, 987). Pretraining draws every number, as a real base has seen all text.
+pub fn is_held_out(number: usize) -> bool {
+    number % 25 == 12
+}
+
+/// The held-out numbers' prompts, ascending.
+pub fn held_out_prompts() -> Vec<String> {
+    (0..1000)
+        .filter(|&n| is_held_out(n))
+        .map(|n| prompt_for(&n.to_string()))
+        .collect()
+}
+
 /// A random number of 1–4 digits, without a leading zero unless it is "0".
 pub fn random_number(rng: &mut impl Rng) -> String {
     let len = rng.random_range(1..=4);

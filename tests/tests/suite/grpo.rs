@@ -611,6 +611,27 @@ fn a_multi_reward_run_draws_both_tasks_and_scores_each_with_its_reward() {
         shapes > 0 && digits.abs_diff(shapes) <= shapes / 10,
         "{shapes} vs {digits}"
     );
+    // Without a test file, both tasks are held out, alternating: the Shapes test prompts and
+    // the numbers training never draws.
+    let held_out_numbers = portaflow::world::digits::held_out_prompts();
+    assert_eq!(held_out_numbers.len(), 40);
+    let kinds: Vec<bool> = test
+        .iter()
+        .map(|t| matches!(t, Task::Digits { .. }))
+        .collect();
+    assert_eq!(kinds.iter().filter(|&&d| d).count(), 40);
+    assert_eq!(kinds[..4], [false, true, false, true], "{kinds:?}");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| !held_out_numbers.iter().any(|h| h == t.prompt()))
+    );
+    let mut ocr_only = c.clone();
+    ocr_only.data.rewards.remove(0);
+    let (ocr_train, ocr_test) = portaflow::train::grpo::run_prompts(&ocr_only).unwrap();
+    assert_eq!(ocr_train.len(), 960);
+    let ocr_test: Vec<&str> = ocr_test.iter().map(|t| t.prompt()).collect();
+    assert_eq!(ocr_test, held_out_numbers);
     // Enough groups that both tasks are drawn: 8 groups of 2.
     c.sample.groups_per_epoch = 8;
     let ad = device.clone().autodiff();

@@ -46,6 +46,7 @@ use crate::sample::select::TrainingClock;
 use crate::sample::step::{self, StepKind};
 use crate::train::distill::objectives::opd_kl_reward;
 use crate::train::ema::Ema;
+use crate::world::digits;
 use crate::world::prompt::PromptSpec;
 use crate::world::render::Image;
 use advantage::{combine, keep_informative};
@@ -1840,7 +1841,8 @@ fn repo_file(relative: &str) -> PathBuf {
 /// Training tasks and held-out tasks of a config. A prompt file is GenEval JSONL, or with a `.txt`
 /// extension one text-rendering prompt per line (flow_grpo's `dataset/ocr`: the target is the
 /// text between the first double quotes). Without a training file, the OCR reward trains on the
-/// numbers 0–999. GenEval lines are held to the Shapes world's vocabulary only when a built-in
+/// numbers 0–999 but one in 25 ([`digits::is_held_out`]), which are its held-out prompts when no
+/// test file is given. GenEval lines are held to the Shapes world's vocabulary only when a built-in
 /// reward judges them; a reward server may judge GenEval's own COCO classes.
 pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoError> {
     let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
@@ -1853,6 +1855,8 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
         .test_prompts
         .clone()
         .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
+    let reads_digits = kinds.contains(&RewardKind::Ocr);
+    let judges_shapes = kinds.iter().any(|k| *k != RewardKind::Ocr);
     if let Some(train_path) = &config.data.train_prompts
         && is_text_prompt_file(train_path)
     {
@@ -1873,30 +1877,64 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
         .clone()
         .unwrap_or_else(|| repo_file("assets/prompts/shapes_train.jsonl"));
     // A remote reward judges the training prompt file's GenEval metadata.
-    let shapes: Vec<Task> = if kinds.iter().any(|k| *k != RewardKind::Ocr) {
+    let shapes: Vec<Task> = if judges_shapes {
         read(&train_path)?
     } else {
         Vec::new()
     };
-    // The numbers 0–999 alone; beside Shapes prompts, as many evenly spaced numbers as there
-    // are Shapes prompts, so that both tasks are drawn equally often.
-    let digits: Vec<Task> = if kinds.contains(&RewardKind::Ocr) {
+    // The numbers 0–999 but the held-out ones alone; beside Shapes prompts, as many evenly
+    // spaced numbers as there are Shapes prompts, so that both tasks are drawn equally often.
+    let digits: Vec<Task> = if reads_digits {
         let stride = if shapes.is_empty() {
             1
         } else {
             1000usize.div_ceil(shapes.len())
         };
         (0..1000usize)
+            .filter(|&n| !digits::is_held_out(n))
             .step_by(stride)
             .map(|n| Task::Digits {
-                prompt: crate::world::digits::prompt_for(&n.to_string()),
+                prompt: digits::prompt_for(&n.to_string()),
             })
             .collect()
     } else {
         Vec::new()
     };
     let train = shapes.into_iter().chain(digits).collect();
-    Ok((train, read(&test_path)?))
+    // Held out without a test file: the Shapes test prompts where a reward judges them, and the
+    // held-out numbers where OCR reads them, alternating (so `run.eval_prompts` keeps both).
+    let test = match &config.data.test_prompts {
+        Some(path) => read(path)?,
+        None => {
+            let shapes = if judges_shapes {
+                read(&test_path)?
+            } else {
+                Vec::new()
+            };
+            let numbers: Vec<Task> = if reads_digits {
+                digits::held_out_prompts()
+                    .into_iter()
+                    .map(|prompt| Task::Digits { prompt })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            interleave(shapes, numbers)
+        }
+    };
+    Ok((train, test))
+}
+
+/// `a` and `b` alternating, the longer one's rest at the end.
+fn interleave<T>(a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter(), b.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
 }
 
 fn is_text_prompt_file(path: &Path) -> bool {
@@ -1921,7 +1959,7 @@ fn read_tasks(path: &Path, shapes_world: bool) -> Result<Vec<Task>, GrpoError> {
         if prompt.is_empty() {
             continue;
         }
-        if crate::world::digits::quoted(prompt).is_none_or(str::is_empty) {
+        if digits::quoted(prompt).is_none_or(str::is_empty) {
             return Err(run_error(
                 path,
                 format!(
