@@ -110,6 +110,25 @@ fn trainer(config: GrpoConfig, run: &std::path::Path, device: &Device) -> GrpoTr
         .with_reward(Box::new(Redness))
 }
 
+/// A run of `config` on the tiny FLUX.1-dev pipeline (guidance-distilled), 8 training prompts,
+/// rewarded by redness.
+fn flux1_trainer(config: GrpoConfig, run: &std::path::Path, device: &Device) -> GrpoTrainer {
+    let dir = portaflow_tests::golden("pipelines").join("flux1_pipeline_tiny");
+    let (train, test) = prompt_sets::build();
+    let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
+    let pipeline = Pipeline::from_dir(&dir, device).unwrap();
+    GrpoTrainer::new(
+        config,
+        pipeline,
+        tasks,
+        test,
+        run,
+        &device.clone().autodiff(),
+    )
+    .unwrap()
+    .with_reward(Box::new(Redness))
+}
+
 fn assert_same(a: &[f32], b: &[f32], what: &str) {
     let diff = portaflow_tests::max_abs_diff(a, b);
     assert!(diff == 0.0, "{what}: max |difference| {diff}");
@@ -335,7 +354,6 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
     // both embed 3.5 (`Pipeline::guided_conditioning`), so the first ratio is exactly 1.
     let device = ChosenDevice::cpu().device;
     let dir = portaflow_tests::golden("pipelines").join("flux1_pipeline_tiny");
-    let pipeline = Pipeline::from_dir(&dir, &device).unwrap();
     let mut c = without_eval(config(1));
     c.sample.guidance_scale = 3.5;
     c.sample.eval_guidance_scale = 3.5;
@@ -343,18 +361,7 @@ fn flow_grpo_trains_a_flux1_pipeline_on_policy_with_its_guidance_embedding() {
     // The fixture's size (FLUX's default 1024 px would not fit a test).
     c.sample.resolution = Some(32);
     let run = TempDir::new("grpo-flux1");
-    let (train, test) = prompt_sets::build();
-    let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
-    let mut t = GrpoTrainer::new(
-        c,
-        pipeline,
-        tasks,
-        test,
-        run.path(),
-        &device.clone().autodiff(),
-    )
-    .unwrap()
-    .with_reward(Box::new(Redness));
+    let mut t = flux1_trainer(c, run.path(), &device);
     let before = adapter_values(&t);
     let m = t.epoch(|_| {}).unwrap();
     assert!(m.first_ratio_error <= 1e-5, "{m:?}");
@@ -1557,7 +1564,6 @@ fn the_final_step_dmd_teacher_embeds_its_scale_on_a_guidance_distilled_model() {
     // first term large and the second 0.)
     use portaflow::train::grpo::config::FinalStepDmd;
     let device = ChosenDevice::cpu().device;
-    let dir = portaflow_tests::golden("pipelines").join("flux1_pipeline_tiny");
     let dmd_term = |teacher_guidance: f64| -> f64 {
         let mut c = rtdmd_config(1);
         c.sample.guidance_scale = 3.5;
@@ -1571,19 +1577,7 @@ fn the_final_step_dmd_teacher_embeds_its_scale_on_a_guidance_distilled_model() {
             renoise_range: [20.0, 980.0],
         });
         let run = TempDir::new("dmd-flux1");
-        let (train, test) = prompt_sets::build();
-        let tasks = train.into_iter().take(8).map(Task::Shapes).collect();
-        let pipeline = Pipeline::from_dir(&dir, &device).unwrap();
-        let mut t = GrpoTrainer::new(
-            c,
-            pipeline,
-            tasks,
-            test,
-            run.path(),
-            &device.clone().autodiff(),
-        )
-        .unwrap()
-        .with_reward(Box::new(Redness));
+        let mut t = flux1_trainer(c, run.path(), &device);
         t.epoch(|_| {}).unwrap().final_step_dmd.unwrap()
     };
     let (same, other) = (dmd_term(3.5), dmd_term(1.0));
