@@ -473,9 +473,11 @@ impl TrainTab {
         let per_epoch = |f: &dyn Fn(&EpochMetrics) -> f64| -> Vec<[f64; 2]> {
             self.epochs.iter().map(|m| [m.epoch as f64, f(m)]).collect()
         };
+        // GenEval lines only: a text-prompt evaluation (OCR) has no detector accuracy.
         let held_out: Vec<[f64; 2]> = self
             .evals
             .iter()
+            .filter(|e| !e.accuracy_by_tag.is_empty())
             .map(|e| [e.epoch as f64, e.accuracy])
             .collect();
         ui.label("Reward and accuracy");
