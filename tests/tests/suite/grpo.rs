@@ -697,6 +697,12 @@ fn real_prompt_files_load_as_flow_grpo_writes_them_and_text_prompts_are_held_out
     let prompts: Vec<&str> = train.iter().map(|t| t.prompt()).collect();
     assert_eq!(prompts, ["A sign that reads \"37\"", "the number \"512\""]);
     assert!(test.iter().all(|t| matches!(t, Task::Digits { .. })));
+    // Without a test file, the held-out numbers (not the Shapes prompts OCR cannot judge).
+    let mut untested = c.clone();
+    untested.data.test_prompts = None;
+    let (_, test) = portaflow::train::grpo::run_prompts(&untested).unwrap();
+    let test: Vec<&str> = test.iter().map(|t| t.prompt()).collect();
+    assert_eq!(test, portaflow::world::digits::held_out_prompts());
     c.data.reward = RewardKind::Geneval;
     let err = portaflow::train::grpo::run_prompts(&c)
         .unwrap_err()

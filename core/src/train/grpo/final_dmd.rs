@@ -1,8 +1,9 @@
 //! RTDMD's final-step AC-DMD term on the GRPO trainer (ALGORITHMS.md §3.3): at the rollout's
 //! last, deterministic step the policy's x̂₀ = x_last − σ_last·v_θ gets `weight·L_DMD` with
 //! s = 0: x̂₀ is re-noised to t', the teacher (the base as given, with CFG, or with the scale
-//! embedded on a guidance-distilled model) and a fake score (no CFG) each map x_{t'} back to s = 0, and the normalised difference of their predictions pulls
-//! x̂₀ toward the teacher's distribution. The fake score follows the policy: every epoch it is
+//! embedded on a guidance-distilled model) and a fake score (no CFG) each map x_{t'} back to
+//! s = 0, and the normalised difference of their predictions pulls x̂₀ toward the teacher's
+//! distribution. The fake score follows the policy: every epoch it is
 //! trained on the rollout's images with AC-DMD's fake-score loss (at s = 0 the flow-matching
 //! loss).
 

@@ -1841,8 +1841,8 @@ fn repo_file(relative: &str) -> PathBuf {
 /// Training tasks and held-out tasks of a config. A prompt file is GenEval JSONL, or with a `.txt`
 /// extension one text-rendering prompt per line (flow_grpo's `dataset/ocr`: the target is the
 /// text between the first double quotes). Without a training file, the OCR reward trains on the
-/// numbers 0–999 but one in 25 ([`digits::is_held_out`]), which are its held-out prompts when no
-/// test file is given. GenEval lines are held to the Shapes world's vocabulary only when a built-in
+/// numbers 0–999 but one in 25 ([`digits::is_held_out`]); without a test file those numbers are
+/// the held-out text prompts (beside `shapes_test.jsonl` where a reward judges Shapes). GenEval lines are held to the Shapes world's vocabulary only when a built-in
 /// reward judges them; a reward server may judge GenEval's own COCO classes.
 pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoError> {
     let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
@@ -1850,13 +1850,14 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
         .iter()
         .any(|k| matches!(k, RewardKind::Geneval | RewardKind::GenevalDense));
     let read = |path: &Path| read_tasks(path, shapes_world);
-    let test_path = config
-        .data
-        .test_prompts
-        .clone()
-        .unwrap_or_else(|| repo_file("assets/prompts/shapes_test.jsonl"));
     let reads_digits = kinds.contains(&RewardKind::Ocr);
     let judges_shapes = kinds.iter().any(|k| *k != RewardKind::Ocr);
+    let held_out_numbers = || -> Vec<Task> {
+        digits::held_out_prompts()
+            .into_iter()
+            .map(|prompt| Task::Digits { prompt })
+            .collect()
+    };
     if let Some(train_path) = &config.data.train_prompts
         && is_text_prompt_file(train_path)
     {
@@ -1869,7 +1870,11 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
                 "text-rendering prompts need a reward that reads text: data.reward = \"ocr\" or \"remote\"",
             ));
         }
-        return Ok((read(train_path)?, read(&test_path)?));
+        let test = match &config.data.test_prompts {
+            Some(path) => read(path)?,
+            None => held_out_numbers(),
+        };
+        return Ok((read(train_path)?, test));
     }
     let train_path = config
         .data
@@ -1907,15 +1912,12 @@ pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoEr
         Some(path) => read(path)?,
         None => {
             let shapes = if judges_shapes {
-                read(&test_path)?
+                read(&repo_file("assets/prompts/shapes_test.jsonl"))?
             } else {
                 Vec::new()
             };
-            let numbers: Vec<Task> = if reads_digits {
-                digits::held_out_prompts()
-                    .into_iter()
-                    .map(|prompt| Task::Digits { prompt })
-                    .collect()
+            let numbers = if reads_digits {
+                held_out_numbers()
             } else {
                 Vec::new()
             };
