@@ -402,8 +402,8 @@ fn corner_probe() {
 #[test]
 #[ignore]
 fn composition_probe() {
-    use burn::tensor::Distribution;
     use portaflow::pipeline::{GenerateOptions, Pipeline, from_images, to_images};
+    use portaflow::sample::pipeline::NoiseSource;
     use portaflow::world::{compose, geneval, prompt_sets, render};
     use rand::SeedableRng;
     let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
@@ -429,7 +429,10 @@ fn composition_probe() {
                     .map(|_| render::render(&compose::scene_for(&mut rng, spec).unwrap(), 64))
                     .collect();
                 let z = vae.encode(from_images(&images, &device));
-                let noise = Tensor::<4>::random(z.dims(), Distribution::Normal(0.0, 1.0), &device);
+                let [_, c, h, w] = z.dims();
+                // One seed per scene, so reruns draw the same noise.
+                let seeds = (total as u64..(total + images.len()) as u64).collect();
+                let noise = NoiseSource::new(seeds).initial([c, h, w], &device);
                 total += images.len();
                 for (k, &sigma) in sigmas.iter().enumerate() {
                     let out = if sigma == 0.0 {
