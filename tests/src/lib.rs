@@ -240,7 +240,6 @@ fn tiny_configs() -> (
     (tok, text, transformer)
 }
 
-/// The `output` tensor of a golden fixture's `io.safetensors`.
 /// [`tiny_pipeline`] after two pretraining steps, which move its output layer off zero (a fresh
 /// one predicts nothing), on the autodiff version of `device`.
 pub fn tiny_pretrained_pipeline(device: &burn::tensor::Device) -> portaflow::pipeline::Pipeline {
@@ -279,12 +278,22 @@ fn pretrained_briefly(
     portaflow::pipeline::Pipeline::from_dir(&dir.path().join("checkpoint"), ad).unwrap()
 }
 
+/// The `output` tensor of a golden fixture's `io.safetensors`.
 pub fn golden_output(fixture: &str) -> Vec<f32> {
     let mut io =
         portaflow::model::weights::Weights::open_file(&golden(fixture).join("io.safetensors"))
             .unwrap();
     let shape = io.shape("output").expect("io has an output");
     io.read("output", &shape).unwrap().unwrap()
+}
+
+/// The pipeline a diagnostic probe examines (the folder in `PORTAFLOW_PROBE_MODEL`), on Flex,
+/// with that device.
+pub fn probe_pipeline() -> (burn::tensor::Device, portaflow::pipeline::Pipeline) {
+    let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
+    let device = burn::tensor::Device::flex();
+    let pipeline = portaflow::pipeline::Pipeline::from_dir(Path::new(&dir), &device).unwrap();
+    (device, pipeline)
 }
 
 /// A copy of a golden fixture's `config.json` and `diffusion_pytorch_model.safetensors` in a

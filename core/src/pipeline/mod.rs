@@ -719,10 +719,9 @@ impl Pipeline {
         guidance_scale: f64,
         device: &Device,
     ) -> Result<(Conditioning, Option<Conditioning>), PipelineError> {
-        let mut cond = self.encode(prompts, device)?;
-        if self.transformer.guidance_embeds() {
-            cond.guidance = Some(guidance_scale);
-        }
+        let cond = self
+            .transformer
+            .with_embedded_guidance(self.encode(prompts, device)?, guidance_scale);
         let uncond = if self.runs_cfg(guidance_scale) {
             Some(self.encode(&vec![String::new(); prompts.len()], device)?)
         } else {
@@ -762,7 +761,7 @@ impl Pipeline {
     /// encoders alone before they were freed: `--low-memory`).
     pub fn sample_conditioned(
         &self,
-        mut cond: Conditioning,
+        cond: Conditioning,
         uncond: Option<Conditioning>,
         options: &GenerateOptions,
         device: &Device,
@@ -784,10 +783,9 @@ impl Pipeline {
             Some(sigmas) => Schedule::explicit(sigmas)?,
             None => self.schedule(options.steps, shape)?,
         };
-        let embedded_guidance = self.transformer.guidance_embeds();
-        if embedded_guidance {
-            cond.guidance = Some(options.guidance_scale);
-        }
+        let cond = self
+            .transformer
+            .with_embedded_guidance(cond, options.guidance_scale);
         let steps = schedule.steps();
         let mut plan = StepPlan::ode(steps);
         if options.kind != StepKind::Euler {

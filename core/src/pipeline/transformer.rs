@@ -48,6 +48,19 @@ impl Transformer {
         }
     }
 
+    /// `cond` with `guidance_scale` as its embedded scale where this model takes one
+    /// (guidance-distilled FLUX); other models ignore the field.
+    pub fn with_embedded_guidance(
+        &self,
+        mut cond: Conditioning,
+        guidance_scale: f64,
+    ) -> Conditioning {
+        if self.guidance_embeds() {
+            cond.guidance = Some(guidance_scale);
+        }
+        cond
+    }
+
     /// Parameter count.
     pub fn parameters(&self) -> usize {
         self.num_params()

@@ -591,9 +591,7 @@ fn denoising_probe() {
     use portaflow::train::pretrain::{PretrainConfig, example};
     use rand::SeedableRng;
     use rand_distr::Distribution;
-    let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
-    let device = Device::flex();
-    let pipe = Pipeline::from_dir(std::path::Path::new(&dir), &device).unwrap();
+    let (device, pipe) = portaflow_tests::probe_pipeline();
     let train = portaflow::world::prompt::read_jsonl(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../assets/prompts/shapes_train.jsonl"),

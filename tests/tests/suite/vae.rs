@@ -344,12 +344,10 @@ fn reconstruction_probe() {
 #[ignore]
 fn corner_probe() {
     use burn::tensor::Distribution;
-    use portaflow::pipeline::{GenerateOptions, Pipeline, from_images, to_images};
+    use portaflow::pipeline::{GenerateOptions, from_images, to_images};
     use portaflow::world::{compose, geneval, prompt_sets, render};
     use rand::SeedableRng;
-    let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
-    let device = Device::flex();
-    let pipeline = Pipeline::from_dir(std::path::Path::new(&dir), &device).unwrap();
+    let (device, pipeline) = portaflow_tests::probe_pipeline();
     let vae = pipeline.vae.as_ref().expect("a latent model");
     let (train, test) = prompt_sets::build();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -402,13 +400,13 @@ fn corner_probe() {
 #[test]
 #[ignore]
 fn composition_probe() {
-    use portaflow::pipeline::{GenerateOptions, Pipeline, from_images, to_images};
+    use portaflow::pipeline::{GenerateOptions, from_images, to_images};
     use portaflow::sample::pipeline::NoiseSource;
     use portaflow::world::{compose, geneval, prompt_sets, render};
     use rand::SeedableRng;
-    let dir = std::env::var("PORTAFLOW_PROBE_MODEL").expect("PORTAFLOW_PROBE_MODEL");
-    let device = Device::flex();
-    let pipeline = Pipeline::from_dir(std::path::Path::new(&dir), &device).unwrap();
+    /// Scenes per prompt.
+    const SCENES: usize = 16;
+    let (device, pipeline) = portaflow_tests::probe_pipeline();
     let vae = pipeline.vae.as_ref().expect("a latent model");
     let (train, test) = prompt_sets::build();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -425,7 +423,7 @@ fn composition_probe() {
             let mut right = vec![0usize; sigmas.len()];
             let mut total = 0;
             for spec in chosen {
-                let images: Vec<render::Image> = (0..16)
+                let images: Vec<render::Image> = (0..SCENES)
                     .map(|_| render::render(&compose::scene_for(&mut rng, spec).unwrap(), 64))
                     .collect();
                 let z = vae.encode(from_images(&images, &device));
@@ -438,16 +436,16 @@ fn composition_probe() {
                     let out = if sigma == 0.0 {
                         to_images(vae.decode(z.clone()))
                     } else {
-                        let n = (20.0 * sigma as f64).ceil() as usize;
+                        let n = (20.0 * sigma).ceil() as usize;
                         let schedule: Vec<f64> = (0..n)
                             .map(|i| sigma * (1.0 - i as f64 / n as f64))
                             .collect();
                         let options = GenerateOptions {
                             initial_noise: Some(z.clone() * (1.0 - sigma) + noise.clone() * sigma),
                             sigmas: Some(schedule),
-                            ..GenerateOptions::euler(n, cfg, (0..16).collect())
+                            ..GenerateOptions::euler(n, cfg, (0..SCENES as u64).collect())
                         };
-                        let prompts = vec![spec.prompt.clone(); 16];
+                        let prompts = vec![spec.prompt.clone(); SCENES];
                         pipeline
                             .generate(&prompts, &options, &device, |_| {}, None)
                             .unwrap()

@@ -3,9 +3,8 @@
 //! s = 0: x̂₀ is re-noised to t', the teacher (the base as given, with CFG, or with the scale
 //! embedded on a guidance-distilled model) and a fake score (no CFG) each map x_{t'} back to
 //! s = 0, and the normalised difference of their predictions pulls x̂₀ toward the teacher's
-//! distribution. The fake score follows the policy: every epoch it is
-//! trained on the rollout's images with AC-DMD's fake-score loss (at s = 0 the flow-matching
-//! loss).
+//! distribution. The fake score follows the policy: every epoch it is trained on the rollout's
+//! images with AC-DMD's fake-score loss (at s = 0 the flow-matching loss).
 
 use std::path::Path;
 
@@ -165,7 +164,9 @@ impl FinalDmd {
             &teacher,
             x_t.clone(),
             t,
-            &self.teacher_conditioning(cond),
+            &self
+                .teacher
+                .with_embedded_guidance(cond.clone(), self.settings.teacher_guidance),
             uncond,
             self.settings.teacher_guidance,
         );
@@ -179,16 +180,6 @@ impl FinalDmd {
         let real = x_t.clone() - v_real.mul_scalar(t);
         let fake_back = x_t - v_fake.mul_scalar(t);
         dmd_loss(x0, real.autodiff(), fake_back.autodiff()).mul_scalar(self.settings.weight)
-    }
-
-    /// The teacher's conditioning: a guidance-distilled teacher (FLUX.1-dev) takes
-    /// `teacher_guidance` as its embedded scale instead of a CFG batch.
-    fn teacher_conditioning(&self, cond: &Conditioning) -> Conditioning {
-        let mut teacher = cond.clone();
-        if self.teacher.guidance_embeds() {
-            teacher.guidance = Some(self.settings.teacher_guidance);
-        }
-        teacher
     }
 
     /// Writes the fake adapter and its optimizer into the checkpoint being written at `dir`.

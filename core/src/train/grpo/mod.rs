@@ -1842,8 +1842,9 @@ fn repo_file(relative: &str) -> PathBuf {
 /// extension one text-rendering prompt per line (flow_grpo's `dataset/ocr`: the target is the
 /// text between the first double quotes). Without a training file, the OCR reward trains on the
 /// numbers 0–999 but one in 25 ([`digits::is_held_out`]); without a test file those numbers are
-/// the held-out text prompts (beside `shapes_test.jsonl` where a reward judges Shapes). GenEval lines are held to the Shapes world's vocabulary only when a built-in
-/// reward judges them; a reward server may judge GenEval's own COCO classes.
+/// the held-out text prompts (beside `shapes_test.jsonl` where a reward judges Shapes). GenEval
+/// lines are held to the Shapes world's vocabulary only when a built-in reward judges them; a
+/// reward server may judge GenEval's own COCO classes.
 pub fn run_prompts(config: &GrpoConfig) -> Result<(Vec<Task>, Vec<Task>), GrpoError> {
     let kinds: Vec<RewardKind> = config.data.terms().iter().map(|t| t.reward).collect();
     let shapes_world = kinds
